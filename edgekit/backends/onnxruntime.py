@@ -1,0 +1,196 @@
+"""ONNX Runtime backend: FP32 as canonicalised, FP16 by ORT's float16 converter, INT8 by
+onnxruntime.quantization's static Q/DQ quantizer with the user's calibration data."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from edgekit.backends import register
+from edgekit.backends.base import Artifact, Backend, OpIssue
+from edgekit.compress.fp16_range import fp16_unsafe_nodes
+from edgekit.errors import BadInput, EdgekitError
+
+if TYPE_CHECKING:
+    from edgekit.data import Dataset
+    from edgekit.ingest import ModelSpec
+    from edgekit.plan import ArtifactPlan
+
+PROVIDER = "CPUExecutionProvider"
+
+
+@cache
+def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    kernels: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for k in C.get_all_opkernel_def():
+        if k.provider == PROVIDER:
+            kernels.setdefault((k.domain or "", k.op_name), []).append(tuple(k.version_range))
+    return kernels
+
+
+class OrtSession:
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDER])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names, feeds)
+
+
+class _Reader:
+    """Feeds calibration batches to onnxruntime's calibrators."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self.batches = batches
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+@register
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    precisions = ("fp32", "fp16", "int8")
+    requires = ("onnxruntime",)
+    install_hint = "pip install onnxruntime"
+
+    def versions(self) -> dict[str, str]:
+        return {d: metadata.version(d) for d in ("onnxruntime", "onnx")}
+
+    def unsupported_nodes(self, model: onnx.ModelProto) -> list[OpIssue]:
+        opsets = {imp.domain or "": imp.version for imp in model.opset_import}
+        kernels = _cpu_kernels()
+        issues = []
+        for node in model.graph.node:
+            domain = "" if node.domain in ("", "ai.onnx") else node.domain
+            try:
+                schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
+                since = schema.since_version
+                # Ops defined as a function of other ops (HardSwish, ...) run through their expansion.
+                if schema.has_function or schema.has_context_dependent_function:
+                    continue
+            except onnx.defs.SchemaError:
+                since = None
+            ranges = kernels.get((domain, node.op_type))
+            if ranges and (since is None or any(lo <= since <= hi for lo, hi in ranges)):
+                continue
+            why = "no CPU kernel" if not ranges else f"no CPU kernel for opset version {since}"
+            issues.append(OpIssue(self.name, node.op_type, node.name, why))
+        return issues
+
+    def export(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset | None, root: Path) -> Artifact:
+        out = root / "model.onnx"
+        details: dict[str, Any] = {}
+        notes: list[str] = []
+        if plan.precision == "fp32":
+            shutil.copyfile(spec.onnx_path, out)
+        elif plan.precision == "fp16":
+            details, notes = self._fp16(spec, plan, out)
+        elif plan.precision == "int8":
+            if calibration is None or len(calibration) == 0:
+                raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
+            details = self._int8(spec, plan, calibration, out)
+        else:
+            raise BadInput(f"{self.name} cannot build precision {plan.precision}")
+        return Artifact(self.name, plan.precision, str(root), ["model.onnx"], "model.onnx", details, notes)
+
+    def load(self, artifact: Artifact, threads: int) -> OrtSession:
+        return OrtSession(artifact.entry_path, threads)
+
+    # ------------------------------------------------------------ precisions
+
+    def _fp16(self, spec: ModelSpec, plan: ArtifactPlan, out: Path) -> tuple[dict[str, Any], list[str]]:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = spec.load()
+        risks = fp16_unsafe_nodes(model)
+        keep = sorted(set(plan.keep_fp32) | {r.node for r in risks})
+        notes = [f"{r.node} ({r.op_type}) kept in FP32: {r.reason}" for r in risks]
+        # keep_io_types: the app feeds and reads float32, as with the FP32 model.
+        fp16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep or None)
+        onnx.save(fp16, str(out))
+        return {"keep_fp32": keep, "fp16_risks": [r.__dict__ for r in risks]}, notes
+
+    def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, out: Path) -> dict[str, Any]:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        q = plan.quantization
+        assert q is not None, "an int8 artifact plan carries quantization settings"
+        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+        batches = calibration.batches(spec)[: max(1, q.samples // max(1, spec.inputs[0].shape[0]))]
+        extra = {
+            "ActivationSymmetric": q.symmetric_activations,
+            "WeightSymmetric": True,
+            "CalibPercentile": q.percentile,
+        }
+        with tempfile.TemporaryDirectory(prefix="edgekit-ort-q-") as tmp:
+            pre = Path(tmp) / "pre.onnx"
+            self._pre_process(spec.onnx_path, pre)
+            try:
+                quantize_static(
+                    str(pre), str(out), _Reader(batches),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=q.per_channel,
+                    reduce_range=q.reduce_range,
+                    activation_type=QuantType.QInt8 if q.symmetric_activations else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=q.exclude_nodes or None,
+                    calibrate_method=methods[q.method],
+                    extra_options=extra,
+                )
+            except Exception as e:
+                raise EdgekitError(f"onnxruntime quantize_static failed: {type(e).__name__}: {e}") from None
+        return {
+            "quantizer": "onnxruntime.quantization.quantize_static",
+            "format": "QDQ",
+            "calibration": q.method,
+            "calibration_samples": len(batches) * max(1, spec.inputs[0].shape[0]),
+            "per_channel": q.per_channel,
+            "reduce_range": q.reduce_range,
+            "activations": "int8 symmetric" if q.symmetric_activations else "uint8 asymmetric",
+            "weights": "int8 symmetric",
+            "excluded_nodes": list(q.exclude_nodes),
+        }
+
+    @staticmethod
+    def _pre_process(src: str, dst: Path) -> None:
+        """quant_pre_process, falling back past its symbolic shape inference (it asserts on some models)."""
+        from onnxruntime.quantization import quant_pre_process
+
+        for skip_symbolic in (False, True):
+            try:
+                quant_pre_process(src, str(dst), skip_symbolic_shape=skip_symbolic)
+                return
+            except Exception:
+                continue
+        shutil.copyfile(src, dst)

@@ -1,0 +1,45 @@
+"""Which layers must not store weights in FP16.
+
+FP16 overflows above 65504 and some converters flush values below 2^-14 (the smallest normal) to
+zero; a BatchNorm with a huge running variance folded into a conv produces exactly such tiny
+weights, and the converted model runs but is wrong. Checked on the canonical (BN-folded) graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 2.0**-14
+TINY_FRACTION = 0.01  # more than 1% of a layer's nonzero weights below the normal range is a real loss
+
+
+@dataclass
+class Fp16Risk:
+    node: str
+    op_type: str
+    reason: str
+
+
+def fp16_unsafe_nodes(model: onnx.ModelProto) -> list[Fp16Risk]:
+    inits = {i.name: i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT}
+    risks = []
+    for node in model.graph.node:
+        for name in node.input:
+            if name not in inits:
+                continue
+            w = np.abs(numpy_helper.to_array(inits[name]))
+            nonzero = w[w > 0]
+            if w.size and float(w.max()) > FP16_MAX:
+                risks.append(Fp16Risk(node.name, node.op_type, f"weight {name} has |w| up to {w.max():.3g} > 65504"))
+                break
+            tiny = float((nonzero < FP16_MIN_NORMAL).mean()) if nonzero.size else 0.0
+            if tiny > TINY_FRACTION:
+                risks.append(Fp16Risk(node.name, node.op_type,
+                                      f"{tiny:.0%} of weight {name} is below 2^-14 and would flush to zero"))
+                break
+    return risks

@@ -1,0 +1,111 @@
+"""Profile: latency measured on this machine, every artifact interleaved with its FP32 reference.
+
+Shared machines are noisy; only ratios from one interleaved run mean anything. So all sessions are
+timed round-robin in the same process, and each artifact's speedup is against the reference
+measured in the very same rounds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from edgekit.backends.base import Artifact, Session
+
+
+@dataclass
+class Latency:
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    min: float
+    runs: int
+    threads: int
+    where: str  # "local:<host>" | "ssh://..." | "estimate"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ProfileSettings:
+    warmup_runs: int = 10
+    min_runs: int = 50
+    max_runs: int = 2000
+    seconds: float = 3.0  # per session, at least, unless max_runs comes first
+
+
+def where_local() -> str:
+    return f"local:{platform.node() or 'host'}"
+
+
+def interleaved(sessions: dict[str, Session], feeds: dict[str, np.ndarray], settings: ProfileSettings,
+                on_round: Any = None) -> dict[str, Latency]:
+    """Time every session round-robin (rotating the order each round) until each has enough runs."""
+    keys = list(sessions)
+    for _ in range(settings.warmup_runs):
+        for k in keys:
+            sessions[k].run(feeds)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    spent = dict.fromkeys(keys, 0.0)
+    rnd = 0
+    while True:
+        order = keys[rnd % len(keys):] + keys[: rnd % len(keys)]
+        for k in order:
+            t0 = time.perf_counter()
+            sessions[k].run(feeds)
+            dt = time.perf_counter() - t0
+            times[k].append(dt * 1e3)
+            spent[k] += dt
+        rnd += 1
+        if on_round:
+            on_round(rnd)
+        enough = rnd >= settings.min_runs and min(spent.values()) >= settings.seconds
+        if enough or rnd >= settings.max_runs:
+            break
+    where = where_local()
+    return {k: _summary(v, sessions[k].threads, where) for k, v in times.items()}
+
+
+def _summary(ms: list[float], threads: int, where: str) -> Latency:
+    a = np.asarray(ms)
+    p50, p90, p99 = (float(np.percentile(a, q)) for q in (50, 90, 99))
+    return Latency(round(p50, 4), round(p90, 4), round(p99, 4), round(float(a.mean()), 4),
+                   round(float(a.min()), 4), len(a), threads, where)
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+def peak_memory_mb(artifact: Artifact, threads: int, feeds: dict[str, np.ndarray], runs: int = 5) -> float | None:
+    """Resident memory the artifact adds: load + run in a fresh process, peak RSS minus the baseline
+    of the same process with the runtime imported but no model loaded."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        try:
+            return pool.apply(_child_peak, (artifact, threads, feeds, runs))
+        except Exception:
+            return None
+
+
+def _child_peak(artifact: Artifact, threads: int, feeds: dict[str, np.ndarray], runs: int) -> float:
+    from edgekit import backends
+
+    backend = backends.get_installed(artifact.backend)
+    for module in backend.requires:  # the runtime is imported before the baseline is taken
+        importlib.import_module(module)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    session = backend.load(artifact, threads)
+    for _ in range(runs):
+        session.run(feeds)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round((after - before) / 1024, 2)  # ru_maxrss is in KiB on Linux
+

@@ -1,0 +1,1 @@
+"""Bundled example models and their synthetic data sets (the default model is DefectNet)."""

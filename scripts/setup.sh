@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv and installs edgekit with every backend that installs here. Idempotent: a second run
+# only re-checks. torch is pinned to 2.13.0 in the `torch` extra (the CPU build; see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.edgekit-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[all]"
+  touch "$stamp"
+fi

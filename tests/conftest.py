@@ -1,0 +1,69 @@
+"""Shared fixtures: the bundled model and its generated data, test-built models, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_ONNX = REPO / "examples" / "defects" / "defectnet.onnx"
+BUNDLED_PREPROCESS = REPO / "examples" / "defects" / "preprocess.yaml"
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Short timing in tests: speed goals live in bench/, tests only need valid measurements.
+FAST = ["--profile-seconds", "0.1", "--min-runs", "10", "--no-memory"]
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    def error_line(self) -> str:
+        lines = [ln for ln in self.stderr.splitlines() if ln.startswith("edgekit: error")]
+        assert len(lines) == 1, f"expected one error line, got:\n{self.stderr}"
+        return lines[0]
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None) -> CliResult:
+    """The real command in a fresh process, as a user runs it."""
+    env = {**os.environ, "COLUMNS": "200"}
+    p = subprocess.run([sys.executable, "-m", "edgekit", *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd or REPO, env=env, timeout=900)
+    return CliResult(p.returncode, p.stdout, p.stderr)
+
+
+def read_manifest(package: Path) -> dict:
+    return json.loads((package / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def defects_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model's calibration and validation folders, generated as the README does."""
+    from edgekit.zoo.defects_data import generate
+
+    return generate(tmp_path_factory.mktemp("defects"), n_train=0, n_calib=200, n_val=400)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_opset11(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A public-style mobile model: opset 11, dynamic batch and spatial dims, hardswish and SE blocks."""
+    from models import export_dynamic, mobilenet_like
+
+    return export_dynamic(mobilenet_like(), tmp_path_factory.mktemp("m") / "mobilenet_opset11.onnx", opset=11)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("d") / "calib.npz"
+    np.savez(path, images=rng.standard_normal((120, 3, 64, 64)).astype(np.float32))
+    return path

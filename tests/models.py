@@ -1,0 +1,76 @@
+"""Small reference networks the tests build (no torchvision here): written out, exported to ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, r: int = 4) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, c // r, 1)
+        self.fc2 = nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = nn.functional.relu(self.fc1(self.pool(x)))
+        return x * nn.functional.hardsigmoid(self.fc2(s))
+
+
+class MobileBlock(nn.Module):
+    """MobileNetV3-style: expand 1x1, depthwise 3x3, SE, project 1x1, hardswish."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.Hardswish(),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.Hardswish(),
+            SqueezeExcite(mid),
+            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class MobileNetLike(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.blocks = nn.Sequential(MobileBlock(16, 24, 2), MobileBlock(24, 24, 1), MobileBlock(24, 40, 2),
+                                    MobileBlock(40, 40, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(40, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def mobilenet_like(num_classes: int = 10) -> MobileNetLike:
+    torch.manual_seed(0)
+    model = MobileNetLike(num_classes)
+    _settle_batchnorm(model, torch.randn(16, 3, 64, 64))
+    return model.eval()
+
+
+def _settle_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    """Give BatchNorm realistic running statistics (a fresh model has mean 0 / var 1 everywhere)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(x)
+    model.eval()
+
+
+def export_dynamic(model: nn.Module, path: Path, opset: int, size: int = 64) -> Path:
+    """Export as a vendor would: old opset, dynamic batch and spatial dims."""
+    x = torch.randn(1, 3, size, size)
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
+                      output_names=["scores"],
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "scores": {0: "batch"}})
+    return path

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import FAST, run_cli
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekit import backends
+from edgekit.data import Dataset
+from edgekit.ingest import ingest
+from edgekit.plan import ArtifactPlan, QuantizationSettings
+from edgekit.verify import Thresholds, compare, run_all
+
+
+def _conv_model(path: Path, weight_scale: float = 1.0, extra: list | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) * weight_scale).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 16, 1, 1)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="tiny_conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"], name="relu"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="project")]
+    graph = helper.make_graph(nodes + (extra or []), "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], [w1, w2])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _calib(n: int = 32) -> Dataset:
+    return Dataset({"x": np.random.default_rng(1).standard_normal((n, 3, 16, 16)).astype(np.float32)})
+
+
+def test_int8_is_per_channel_qdq_and_agrees(tmp_path: Path) -> None:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    ort_backend = backends.get("onnxruntime")
+    plan = ArtifactPlan("onnxruntime", "int8", QuantizationSettings(method="minmax", samples=32))
+    (tmp_path / "a").mkdir()
+    art = ort_backend.export(spec, plan, _calib(), tmp_path / "a")
+    q = onnx.load(art.entry_path)
+    weights = {i.name: i for i in q.graph.initializer}
+    dq_weights = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
+                  and weights[n.input[0]].data_type == TensorProto.INT8 and len(weights[n.input[0]].dims) == 4]
+    assert len(dq_weights) == 2  # both convs' weights are int8
+    for n in dq_weights:  # one scale per output channel
+        assert len(weights[n.input[1]].dims) == 1 and weights[n.input[1]].dims[0] in (16, 8)
+    val = _calib(8).batches(spec)
+    ref = run_all(ort_backend.load(ort_backend.export(spec, ArtifactPlan("onnxruntime", "fp32"), None,
+                                                      _mk(tmp_path / "r")), 1), val)
+    v = compare(ref, run_all(ort_backend.load(art, 1), val), ["y"], None, Thresholds())
+    assert v.cosine_min > 0.99 and v.snr_db_min > 20
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
+def test_fp16_keeps_layers_outside_the_fp16_range_in_fp32(tmp_path: Path) -> None:
+    # Weights ~1e-6: below 2^-14, where FP16 storage flushes or clamps them.
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx", weight_scale=1e-6)), tmp_path / "w")
+    art = backends.get("onnxruntime").export(spec, ArtifactPlan("onnxruntime", "fp16"), None, _mk(tmp_path / "a"))
+    assert art.details["keep_fp32"] == ["tiny_conv"]
+    assert "below 2^-14" in art.notes[0]
+    inits = {i.name: i.data_type for i in onnx.load(art.entry_path).graph.initializer}
+    assert inits["w1"] == TensorProto.FLOAT and inits["w2"] == TensorProto.FLOAT16
+
+
+def test_unsupported_op_stops_build_naming_op_node_and_backend(tmp_path: Path, mobilenet_npz: Path) -> None:
+    custom = helper.make_node("MagicNMS", ["y"], ["z"], name="vendor_nms", domain="com.vendor")
+    path = _conv_model(tmp_path / "custom.onnx")
+    m = onnx.load(path)
+    m.graph.node.append(custom)
+    m.graph.output[0].name = "z"
+    m.opset_import.append(helper.make_opsetid("com.vendor", 1))
+    onnx.save(m, path)
+    issues = backends.get("onnxruntime").unsupported_nodes(m)
+    assert [(i.op_type, i.node) for i in issues] == [("MagicNMS", "vendor_nms")]
+    out = tmp_path / "pkg"
+    r = run_cli("build", path, "--target", "host-cpu", "--calib", mobilenet_npz, "--out", out, *FAST)
+    assert r.code == 2
+    line = r.error_line()
+    assert "MagicNMS" in line and "vendor_nms" in line and "onnxruntime" in line
+    assert not out.exists() and not list(tmp_path.glob(".pkg*"))
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_calibration_methods_are_options(tmp_path: Path, method: str) -> None:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    plan = ArtifactPlan("onnxruntime", "int8", QuantizationSettings(method=method, samples=16))
+    art = backends.get("onnxruntime").export(spec, plan, _calib(16), _mk(tmp_path / "a"))
+    assert art.details["calibration"] == method and art.details["calibration_samples"] == 16

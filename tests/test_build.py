@@ -1,0 +1,159 @@
+"""`edgekit build` end to end, through the CLI a user runs, on real runtimes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, read_manifest, run_cli
+
+from edgekit.package import validate_manifest
+from edgekit.zoo.defects_data import CLASSES
+
+
+@pytest.fixture(scope="module")
+def bundled_build(defects_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("b") / "defectnet"
+    r = run_cli("build", BUNDLED_ONNX, "--target", "host-cpu", "--precision", "fp32,fp16,int8",
+                "--calib", defects_data / "calib", "--val", defects_data / "val", "--preprocess", BUNDLED_PREPROCESS,
+                "--out", out, "--profile-seconds", "0.3", "--min-runs", "20")
+    assert r.code == 0, r.stderr
+    return out, r
+
+
+def test_bundled_int8_is_small_and_accurate(bundled_build) -> None:
+    out, _ = bundled_build
+    m = read_manifest(out)
+    arts = {a["precision"]: a for a in m["artifacts"]}
+    fp32, fp16, int8 = arts["fp32"], arts["fp16"], arts["int8"]
+    assert int8["bytes"] <= 0.30 * fp32["bytes"]
+    v = int8["verification"]
+    assert v["samples"] == 400 and v["passed"]
+    assert v["reference_accuracy"] >= 0.90  # the bundled model is a real, trained classifier
+    assert (v["reference_accuracy"] - v["accuracy"]) * 100 <= 1.0
+    assert fp16["verification"]["cosine_min"] >= 0.999
+    assert fp32["verification"]["snr_db_min"] >= 100  # the FP32 artifact is the reference itself
+
+
+def test_manifest_schema_and_fields(bundled_build) -> None:
+    out, _ = bundled_build
+    m = read_manifest(out)
+    validate_manifest(m)
+    assert m["schema"] == "edgekit-manifest/1" and m["target"] == "host-cpu" and m["passed"]
+    assert m["source"]["sha256"] == hashlib.sha256(BUNDLED_ONNX.read_bytes()).hexdigest()
+    assert m["source"]["params"] > 300_000 and m["source"]["macs"] > 0
+    assert m["inputs"][0]["shape"] == [1, 3, 96, 96] and m["outputs"][0]["shape"] == [1, len(CLASSES)]
+    assert m["preprocess"]["size"] == [96, 96] and m["labels"] == list(CLASSES)
+    for a in m["artifacts"]:
+        for f in a["files"]:
+            data = (out / f["path"]).read_bytes()
+            assert len(data) == f["bytes"] and hashlib.sha256(data).hexdigest() == f["sha256"]
+        lat, ref = a["latency_ms"], a["reference_latency_ms"]
+        assert lat["runs"] >= 20 and lat["runs"] == ref["runs"]  # interleaved: same number of rounds
+        assert lat["p50"] <= lat["p90"] <= lat["p99"] and lat["threads"] == len(os.sched_getaffinity(0))
+        assert lat["where"].startswith("local:")
+        assert a["peak_memory_mb"] is not None and a["peak_memory_mb"] > 0
+    assert (out / "report.md").read_text().count("| onnxruntime |") == 3
+    assert (out / "labels.txt").read_text().split() == list(CLASSES)
+    assert not list(out.parent.glob(".defectnet*"))  # no staging left behind
+
+
+def test_console_table(bundled_build) -> None:
+    _, r = bundled_build
+    for word in ("precision", "bytes", "p50 ms", "speedup", "accuracy", "int8", "fp16", "fp32"):
+        assert word in r.stdout
+
+
+def test_opset11_dynamic_mobile_model_builds_int8(mobilenet_opset11: Path, mobilenet_npz: Path,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "pkg"
+    r = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--precision", "int8",
+                "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--out", out, *FAST)
+    assert r.code == 0, r.stderr
+    m = read_manifest(out)
+    (a,) = m["artifacts"]
+    assert a["precision"] == "int8" and a["verification"]["passed"] and a["verification"]["cosine_min"] > 0.99
+    assert m["source"]["opset"] == 11 and any("opset 11 -> 17" in n for n in m["source"]["notes"])
+
+
+def test_rejected_artifact_exits_1_and_leaves_no_package(mobilenet_opset11: Path, mobilenet_npz: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "pkg"
+    r = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--precision", "int8",
+                "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--min-snr-db", "150",
+                "--out", out, *FAST)
+    assert r.code == 1
+    assert "rejected onnxruntime int8" in r.stderr and "SNR" in r.stderr
+    assert not out.exists()
+    m = read_manifest(tmp_path / "pkg.rejected")
+    assert m["passed"] is False and m["artifacts"][0]["verification"]["failures"]
+
+
+def test_jetson_nano_refuses_int8_and_auto_picks_fp16(mobilenet_opset11: Path, mobilenet_npz: Path,
+                                                      tmp_path: Path) -> None:
+    r = run_cli("build", mobilenet_opset11, "--target", "jetson-nano", "--precision", "int8",
+                "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--out", tmp_path / "a", *FAST)
+    assert r.code == 2 and "does not support int8" in r.error_line()
+    r = run_cli("build", mobilenet_opset11, "--target", "jetson-nano", "--calib", mobilenet_npz,
+                "--input-shape", "images=1,3,64,64", "--out", tmp_path / "b", *FAST)
+    assert r.code == 0, r.stderr
+    m = read_manifest(tmp_path / "b")
+    assert [a["precision"] for a in m["artifacts"]] == ["fp16"]
+    assert any("no INT8 for jetson-nano" in reason for reason in m["plan_reasons"])
+    assert any("not on jetson-nano" in n for n in m["artifacts"][0]["notes"])  # honest about where
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad(tmp_path: Path, *args: str | Path) -> str:
+    out = tmp_path / "out"
+    r = run_cli("build", *args, "--out", out, *FAST)
+    assert r.code == 2, r.stdout + r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "a failed build left files"
+    return r.error_line()
+
+
+def test_bad_inputs_give_one_line_and_no_output(tmp_path: Path, mobilenet_opset11: Path, defects_data: Path,
+                                                mobilenet_npz: Path) -> None:
+    common = ["--target", "host-cpu", "--calib", str(defects_data / "calib"), "--preprocess", str(BUNDLED_PREPROCESS)]
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(BUNDLED_ONNX.read_bytes()[:5000])
+    assert "not a readable ONNX model" in _bad(tmp_path, truncated, *common)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(os.urandom(4096))
+    assert "corrupt.onnx" in _bad(tmp_path, corrupt, *common)
+    assert "model file not found" in _bad(tmp_path, tmp_path / "missing.onnx", *common)
+    line = _bad(tmp_path, BUNDLED_ONNX, "--target", "jetson-nanoo", "--calib", defects_data / "calib")
+    assert "unknown target 'jetson-nanoo'" in line and "rpi4" in line
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, image=np.zeros((8, 3, 64, 64), np.float32))
+    line = _bad(tmp_path, BUNDLED_ONNX, "--target", "host-cpu", "--calib", wrong)
+    assert "[3, 64, 64]" in line and "[1, 3, 96, 96]" in line
+    pre = tmp_path / "pre.yaml"
+    pre.write_text("size: [96, 96]\nresize: stretch\nnormalize: true\n")
+    assert "unknown key 'normalize'" in _bad(tmp_path, BUNDLED_ONNX, "--target", "host-cpu",
+                                             "--calib", defects_data / "calib", "--preprocess", pre)
+    line = _bad(tmp_path, mobilenet_opset11, "--target", "host-cpu", "--calib", mobilenet_npz)
+    assert "dynamic dimensions" in line and "--input-shape images=" in line
+
+
+def test_existing_output_folder_needs_force(tmp_path: Path, mobilenet_opset11: Path, mobilenet_npz: Path) -> None:
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous package")
+    args = [mobilenet_opset11, "--target", "host-cpu", "--precision", "fp32", "--calib", mobilenet_npz,
+            "--input-shape", "images=1,3,64,64", "--out", out, *FAST]
+    r = run_cli("build", *args)
+    assert r.code == 2 and "exists" in r.error_line() and "--force" in r.error_line()
+    assert (out / "keep.txt").exists()
+    # a --force build that fails on bad input leaves the previous folder untouched
+    bad = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--calib", mobilenet_npz,
+                  "--input-shape", "images=1,3,32,32", "--out", out, "--force", *FAST)
+    assert bad.code == 2 and (out / "keep.txt").exists()
+    r = run_cli("build", *args, "--force")
+    assert r.code == 0, r.stderr
+    assert not (out / "keep.txt").exists() and read_manifest(out)["passed"]

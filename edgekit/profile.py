@@ -7,12 +7,14 @@ measured in the very same rounds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
 import platform
 import resource
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,10 +104,25 @@ def _child_peak(artifact: Artifact, threads: int, feeds: dict[str, np.ndarray], 
     backend = backends.get_installed(artifact.backend)
     for module in backend.requires:  # the runtime is imported before the baseline is taken
         importlib.import_module(module)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _rss_kib("VmRSS")
+    _reset_peak()  # import-time peaks would otherwise hide a small model
     session = backend.load(artifact, threads)
     for _ in range(runs):
         session.run(feeds)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round((after - before) / 1024, 2)  # ru_maxrss is in KiB on Linux
+    return round(max(0, _rss_kib("VmHWM") - before) / 1024, 2)
 
+
+def _rss_kib(field: str) -> int:
+    """VmRSS / VmHWM from /proc (Linux); elsewhere getrusage's lifetime peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> None:
+    with contextlib.suppress(OSError):  # "5" resets the peak resident set size (VmHWM), Linux >= 4.0
+        Path("/proc/self/clear_refs").write_text("5")

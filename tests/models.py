@@ -74,3 +74,42 @@ def export_dynamic(model: nn.Module, path: Path, opset: int, size: int = 64) -> 
                       output_names=["scores"],
                       dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "scores": {0: "batch"}})
     return path
+
+
+class TinyDetector(nn.Module):
+    """Mobile-detector style: depthwise/SE backbone, an upsampling Resize and a ConvTranspose path,
+    a Concat of branches, and two heads (class map with sigmoid, box regression)."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.c3 = nn.Sequential(MobileBlock(16, 24, 2), MobileBlock(24, 24, 1))
+        self.c4 = nn.Sequential(MobileBlock(24, 40, 2), MobileBlock(40, 40, 1))
+        self.lateral = nn.Conv2d(40, 24, 1)
+        self.deconv = nn.ConvTranspose2d(40, 24, 2, stride=2)
+        self.fuse = nn.Sequential(nn.Conv2d(72, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.cls = nn.Conv2d(32, num_classes, 1)
+        self.box = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c3 = self.c3(self.stem(x))
+        c4 = self.c4(c3)
+        up = nn.functional.interpolate(self.lateral(c4), scale_factor=2.0, mode="nearest")
+        f = self.fuse(torch.cat([c3, up, self.deconv(c4)], dim=1))
+        return torch.sigmoid(self.cls(f)), self.box(f)
+
+
+def tiny_detector(num_classes: int = 3) -> TinyDetector:
+    torch.manual_seed(0)
+    model = TinyDetector(num_classes)
+    _settle_batchnorm(model, torch.randn(8, 3, 96, 96))
+    return model.eval()
+
+
+def export_detector(model: nn.Module, path: Path, opset: int, size: int = 96) -> Path:
+    x = torch.randn(1, 3, size, size)
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
+                      output_names=["scores", "boxes"],
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                    "scores": {0: "batch", 2: "h", 3: "w"}, "boxes": {0: "batch", 2: "h", 3: "w"}})
+    return path

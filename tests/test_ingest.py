@@ -106,3 +106,16 @@ def test_inspect_prints_io_macs_and_op_support(mobilenet_opset11: Path) -> None:
     assert "images" in out and "[1, 3, 64, 64]" in out and "scores" in out
     assert "M MACs" in out and "total" in out
     assert "op support on host-cpu" in out and "HardSigmoid" in out and "onnxruntime" in out
+
+
+def test_opset12_detector_with_resize_deconv_and_two_outputs(tmp_path: Path) -> None:
+    from models import export_detector, tiny_detector
+
+    src = export_detector(tiny_detector(), tmp_path / "det12.onnx", opset=12)
+    spec = ingest(str(src), tmp_path / "w", {"images": [1, 3, 128, 160]})  # a size it was not traced at
+    assert spec.opset == 17 and [o.shape for o in spec.outputs] == [[1, 3, 32, 40], [1, 4, 32, 40]]
+    assert {"Resize", "ConvTranspose", "Concat"} <= set(spec.op_counts)
+    x = np.random.default_rng(2).standard_normal((1, 3, 128, 160)).astype(np.float32)
+    for a, b in zip(ort.InferenceSession(str(src)).run(None, {"images": x}),
+                    ort.InferenceSession(spec.onnx_path).run(None, {"images": x})):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,8 +1,8 @@
 """Synthetic surface-defect images: the data set behind the bundled DefectNet example.
 
 Metal-like textures (brushed streaks, low-frequency grain, a lighting gradient, sensor noise) with
-one of four labels: crack, ok, scratch, spot. Everything is drawn from numpy generators seeded by
-(seed, index), so any image can be regenerated on its own and the output never depends on order.
+one of four labels: crack, ok, scratch, spot. Each image has its own numpy generator seeded by
+(seed, index), so generation order never matters and any image can be redrawn from (seed, index, label).
 
 Only numpy and Pillow are used: the data can be produced where torch is not installed.
 """
@@ -27,7 +27,7 @@ _FORMAT_VERSION = 1  # bump when the drawing code changes, so old folders get re
 
 # Defect contrast, as a fraction of full scale, drawn log-uniformly: the low end is barely above the
 # texture's own streaks, which is what keeps the task from being trivially separable.
-_CONTRAST = (0.035, 0.30)
+_CONTRAST = (0.08, 0.35)
 
 
 @lru_cache(maxsize=4)
@@ -64,7 +64,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     brushed = np.asarray(Image.fromarray(brushed).rotate(angle, Image.Resampling.BILINEAR), np.float32)
     off = (canvas - size) // 2
     brushed = _standardize(brushed[off : off + size, off : off + size])
-    lum = tone + rng.uniform(0.008, 0.035) * brushed
+    lum = tone + rng.uniform(0.006, 0.025) * brushed
     # Grain: smooth blotches, the "harmless low-contrast variation" every class carries.
     cells = int(rng.integers(3, 9))
     grain = _standardize(_resize(rng.standard_normal((cells, cells)), size, size, Image.Resampling.BICUBIC))
@@ -112,14 +112,14 @@ def _contrast(rng: np.random.Generator) -> float:
 def _scratch(rng: np.random.Generator, size: int) -> np.ndarray:
     out = np.zeros((size, size), np.float32)
     for _ in range(int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))):
-        length = rng.uniform(0.35, 1.1) * size
+        length = rng.uniform(0.45, 1.1) * size
         heading = rng.uniform(0, np.pi)
         centre = rng.uniform(0.2, 0.8, 2) * size
         direction = np.array([np.cos(heading), np.sin(heading)])
         normal = np.array([-direction[1], direction[0]])
-        # A gentle bow (a few % of the length): tool marks are straight, but not ruler-straight.
+        # A gentle bow (up to 2.5% of the length): tool marks are straight-ish, but not ruler-straight.
         t = np.linspace(-0.5, 0.5, 9)[:, None]
-        bow = rng.uniform(-0.04, 0.04) * length * (1 - 4 * t**2)
+        bow = rng.uniform(-0.025, 0.025) * length * (1 - 4 * t**2)
         pts = centre + t * length * direction + bow * normal
         d = _polyline_distance(pts.astype(np.float32), size)
         width = rng.uniform(0.45, 1.2)
@@ -154,9 +154,7 @@ def _spot(rng: np.random.Generator, size: int) -> np.ndarray:
     return out
 
 
-def _walk(
-    rng: np.random.Generator, start: np.ndarray, heading: float, length: float, jitter: float
-) -> np.ndarray:
+def _walk(rng: np.random.Generator, start: np.ndarray, heading: float, length: float, jitter: float) -> np.ndarray:
     """Jagged walk: short steps zig-zagging around a slowly drifting course, with occasional kinks.
 
     The deviation is mean-reverting so a crack keeps its general direction instead of curling up.
@@ -284,9 +282,7 @@ def generate(
 
 
 def _count(out: Path) -> dict[str, dict[str, int]]:
-    return {
-        split: {name: len(list((out / split / name).glob("*.png"))) for name in CLASSES} for split in SPLITS
-    }
+    return {split: {name: len(list((out / split / name).glob("*.png"))) for name in CLASSES} for split in SPLITS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,39 +37,13 @@ def _cpu_kernels() -> dict[tuple[str, str], list[tuple[int, int]]]:
     return kernels
 
 
-_global_pool_threads: int | None = None
-
-
-def _use_global_pool(threads: int) -> bool:
-    """One intra-op thread pool for every session of the process, sized on first use.
-
-    Sessions timed side by side with their own pools interfere: each pool's workers spin-wait
-    after a run and take the cores from the next session (p90 0.5 -> 5 ms on 2 cores, measured).
-    With one shared pool, N interleaved sessions time like one, as an app with one model runs.
-    """
-    global _global_pool_threads
-    if _global_pool_threads is None:
-        from onnxruntime.capi import onnxruntime_pybind11_state as C
-
-        try:
-            C.set_global_thread_pool_sizes(threads, 1)
-        except Exception:  # already created by someone else: sessions keep their own pools
-            _global_pool_threads = -1
-            return False
-        _global_pool_threads = threads
-    return _global_pool_threads == threads
-
-
 class OrtSession:
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        if _use_global_pool(threads):
-            opts.use_per_session_threads = False
-        else:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         self.threads = threads

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.data import Preprocess, prepare_data
     from edgekit.ingest import ingest
     from edgekit.pipeline import BuildOptions, build
-    from edgekit.profile import ProfileSettings, interleaved
+    from edgekit.profile import ProfileSettings, time_artifacts
     from edgekit.verify import Thresholds, compare, run_all
     from edgekit.zoo.defects_data import generate
 
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         ref_out = run_all(sessions["onnxruntime-fp32"], val)
         quality = {k: compare(ref_out, run_all(s, val), [o.name for o in spec.outputs], labels, Thresholds())
                    for k, s in sessions.items()}
-        lat = interleaved(sessions, val[0], ProfileSettings(seconds=args.seconds, min_runs=100, max_runs=100000))
+        del sessions
+        lat = time_artifacts(arts, val[0], ProfileSettings(seconds=args.seconds, min_runs=100, max_runs=100000),
+                             threads)
         sizes = {k: sum((Path(a.root) / f).stat().st_size for f in a.files) for k, a in arts.items()}
 
     base = "onnxruntime-fp32"

@@ -28,7 +28,7 @@ from edgekit.package import (
     write_json,
 )
 from edgekit.plan import ArtifactPlan, Plan, default_plan
-from edgekit.profile import Latency, ProfileSettings, interleaved, peak_memory_mb
+from edgekit.profile import Latency, ProfileSettings, peak_memory_mb, time_artifacts
 from edgekit.targets import Target, detect_host, load_target
 from edgekit.verify import Thresholds, Verification, compare, run_all
 
@@ -208,11 +208,9 @@ def _verify_all(spec: ModelSpec, artifacts: list[Artifact], reference: Artifact,
 def _profile_all(spec: ModelSpec, artifacts: list[Artifact], reference: Artifact, data: DataSplit,
                  settings: ProfileSettings, threads: int) -> tuple[dict[str, Latency], Latency]:
     feeds = data.validation.batches(spec)[0]
-    sessions = {"reference": backends.get(reference.backend).load(reference, threads)}
-    sessions.update({a.key: backends.get(a.backend).load(a, threads) for a in artifacts})
     with progress() as bar:
-        task = bar.add_task("profiling (interleaved)", total=None)
-        lat = interleaved(sessions, feeds, settings, on_round=lambda r: bar.update(task, completed=r))
+        bar.add_task("profiling (interleaved, own process)", total=None)
+        lat = time_artifacts({"reference": reference, **{a.key: a for a in artifacts}}, feeds, settings, threads)
     ref = lat.pop("reference")
     return lat, ref
 

@@ -77,6 +77,28 @@ def interleaved(sessions: dict[str, Session], feeds: dict[str, np.ndarray], sett
     return {k: _summary(v, sessions[k].threads, where) for k, v in times.items()}
 
 
+def time_artifacts(artifacts: dict[str, Artifact], feeds: dict[str, np.ndarray], settings: ProfileSettings,
+                   threads: int) -> dict[str, Latency]:
+    """Interleaved timing of artifacts in a fresh process of their own.
+
+    A fresh process keeps the build's memory and threads out of the timing, and lets backends set
+    process-wide options (ONNX Runtime's shared thread pool) without touching the caller's sessions.
+    """
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_child_time, (artifacts, feeds, settings, threads))
+
+
+def _child_time(artifacts: dict[str, Artifact], feeds: dict[str, np.ndarray], settings: ProfileSettings,
+                threads: int) -> dict[str, Latency]:
+    from edgekit import backends
+
+    used = {a.backend: backends.get_installed(a.backend) for a in artifacts.values()}
+    for backend in used.values():
+        backend.prepare_timing_process(threads)
+    sessions = {k: used[a.backend].load(a, threads) for k, a in artifacts.items()}
+    return interleaved(sessions, feeds, settings)
+
+
 def _summary(ms: list[float], threads: int, where: str) -> Latency:
     a = np.asarray(ms)
     p50, p90, p99 = (float(np.percentile(a, q)) for q in (50, 90, 99))

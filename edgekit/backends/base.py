@@ -92,3 +92,6 @@ class Backend(ABC):
     @abstractmethod
     def load(self, artifact: Artifact, threads: int) -> Session:
         """Load the artifact into this machine's runtime."""
+
+    def prepare_timing_process(self, threads: int) -> None:  # noqa: B027 - optional hook
+        """Called once in the dedicated timing process, before any load (e.g. shared thread pools)."""

@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="ingest, quantize, export, verify, profile and package a model")
     _model_args(b)
     b.add_argument("--target", required=True, help="a name from `edgekit targets` or a target YAML file")
-    b.add_argument("--backend", help="default: the target's first backend usable here")
+    b.add_argument("--backend", help="a backend, a comma list, or 'all' (every backend of the target usable here); "
+                   "default: the target's first usable backend")
     b.add_argument("--precision", default="auto",
                    help="fp32|fp16|int8, comma-separated list, 'all', or 'auto' (default: lowest the target runs)")
     b.add_argument("--calib", help="calibration data: image folder or .npz")
@@ -216,16 +217,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     table = Table(title=f"{m['target']}: {m['source']['path']}")
     rows = artifact_rows(m)
     cols = ["backend", "precision", "bytes", "size", "p50 ms", "p99 ms", "speedup", "accuracy", "cosine", "verdict"]
+    if len({a["backend"] for a in m["artifacts"]}) > 1 or any(a["backend"] != "onnxruntime" for a in m["artifacts"]):
+        cols.insert(cols.index("speedup") + 1, "vs ORT fp32")
     for c in cols:
         table.add_column(c, justify="left" if c in ("backend", "precision", "verdict") else "right")
     for r in rows:
         style = "" if r["verdict"] == "ok" else "red"
         table.add_row(*[r[c] for c in cols], style=style)
     out.print(table)
-    ref = m["artifacts"][0]["reference_latency_ms"] if m["artifacts"] else None
-    if ref:
-        out.print(f"FP32 reference p50 {ref['p50']:.3f} ms ({ref['where']}, {ref['threads']} threads, "
-                  f"{ref['runs']} interleaved runs); accuracy in %, size vs the first artifact.")
+    ref = m["reference"]["latency_ms"]
+    out.print(f"ONNX Runtime FP32 reference p50 {ref['p50']:.3f} ms ({ref['where']}, {ref['threads']} threads, "
+              f"{ref['runs']} interleaved runs). Speedup vs the same backend's FP32; size vs its FP32 (when "
+              "built); accuracy in %.")
     for a in m["artifacts"]:
         if not a["verification"]["passed"]:
             err.print(f"[red]rejected[/red] {a['backend']} {a['precision']}: "

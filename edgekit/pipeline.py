@@ -1,17 +1,23 @@
 """build = ingest -> target -> data -> plan -> export -> verify -> profile -> package.
 
 Every check that can fail on bad input runs before the first expensive step (calibration).
+Every artifact, of every backend, is verified against the FP32 canonical ONNX run by ONNX Runtime,
+and timed in one interleaved run with its own backend's FP32 model and with ONNX Runtime's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import platform
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from edgekit import __version__, backends
 from edgekit.backends.base import Artifact, Backend
@@ -19,18 +25,13 @@ from edgekit.console import note, progress
 from edgekit.data import DataSplit, Preprocess, prepare_data
 from edgekit.errors import EXIT_FAILED, EXIT_OK, BadInput, UnsupportedOp
 from edgekit.ingest import ModelSpec, ingest, parse_input_shapes
-from edgekit.package import (
-    MANIFEST_SCHEMA_ID,
-    Staging,
-    file_records,
-    render_report,
-    validate_manifest,
-    write_json,
-)
+from edgekit.package import MANIFEST_SCHEMA_ID, Staging, file_records, render_report, validate_manifest, write_json
 from edgekit.plan import ArtifactPlan, Plan, default_plan
 from edgekit.profile import Latency, ProfileSettings, peak_memory_mb, time_artifacts
 from edgekit.targets import Target, detect_host, load_target
 from edgekit.verify import Thresholds, Verification, compare, run_all
+
+REFERENCE_BACKEND = "onnxruntime"  # runs the canonical FP32 ONNX: the yardstick for every artifact
 
 
 @dataclass
@@ -38,7 +39,7 @@ class BuildOptions:
     model: str
     target: str
     out: str | None = None
-    backend: str | None = None
+    backend: str | None = None  # a name, a comma list, or "all"; None: the target's first usable
     precisions: list[str] | None = None  # None: the lowest precision the target supports
     calib: str | None = None
     val: str | None = None
@@ -63,24 +64,38 @@ class BuildResult:
     exit_code: int
 
 
-def resolve_backend(target: Target, requested: str | None) -> Backend:
-    """The requested backend, or the first of the target's backends that edgekit has and can run here."""
-    if requested:
-        if requested not in target.backends:
-            raise BadInput(f"target {target.name} does not list backend {requested} "
-                           f"(it lists {', '.join(target.backends)})")
-        return backends.get_installed(requested)
-    reasons = []
+# ---------------------------------------------------------------- choosing what to build
+
+
+def resolve_backends(target: Target, requested: str | None, reasons: list[str]) -> list[Backend]:
+    """The requested backends; 'all' = every backend the target lists that edgekit has and can run here;
+    none requested = the first such one."""
+    if requested and requested != "all":
+        chosen = []
+        for name in [n.strip() for n in requested.split(",") if n.strip()]:
+            if name not in target.backends:
+                raise BadInput(f"target {target.name} does not list backend {name} "
+                               f"(it lists {', '.join(target.backends)})")
+            chosen.append(backends.get_installed(name))
+        return chosen
+    usable, skipped = [], []
     for name in target.backends:
         if name not in backends.names():
-            reasons.append(f"{name}: not implemented in edgekit yet")
+            skipped.append(f"{name}: not implemented in edgekit yet")
             continue
         backend = backends.get(name)
         missing = backend.missing()
-        if missing is None:
-            return backend
-        reasons.append(f"{name}: {missing}")
-    raise BadInput(f"no backend of target {target.name} is usable here ({'; '.join(reasons)})")
+        if missing:
+            skipped.append(f"{name}: {missing}")
+            continue
+        usable.append(backend)
+        if requested is None:
+            break
+    if not usable:
+        raise BadInput(f"no backend of target {target.name} is usable here ({'; '.join(skipped)})")
+    reasons.append(f"backends {', '.join(b.name for b in usable)} of {target.name}'s "
+                   f"{', '.join(target.backends)}" + (f" (skipped {'; '.join(skipped)})" if skipped else ""))
+    return usable
 
 
 def resolve_precisions(target: Target, backend: Backend, requested: list[str] | None, has_calib: bool,
@@ -108,11 +123,25 @@ def resolve_precisions(target: Target, backend: Backend, requested: list[str] | 
     return list(dict.fromkeys(requested))
 
 
-def check_ops(spec: ModelSpec, backend: Backend) -> None:
-    issues = backend.unsupported_nodes(spec.load())
-    if issues:
+def check_ops(spec: ModelSpec, chosen: list[Backend], explicit: bool, reasons: list[str]) -> list[Backend]:
+    """Stop before any expensive step when a backend cannot run an op. With 'all', such a backend is
+    left out (and the reason kept) as long as another one remains."""
+    model = spec.load()
+    kept, first_issue = [], None
+    for backend in chosen:
+        issues = backend.unsupported_nodes(model)
+        if not issues:
+            kept.append(backend)
+            continue
         more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
-        raise UnsupportedOp(f"{issues[0]}{more}")
+        first_issue = first_issue or f"{issues[0]}{more}"
+        reasons.append(f"left out {backend.name}: {issues[0]}{more}")
+    if not kept or (explicit and first_issue):
+        raise UnsupportedOp(first_issue or "no backend can run this model")
+    return kept
+
+
+# ---------------------------------------------------------------- build
 
 
 def build(opts: BuildOptions) -> BuildResult:
@@ -120,9 +149,9 @@ def build(opts: BuildOptions) -> BuildResult:
     out = Path(opts.out or f"build/{Path(opts.model.split(':')[-1]).stem}-{target.name}")
     staging = Staging(out, force=opts.force)  # refuses an existing DIR before any work
     preprocess = Preprocess.from_file(opts.preprocess) if opts.preprocess else None
-    backend = resolve_backend(target, opts.backend)
-    plan_reasons: list[str] = []
-    precisions = resolve_precisions(target, backend, opts.precisions, bool(opts.calib), plan_reasons)
+    reasons: list[str] = []
+    chosen = resolve_backends(target, opts.backend, reasons)
+    precisions = {b.name: resolve_precisions(target, b, opts.precisions, bool(opts.calib), reasons) for b in chosen}
     threads = opts.threads or (target.cpu["cores"] if target.is_host else detect_host()["cpu"]["cores"])
 
     with tempfile.TemporaryDirectory(prefix="edgekit-work-") as work, staging:
@@ -130,23 +159,43 @@ def build(opts: BuildOptions) -> BuildResult:
         spec = ingest(opts.model, work, parse_input_shapes(opts.input_shapes), opts.weights)
         for n in spec.notes:
             note(n)
-        check_ops(spec, backend)
+        explicit = bool(opts.backend) and opts.backend != "all"
+        chosen = check_ops(spec, chosen, explicit, reasons)
         data = prepare_data(spec, opts.calib, opts.val, preprocess, opts.calib_samples, opts.val_samples)
         note(data.note)
-        plan = default_plan(spec, target, backend.name, precisions, opts.calib_method, opts.calib_samples,
-                            opts.exclude_nodes)
-        plan.reasons += plan_reasons
-        artifacts = _export_all(spec, plan, backend, data, staging.path)
-        reference = _reference(spec, backend, work, threads)
-        verifications = _verify_all(spec, artifacts, reference, data, opts.thresholds, threads)
-        latencies, ref_latency = _profile_all(spec, artifacts, reference, data, opts.profile, threads)
+        plan = Plan(target=target.name, model_sha256=spec.sha256, artifacts=[], reasons=reasons)
+        for b in chosen:
+            sub = default_plan(spec, target, b.name, precisions[b.name], opts.calib_method, opts.calib_samples,
+                               opts.exclude_nodes)
+            plan.artifacts += sub.artifacts
+        for ap in plan.artifacts:
+            ap.options.setdefault("max_accuracy_drop", opts.thresholds.max_accuracy_drop)
+
+        # FP32 on ONNX Runtime (the verification yardstick) and on each chosen backend (its speedup base).
+        ref_backends = [REFERENCE_BACKEND, *[c.name for c in chosen if c.name != REFERENCE_BACKEND]]
+        references = {name: _export(spec, ArtifactPlan(name, "fp32"), data, Path(work) / f"ref-{name}")
+                      for name in ref_backends}
+        verifier = _Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads)
+        artifacts, verifications = [], {}
+        for ap in plan.artifacts:
+            art = _export(spec, ap, data, staging.path / f"{ap.backend}-{ap.precision}")
+            v = verifier.check(art)
+            if not v.passed and ap.precision == "int8":
+                art, v = _retry_int8(spec, ap, art, v, data, staging.path, verifier, work)
+            artifacts.append(art)
+            verifications[art.key] = v
+
+        timed = {f"reference:{k}": a for k, a in references.items()} | {a.key: a for a in artifacts}
+        with progress() as bar:
+            bar.add_task("profiling (interleaved, own process)", total=None)
+            latencies = time_artifacts(timed, data.validation.batches(spec)[0], opts.profile, threads)
         memory = {a.key: peak_memory_mb(a, threads, data.validation.batches(spec)[0]) if opts.memory else None
                   for a in artifacts}
-        manifest = _manifest(opts, target, spec, preprocess, data, plan, backend, artifacts, verifications,
-                             latencies, ref_latency, memory, threads)
+        manifest = _manifest(opts, target, spec, preprocess, data, plan, chosen, artifacts, verifications,
+                             latencies, memory)
         plan.save(staging.path / "plan.yaml")
         if preprocess:
-            (staging.path / "preprocess.yaml").write_text(_yaml(preprocess.to_dict()))
+            (staging.path / "preprocess.yaml").write_text(yaml.safe_dump(preprocess.to_dict(), sort_keys=False))
         if manifest["labels"]:
             (staging.path / "labels.txt").write_text("\n".join(manifest["labels"]) + "\n")
         validate_manifest(manifest)
@@ -157,76 +206,71 @@ def build(opts: BuildOptions) -> BuildResult:
     return BuildResult(manifest, path, EXIT_OK if manifest["passed"] else EXIT_FAILED)
 
 
-def _yaml(d: dict[str, Any]) -> str:
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False)
-
-
-def _export_all(spec: ModelSpec, plan: Plan, backend: Backend, data: DataSplit, root: Path) -> list[Artifact]:
-    artifacts = []
-    for ap in plan.artifacts:
-        note(f"export {ap.backend} {ap.precision}")
-        folder = root / f"{ap.backend}-{ap.precision}"
-        folder.mkdir()
-        artifacts.append(backend.export(spec, ap, data.calibration, folder))
-    return artifacts
+def _export(spec: ModelSpec, ap: ArtifactPlan, data: DataSplit, folder: Path) -> Artifact:
+    note(f"export {ap.backend} {ap.precision}")
+    folder.mkdir(parents=True)
+    return backends.get(ap.backend).export(spec, ap, data.calibration, folder)
 
 
-def _reference(spec: ModelSpec, backend: Backend, work: str, threads: int) -> Artifact:
-    """The FP32 canonical model on the same backend: the yardstick for agreement and speedup."""
-    ref_plan = ArtifactPlan(backend=backend.name, precision="fp32")
-    folder = Path(work) / "reference"
-    folder.mkdir()
-    return backend.export(spec, ref_plan, None, folder)
+def _retry_int8(spec: ModelSpec, ap: ArtifactPlan, art: Artifact, v: Verification, data: DataSplit,
+                root: Path, verifier: _Verifier, work: str) -> tuple[Artifact, Verification]:
+    """One measured fallback for a rejected INT8 artifact: 7-bit weights (ORT reduce_range, NNCF
+    overflow_fix), which often restores fidelity where u8*s8 products saturate. Kept only if it passes."""
+    q = ap.quantization
+    if q is None or q.reduce_range:
+        return art, v
+    retry = dataclasses.replace(ap, quantization=dataclasses.replace(q, reduce_range=True), reasons=list(ap.reasons))
+    folder = Path(work) / f"retry-{ap.backend}-int8"
+    second = _export(spec, retry, data, folder)
+    v2 = verifier.check(second)
+    if not v2.passed:
+        return art, v
+    final = root / f"{ap.backend}-int8"
+    shutil.rmtree(final)
+    shutil.move(str(folder), final)
+    second.root = str(final)
+    why = f"first INT8 attempt rejected ({'; '.join(v.failures)}); 7-bit weights passed"
+    second.notes.append(why)
+    ap.quantization, ap.reasons = retry.quantization, [*ap.reasons, why]
+    return second, v2
 
 
-def _verify_all(spec: ModelSpec, artifacts: list[Artifact], reference: Artifact, data: DataSplit,
-                thresholds: Thresholds, threads: int) -> dict[str, Verification]:
-    batches = data.validation.batches(spec)
-    if not batches:
-        raise BadInput(f"validation data has fewer samples than the model's batch {spec.inputs[0].shape[0]}")
-    labels = data.validation.batch_labels(spec)
-    names = [o.name for o in spec.outputs]
-    backend = backends.get(reference.backend)
-    results = {}
-    with progress() as bar:
-        task = bar.add_task("verifying", total=len(artifacts) + 1)
-        ref_out = run_all(backend.load(reference, threads), batches)
-        bar.advance(task)
-        for a in artifacts:
-            out = run_all(backends.get(a.backend).load(a, threads), batches)
-            results[a.key] = compare(ref_out, out, names, labels, thresholds)
-            v = results[a.key]
-            note(f"verify {a.key}: cosine {v.cosine_min:.5f}, SNR {v.snr_db_min:.1f} dB"
-                 + (f", accuracy {v.accuracy:.1%} (FP32 {v.reference_accuracy:.1%})" if v.accuracy is not None else "")
-                 + ("" if v.passed else f" -> REJECTED: {'; '.join(v.failures)}"))
-            bar.advance(task)
-    return results
+class _Verifier:
+    """Reference outputs computed once; each artifact compared with them on the validation samples."""
 
+    def __init__(self, spec: ModelSpec, reference: Artifact, data: DataSplit, thresholds: Thresholds,
+                 threads: int) -> None:
+        self.batches = data.validation.batches(spec)
+        if not self.batches:
+            raise BadInput(f"validation data has fewer samples than the model's batch {spec.inputs[0].shape[0]}")
+        self.labels = data.validation.batch_labels(spec)
+        self.names = [o.name for o in spec.outputs]
+        self.thresholds, self.threads = thresholds, threads
+        self.reference = run_all(backends.get(reference.backend).load(reference, threads), self.batches)
 
-def _profile_all(spec: ModelSpec, artifacts: list[Artifact], reference: Artifact, data: DataSplit,
-                 settings: ProfileSettings, threads: int) -> tuple[dict[str, Latency], Latency]:
-    feeds = data.validation.batches(spec)[0]
-    with progress() as bar:
-        bar.add_task("profiling (interleaved, own process)", total=None)
-        lat = time_artifacts({"reference": reference, **{a.key: a for a in artifacts}}, feeds, settings, threads)
-    ref = lat.pop("reference")
-    return lat, ref
+    def check(self, a: Artifact) -> Verification:
+        with progress() as bar:
+            bar.add_task(f"verifying {a.key}", total=None)
+            out = run_all(backends.get(a.backend).load(a, self.threads), self.batches)
+        v = compare(self.reference, out, self.names, self.labels, self.thresholds)
+        note(f"verify {a.key}: cosine {v.cosine_min:.5f}, SNR {v.snr_db_min:.1f} dB"
+             + (f", accuracy {v.accuracy:.1%} (FP32 {v.reference_accuracy:.1%})" if v.accuracy is not None else "")
+             + ("" if v.passed else f" -> REJECTED: {'; '.join(v.failures)}"))
+        return v
 
 
 def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: Preprocess | None,
-              data: DataSplit, plan: Plan, backend: Backend, artifacts: list[Artifact],
-              verifications: dict[str, Verification], latencies: dict[str, Latency], ref_latency: Latency,
-              memory: dict[str, float | None], threads: int) -> dict[str, Any]:
+              data: DataSplit, plan: Plan, chosen: list[Backend], artifacts: list[Artifact],
+              verifications: dict[str, Verification], latencies: dict[str, Latency],
+              memory: dict[str, float | None]) -> dict[str, Any]:
     host = detect_host()
-    on_device = target.is_host
+    ort_ref = latencies[f"reference:{REFERENCE_BACKEND}"]
     records = []
     for a, ap in zip(artifacts, plan.artifacts):
         files = file_records(Path(a.root).parent, [f"{Path(a.root).name}/{f}" for f in a.files])
-        lat = latencies[a.key]
-        notes = list(a.notes) + list(ap.reasons)
-        if not on_device:
+        lat, ref = latencies[a.key], latencies[f"reference:{a.backend}"]
+        notes = list(dict.fromkeys([*a.notes, *ap.reasons]))
+        if not target.is_host:
             notes.append(f"latency measured on this host ({host['cpu']['model']}), not on {target.name}")
         records.append({
             "key": a.key,
@@ -237,13 +281,16 @@ def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: P
             "bytes": sum(f["bytes"] for f in files),
             "verification": verifications[a.key].to_dict(),
             "latency_ms": lat.to_dict(),
-            "reference_latency_ms": ref_latency.to_dict(),
-            "speedup": round(ref_latency.p50 / lat.p50, 4) if lat.p50 else None,
+            "reference_latency_ms": ref.to_dict(),
+            "speedup": round(ref.p50 / lat.p50, 4) if lat.p50 else None,
+            "speedup_vs_onnxruntime_fp32": round(ort_ref.p50 / lat.p50, 4) if lat.p50 else None,
             "peak_memory_mb": memory.get(a.key),
             "details": a.details,
             "notes": notes,
         })
-    toolchain = {"edgekit": __version__, "python": platform.python_version(), **backend.versions()}
+    toolchain = {"edgekit": __version__, "python": platform.python_version()}
+    for b in [backends.get(REFERENCE_BACKEND), *chosen]:
+        toolchain.update(b.versions())
     cal = data.calibration
     return {
         "schema": MANIFEST_SCHEMA_ID,
@@ -251,7 +298,7 @@ def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: P
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "target": target.name,
         "target_spec": target.to_dict(),
-        "passed": all(r["verification"]["passed"] for r in records),
+        "passed": bool(records) and all(r["verification"]["passed"] for r in records),
         "source": {
             "path": spec.source,
             "format": "pytorch" if spec.torch_factory else "onnx",
@@ -271,6 +318,8 @@ def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: P
             "calibration": f"{len(cal)} samples from {cal.source}" if cal else "none",
             "validation": f"{len(data.validation)} samples ({data.note})",
         },
+        "reference": {"backend": REFERENCE_BACKEND, "precision": "fp32", "latency_ms": ort_ref.to_dict(),
+                      "note": "every artifact is verified against this model's outputs"},
         "thresholds": opts.thresholds.to_dict(),
         "plan": "plan.yaml",
         "plan_reasons": plan.reasons,
@@ -278,4 +327,3 @@ def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: P
         "host": {**host["cpu"], "command": " ".join(sys.argv)},
         "artifacts": records,
     }
-

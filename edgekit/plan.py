@@ -29,6 +29,11 @@ class QuantizationSettings:
     samples: int = 300
     percentile: float = 99.999
     exclude_nodes: list[str] = field(default_factory=list)  # kept in float
+    # NNCF (OpenVINO): None = the library's default for each
+    preset: str | None = None  # performance (symmetric) | mixed (asymmetric activations)
+    fast_bias_correction: bool = True
+    model_type: str | None = None  # transformer: NNCF's special handling
+    accuracy_control: bool = False  # NNCF quantize_with_accuracy_control, needs labels
 
 
 @dataclass
@@ -97,7 +102,8 @@ def default_plan(
             vnni = any(target.has_isa(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
             if x86 and not vnni and target.kind == "cpu":
                 q.reduce_range = True
-                ap.reasons.append("x86 CPU without VNNI: 7-bit weights (reduce_range) avoid u8*s8 saturation")
+                ap.reasons.append("x86 CPU without VNNI: 7-bit weights (ORT reduce_range, NNCF overflow_fix) "
+                                  "avoid u8*s8 saturation")
             if backend == "tensorrt":
                 q.symmetric_activations = True
                 ap.reasons.append("TensorRT takes symmetric INT8 only")

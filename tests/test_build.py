@@ -157,3 +157,25 @@ def test_existing_output_folder_needs_force(tmp_path: Path, mobilenet_opset11: P
     r = run_cli("build", *args, "--force")
     assert r.code == 0, r.stderr
     assert not (out / "keep.txt").exists() and read_manifest(out)["passed"]
+
+
+def test_backend_all_builds_every_backend_into_one_package(defects_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    r = run_cli("build", BUNDLED_ONNX, "--target", "host-cpu", "--backend", "all", "--precision", "all",
+                "--calib", defects_data / "calib", "--val", defects_data / "val", "--preprocess", BUNDLED_PREPROCESS,
+                "--out", out, *FAST)
+    m = read_manifest(out if r.code == 0 else tmp_path / "all.rejected")
+    got = {(a["backend"], a["precision"]) for a in m["artifacts"]}
+    assert {("onnxruntime", p) for p in ("fp32", "fp16", "int8")} <= got
+    assert {("openvino", p) for p in ("fp32", "fp16", "int8")} <= got
+    for a in m["artifacts"]:
+        v = a["verification"]
+        assert v["samples"] == 400 and a["latency_ms"]["runs"] >= 10 and a["speedup_vs_onnxruntime_fp32"] > 0
+        if a["precision"] == "fp16":
+            assert v["cosine_min"] >= 0.999
+        if a["precision"] == "int8":
+            assert v["passed"], v["failures"]
+            assert (v["reference_accuracy"] - v["accuracy"]) * 100 <= 1.0
+    assert r.code == 0, r.stderr
+    assert "vs ORT fp32" in r.stdout and "openvino" in r.stdout
+    assert m["reference"]["backend"] == "onnxruntime"

@@ -17,8 +17,8 @@ def _artifact() -> Artifact:
 def test_interleaved_rounds_give_every_session_the_same_runs() -> None:
     session = backends.get("onnxruntime").load(_artifact(), 1)
     feeds = {"image": np.zeros((1, 3, 96, 96), np.float32)}
-    lat = interleaved({"a": session, "b": session}, feeds, ProfileSettings(warmup_runs=2, min_runs=15, seconds=0))
-    assert lat["a"].runs == lat["b"].runs == 15
+    lat = interleaved({"a": session, "b": session}, feeds, ProfileSettings(warmup_runs=2, min_runs=16, seconds=0))
+    assert lat["a"].runs == lat["b"].runs == 16  # blocks of 4
     assert 0 < lat["a"].min <= lat["a"].p50 <= lat["a"].p90 <= lat["a"].p99
     assert lat["a"].threads == 1 and lat["a"].where.startswith("local:")
 

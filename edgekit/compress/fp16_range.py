@@ -23,6 +23,7 @@ class Fp16Risk:
     node: str
     op_type: str
     reason: str
+    weight: str = ""  # the initializer at risk
 
 
 def fp16_unsafe_nodes(model: onnx.ModelProto) -> list[Fp16Risk]:
@@ -35,11 +36,12 @@ def fp16_unsafe_nodes(model: onnx.ModelProto) -> list[Fp16Risk]:
             w = np.abs(numpy_helper.to_array(inits[name]))
             nonzero = w[w > 0]
             if w.size and float(w.max()) > FP16_MAX:
-                risks.append(Fp16Risk(node.name, node.op_type, f"weight {name} has |w| up to {w.max():.3g} > 65504"))
+                risks.append(Fp16Risk(node.name, node.op_type,
+                                      f"weight {name} has |w| up to {w.max():.3g} > 65504", name))
                 break
             tiny = float((nonzero < FP16_MIN_NORMAL).mean()) if nonzero.size else 0.0
             if tiny > TINY_FRACTION:
                 risks.append(Fp16Risk(node.name, node.op_type,
-                                      f"{tiny:.0%} of weight {name} is below 2^-14 and would flush to zero"))
+                                      f"{tiny:.0%} of weight {name} is below 2^-14 and would flush to zero", name))
                 break
     return risks

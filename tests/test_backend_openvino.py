@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import openvino as ov
+from onnx import helper
+from test_backend_onnxruntime import _calib, _conv_model, _mk
+
+from edgekit import backends
+from edgekit.ingest import ingest
+from edgekit.plan import ArtifactPlan, QuantizationSettings
+from edgekit.verify import Thresholds, compare, run_all
+
+
+def _reference(spec, tmp_path: Path, batches):
+    ort = backends.get("onnxruntime")
+    return run_all(ort.load(ort.export(spec, ArtifactPlan("onnxruntime", "fp32"), None, _mk(tmp_path / "ref")), 1),
+                   batches)
+
+
+def test_fp32_ir_matches_onnxruntime(tmp_path: Path) -> None:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    ovb = backends.get("openvino")
+    art = ovb.export(spec, ArtifactPlan("openvino", "fp32"), None, _mk(tmp_path / "a"))
+    assert sorted(art.files) == ["model.bin", "model.xml"]
+    batches = _calib(8).batches(spec)
+    v = compare(_reference(spec, tmp_path, batches), run_all(ovb.load(art, 1), batches), ["y"], None, Thresholds())
+    assert v.cosine_min > 0.99999 and v.snr_db_min > 60
+
+
+def test_fp16_compresses_weights_but_keeps_out_of_range_layers_fp32(tmp_path: Path) -> None:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx", weight_scale=1e-6)), tmp_path / "w")
+    ovb = backends.get("openvino")
+    art = ovb.export(spec, ArtifactPlan("openvino", "fp16"), None, _mk(tmp_path / "a"))
+    assert art.details["keep_fp32"] == ["tiny_conv"] and "below 2^-14" in art.notes[0]
+    consts = {op.get_friendly_name(): str(op.get_element_type()) for op in ov.Core().read_model(art.entry_path)
+              .get_ordered_ops() if op.get_type_name() == "Constant"}
+    assert consts["w1"] == "<Type: 'float32'>"  # the tiny layer stayed FP32
+    assert consts["w2_compressed"] == "<Type: 'float16'>"  # the other did not
+    batches = _calib(8).batches(spec)
+    v = compare(_reference(spec, tmp_path, batches), run_all(ovb.load(art, 1), batches), ["y"], None, Thresholds())
+    assert v.cosine_min > 0.999
+
+
+def test_int8_by_nncf_is_quantized_and_agrees(tmp_path: Path) -> None:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    ovb = backends.get("openvino")
+    plan = ArtifactPlan("openvino", "int8", QuantizationSettings(samples=32))
+    art = ovb.export(spec, plan, _calib(32), _mk(tmp_path / "a"))
+    types = [op.get_type_name() for op in ov.Core().read_model(art.entry_path).get_ordered_ops()]
+    assert "FakeQuantize" in types  # NNCF's INT8 representation in the IR
+    assert art.details["quantizer"] == "nncf.quantize" and art.details["calibration_samples"] == 32
+    batches = _calib(8).batches(spec)
+    v = compare(_reference(spec, tmp_path, batches), run_all(ovb.load(art, 1), batches), ["y"], None, Thresholds())
+    assert v.cosine_min > 0.99
+
+
+def test_unsupported_op_is_named(tmp_path: Path) -> None:
+    path = _conv_model(tmp_path / "custom.onnx")
+    m = onnx.load(path)
+    m.graph.node.append(helper.make_node("MagicNMS", ["y"], ["z"], name="vendor_nms", domain="com.vendor"))
+    m.graph.output[0].name = "z"
+    m.opset_import.append(helper.make_opsetid("com.vendor", 1))
+    issues = backends.get("openvino").unsupported_nodes(m)
+    assert [(i.op_type, i.node, i.backend) for i in issues] == [("MagicNMS", "vendor_nms", "openvino")]

@@ -1,4 +1,4 @@
-"""The `edgekit` command. Verbs: build, inspect, targets. Exit codes: 0 ok, 1 verification failed,
+"""The `edgekit` command. Verbs: build, inspect, debug, targets. Exit codes: 0 ok, 1 verification failed,
 2 bad input, 3 a tool failed."""
 
 from __future__ import annotations
@@ -65,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     b.add_argument("--out", help="package folder (default: build/MODEL-TARGET)")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    g = sub.add_parser("debug", help="name the first layer where an artifact diverges from the FP32 model")
+    _model_args(g)
+    g.add_argument("--target", required=True)
+    g.add_argument("--backend", required=True)
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    g.add_argument("--package", help="debug this package's artifact instead of building a new one")
+    g.add_argument("--calib", help="calibration data (to build an INT8 artifact)")
+    g.add_argument("--val", help="samples to compare on (default: held out of --calib)")
+    g.add_argument("--preprocess")
+    g.add_argument("--samples", type=int, default=4, help="validation samples to compare (default 4)")
+    g.add_argument("--min-cosine", type=float, default=d.min_cosine, help="per-layer agreement threshold")
+    g.add_argument("--out", help="folder for layers.json and debug.md (default build/debug-MODEL-BACKEND-PRECISION)")
     return p
 
 
@@ -79,7 +91,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"targets": cmd_targets, "inspect": cmd_inspect, "build": cmd_build}[args.verb](args)
+        verbs = {"targets": cmd_targets, "inspect": cmd_inspect, "build": cmd_build, "debug": cmd_debug}
+        return verbs[args.verb](args)
     except EdgekitError as e:
         err.print(f"edgekit: error: {e}", markup=False, soft_wrap=True)
         return e.exit_code
@@ -235,6 +248,29 @@ def cmd_build(args: argparse.Namespace) -> int:
                       + "; ".join(a["verification"]["failures"]))
     out.print(f"{'package' if m['passed'] else 'REJECTED build (not a package)'}: {result.path}")
     return result.exit_code
+
+
+def cmd_debug(args: argparse.Namespace) -> int:
+    from edgekit.debug import run_debug
+
+    loc, out_dir = run_debug(
+        model=_model_of(args), target=args.target, backend=args.backend, precision=args.precision,
+        package=args.package, calib=args.calib, val=args.val, preprocess=args.preprocess,
+        input_shapes=args.input_shape, weights=args.weights, samples=args.samples, threshold=args.min_cosine,
+        out=args.out,
+    )
+    table = Table(title=f"{loc.backend} {loc.precision} vs FP32, layer by layer ({loc.compared} matched tensors)")
+    for col in ("node", "op", "matched by", "cosine", "SNR dB", "max |err|"):
+        table.add_column(col, justify="right" if col in ("cosine", "SNR dB", "max |err|") else "left")
+    first = loc.first_divergence["tensor"] if loc.first_divergence else None
+    for la in loc.layers:
+        style = "bold red" if la.tensor == first else ("red" if la.cosine < loc.threshold else "")
+        table.add_row(la.node, la.op_type, la.matched_by, f"{la.cosine:.5f}", f"{la.snr_db:.1f}",
+                      f"{la.max_abs_error:.4g}", style=style)
+    out.print(table)
+    out.print(loc.summary(), markup=False)
+    out.print(f"per-layer table: {out_dir / 'layers.json'}")
+    return 1 if loc.first_divergence else 0
 
 
 if __name__ == "__main__":

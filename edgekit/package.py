@@ -149,6 +149,11 @@ def render_report(manifest: dict[str, Any]) -> str:
         lines += ["- Files: " + ", ".join(f"`{f['path']}` ({f['bytes']:,} B)" for f in a["files"])]
         lines += [f"- Verification on {v['samples']} held-out samples: "
                   + ("passed" if v["passed"] else "**rejected**: " + "; ".join(v["failures"]))]
+        d = v.get("diverging_layer")
+        if d:
+            lines.append(f"  - First diverging layer: `{d['node']}` ({d['op_type']}), cosine {d['cosine']:.4f}, "
+                         f"SNR {d['snr_db']:.1f} dB; inputs from {', '.join(d['inputs_from']) or 'the model input'}; "
+                         f"per-layer table in `debug/{a['key']}.json`")
         for o in v["outputs"]:
             lines.append(f"  - `{o['name']}`: cosine {o['cosine']:.5f} (worst sample {o['cosine_worst_sample']:.5f}), "
                          f"SNR {o['snr_db']:.1f} dB, max |err| {o['max_abs_error']:.4g}")

@@ -182,6 +182,8 @@ def build(opts: BuildOptions) -> BuildResult:
             v = verifier.check(art)
             if not v.passed and ap.precision == "int8":
                 art, v = _retry_int8(spec, ap, art, v, data, staging.path, verifier, work)
+            if not v.passed:
+                _localise_into(spec, art, v, data, staging.path, threads, opts.thresholds.min_cosine)
             artifacts.append(art)
             verifications[art.key] = v
 
@@ -233,6 +235,23 @@ def _retry_int8(spec: ModelSpec, ap: ArtifactPlan, art: Artifact, v: Verificatio
     second.notes.append(why)
     ap.quantization, ap.reasons = retry.quantization, [*ap.reasons, why]
     return second, v2
+
+
+def _localise_into(spec: ModelSpec, art: Artifact, v: Verification, data: DataSplit, root: Path, threads: int,
+                   threshold: float) -> None:
+    """A rejected artifact gets the first diverging layer named, and the per-layer table written."""
+    from edgekit.debug import localise
+
+    try:
+        session = backends.get(art.backend).load(art, threads)
+        loc = localise(spec, art, session, data.validation.batches(spec)[0], threshold)
+    except Exception as e:  # the diagnosis must never hide the verdict it explains
+        v.failures.append(f"(layer localisation failed: {type(e).__name__}: {e})")
+        return
+    (root / "debug").mkdir(exist_ok=True)
+    write_json(root / "debug" / f"{art.key}.json", loc.to_dict())
+    v.diverging_layer = loc.first_divergence
+    note(loc.summary())
 
 
 class _Verifier:

@@ -53,6 +53,7 @@ class Verification:
     failures: list[str] = field(default_factory=list)
     outputs: list[OutputAgreement] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
+    diverging_layer: dict[str, Any] | None = None  # set by the debug stage when rejected
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -54,11 +54,50 @@ class OrtSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         self.threads = threads
+        self.path = str(path)
         self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDER])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.output_names, feeds)
+
+    def run_intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
+        values, order = intermediates_of(onnx.load(self.path), feeds)
+        return [([name], values[name]) for name in order]
+
+
+# Q/DQ and Cast nodes only re-encode a tensor that is compared under its own name.
+_ENCODING_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast"}
+
+
+def intermediates_of(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every floating-point node output of the model (as float32), in topological order.
+
+    A tensor followed by QuantizeLinear -> DequantizeLinear is reported as the dequantized value: that
+    is what the next layer consumes (and the quantizer may have folded a ReLU into the Q/DQ pair)."""
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(model)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    typed = {v.name: v for v in [*model.graph.value_info, *model.graph.output]
+             if v.type.tensor_type.elem_type in floats}
+    consumers = {i: n for n in model.graph.node for i in n.input}
+    dequantized = {}
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        dq = consumers.get(q.output[0])
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.output[0] in typed:
+            dequantized[q.input[0]] = dq.output[0]
+    order = [o for n in model.graph.node if n.op_type not in _ENCODING_OPS for o in n.output if o in typed]
+    fetch = list(dict.fromkeys([dequantized.get(o, o) for o in order]))
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(typed[name] for name in fetch if name not in existing)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    # No graph fusions: a fused node would not produce the tensors asked for.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=[PROVIDER])
+    values = dict(zip(fetch, session.run(fetch, feeds)))
+    return {o: np.asarray(values[dequantized.get(o, o)], np.float32) for o in order}, order
 
 
 class _Reader:

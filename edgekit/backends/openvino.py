@@ -44,6 +44,27 @@ class OvSession:
         result = self.request.infer(feeds)
         return [np.array(result[o]) for o in self.outputs]
 
+    def run_intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
+        """Every named activation of the IR, exposed as an extra output, in execution order."""
+        import openvino as ov
+
+        model = self.model.clone()
+        taps = [out for op in model.get_ordered_ops() if op.get_type_name() not in _NOT_ACTIVATIONS
+                for out in op.outputs() if out.get_names() and out.get_element_type() in (ov.Type.f32, ov.Type.f16)]
+        model.add_outputs(taps)
+        compiled = ov.Core().compile_model(model, DEVICE, self.config)
+        result = compiled(feeds)
+        entries = []
+        for port in compiled.outputs:
+            names = sorted(port.get_names())
+            entries.append((names, np.asarray(result[port], np.float32)))
+        rank = {name: i for i, out in enumerate(taps) for name in out.get_names()}
+        return sorted(entries, key=lambda e: min(rank.get(n, 1 << 30) for n in e[0]))
+
+
+# Ops whose outputs are weights, shapes or re-encodings, not activations to compare.
+_NOT_ACTIVATIONS = {"Parameter", "Constant", "Result", "Convert", "ShapeOf", "FakeQuantize"}
+
 
 @register
 class OpenVinoBackend(Backend):

@@ -1,0 +1,229 @@
+"""NCNN backend: param/bin by pnnx from the canonical ONNX; FP16 weight storage per layer; INT8 by
+edgekit's Python ports of ncnn2table and ncnn2int8 (ncnn_int8.py), run with the ncnn runtime."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgekit.backends import register
+from edgekit.backends.base import Artifact, Backend, OpIssue
+from edgekit.compress.fp16_range import fp16_unsafe_nodes
+from edgekit.errors import BadInput, EdgekitError
+
+if TYPE_CHECKING:
+    from edgekit.data import Dataset
+    from edgekit.ingest import ModelSpec
+    from edgekit.plan import ArtifactPlan
+
+PNNX_TIMEOUT_S = 600
+
+# ONNX ops that pnnx converts to ncnn layers (pnnx's onnx frontend + pass_ncnn). Shape arithmetic
+# (Shape, Gather on shapes, Constant...) is folded by pnnx and needs no ncnn layer.
+NCNN_ONNX_OPS = frozenset({
+    "Abs", "Acos", "Add", "And", "ArgMax", "ArgMin", "Asin", "Atan", "AveragePool", "BatchNormalization",
+    "Cast", "Ceil", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Cumsum",
+    "DepthToSpace", "Div", "Dropout", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor",
+    "Gather", "GatherElements", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GridSample",
+    "GroupNormalization", "GRU", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization",
+    "LayerNormalization", "LeakyRelu", "Less", "Log", "LogSoftmax", "LRN", "LSTM", "MatMul", "Max", "MaxPool",
+    "Mean", "Min", "Mish", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "PRelu", "Range", "Reciprocal", "ReduceL1",
+    "ReduceL2", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
+    "ReduceSumSquare", "Relu", "Reshape", "Resize", "RNN", "Round", "Shape", "Sigmoid", "Sign", "Sin", "Slice",
+    "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh",
+    "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Upsample", "Where",
+})
+
+
+def _opt(net: Any, precision: str, threads: int) -> None:
+    """Runtime options per precision. ncnn enables fp16 storage/arithmetic, bf16 and int8 when the CPU
+    has them, so an FP32 artifact must turn them off to compute what was verified."""
+    o = net.opt
+    o.num_threads = threads
+    o.use_vulkan_compute = False
+    o.use_bf16_storage = False
+    o.use_fp16_storage = o.use_fp16_packed = precision == "fp16"
+    o.use_fp16_arithmetic = False  # arithmetic precision follows storage only on ARMv8.2 devices
+    o.use_int8_inference = precision == "int8"
+
+
+class NcnnSession:
+    def __init__(self, param: Path, bin_: Path, precision: str, threads: int, inputs: list[str],
+                 outputs: list[str], output_shapes: list[list[int]]) -> None:
+        import ncnn
+
+        self.threads = threads
+        self.net = ncnn.Net()
+        _opt(self.net, precision, threads)
+        if self.net.load_param(str(param)) != 0 or self.net.load_model(str(bin_)) != 0:
+            raise EdgekitError(f"ncnn could not load {param}")
+        self.inputs, self.outputs, self.output_shapes = inputs, outputs, output_shapes
+        self._ncnn = ncnn
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ex = self.net.create_extractor()
+        for blob, x in zip(self.inputs, feeds.values()):
+            ex.input(blob, self._ncnn.Mat(np.ascontiguousarray(x[0], dtype=np.float32)))  # ncnn has no batch axis
+        return [self._extract(ex, blob).reshape(shape) for blob, shape in zip(self.outputs, self.output_shapes)]
+
+    def run_intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
+        """Every layer's output blob, in layer order (Split only copies its input: skipped)."""
+        ex = self.net.create_extractor()
+        for blob, x in zip(self.inputs, feeds.values()):
+            ex.input(blob, self._ncnn.Mat(np.ascontiguousarray(x[0], dtype=np.float32)))
+        blob_names = [b.name for b in self.net.blobs()]
+        return [([blob_names[t]], self._extract(ex, blob_names[t]).astype(np.float32))
+                for layer in self.net.layers() if layer.type not in ("Input", "Split") for t in layer.tops]
+
+    def _extract(self, ex: Any, blob: str) -> np.ndarray:
+        ret, mat = ex.extract(blob)
+        if ret != 0:
+            raise EdgekitError(f"ncnn could not compute blob {blob} (error {ret})")
+        return np.array(mat)
+
+
+def _io_blobs(param: Path) -> tuple[list[str], list[str]]:
+    """Input blobs are the Input layers' tops; outputs are the blobs no layer consumes, in pnnx's outN order."""
+    produced, consumed, inputs = [], set(), []
+    for line in param.read_text().splitlines()[2:]:
+        f = line.split()
+        if len(f) < 4:
+            continue
+        nb, nt = int(f[2]), int(f[3])
+        bottoms, tops = f[4:4 + nb], f[4 + nb:4 + nb + nt]
+        consumed.update(bottoms)
+        produced += tops
+        if f[0] == "Input":
+            inputs += tops
+    outputs = [b for b in produced if b not in consumed]
+    outputs.sort(key=lambda b: (not b.startswith("out"), int(b[3:]) if b[3:].isdigit() else 0, b))
+    return inputs, outputs
+
+
+@register
+class NcnnBackend(Backend):
+    name = "ncnn"
+    # fp16 (per-layer storage) and int8 (ncnn2table/ncnn2int8 ports) need ncnn_format/ncnn_int8:
+    # declared once those modules land and are tested against the runtime.
+    precisions = ("fp32",)
+    requires = ("ncnn", "pnnx")
+    install_hint = "pip install 'edgekit[ncnn]'"
+
+    def versions(self) -> dict[str, str]:
+        return {d: metadata.version(d) for d in ("ncnn", "pnnx")}
+
+    def unsupported_nodes(self, model: onnx.ModelProto) -> list[OpIssue]:
+        issues = [OpIssue(self.name, n.op_type, n.name, "not in pnnx's ONNX -> ncnn op set")
+                  for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in NCNN_ONNX_OPS]
+        for i in model.graph.input:
+            dims = i.type.tensor_type.shape.dim
+            if dims and dims[0].dim_value > 1:
+                issues.append(OpIssue(self.name, "Input", i.name,
+                                      f"ncnn runs batch 1, input has batch {dims[0].dim_value}"))
+        return issues
+
+    def export(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset | None, root: Path) -> Artifact:
+        param, bin_ = root / "model.ncnn.param", root / "model.ncnn.bin"
+        self._pnnx(spec, param, bin_)
+        details: dict[str, Any] = {"converter": "pnnx", "storage": "fp32"}
+        notes: list[str] = []
+        if plan.precision == "fp16":
+            keep, notes = self._fp16_storage(spec, plan, param, bin_)
+            details.update(storage="fp16", keep_fp32=keep)
+        elif plan.precision == "int8":
+            if calibration is None or len(calibration) == 0:
+                raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
+            details.update(self._int8(spec, plan, calibration, param, bin_, root))
+        elif plan.precision != "fp32":
+            raise BadInput(f"{self.name} cannot build precision {plan.precision}")
+        inputs, outputs = _io_blobs(param)
+        if len(inputs) != len(spec.inputs) or len(outputs) != len(spec.outputs):
+            raise EdgekitError(f"pnnx produced {len(inputs)} inputs / {len(outputs)} outputs, "
+                               f"the model has {len(spec.inputs)} / {len(spec.outputs)}")
+        details.update(input_blobs=inputs, output_blobs=outputs, output_shapes=[o.shape for o in spec.outputs])
+        files = [p.name for p in sorted(root.iterdir()) if p.is_file()]
+        return Artifact(self.name, plan.precision, str(root), files, param.name, details, notes)
+
+    def load(self, artifact: Artifact, threads: int) -> NcnnSession:
+        d = artifact.details
+        root = Path(artifact.root)
+        return NcnnSession(root / artifact.entry, root / artifact.entry.replace(".param", ".bin"), artifact.precision,
+                           threads, d["input_blobs"], d["output_blobs"], d["output_shapes"])
+
+    # ------------------------------------------------------------ conversion
+
+    @staticmethod
+    def _pnnx(spec: ModelSpec, param: Path, bin_: Path) -> None:
+        import pnnx
+
+        shapes = ",".join("[" + ",".join(str(d) for d in i.shape) + "]" for i in spec.inputs)
+        with tempfile.TemporaryDirectory(prefix="edgekit-pnnx-") as tmp:
+            src = Path(tmp) / "model.onnx"
+            shutil.copyfile(spec.onnx_path, src)
+            try:  # fp16=0: edgekit chooses the storage per layer afterwards
+                r = subprocess.run([pnnx.EXEC_PATH, str(src), f"inputshape={shapes}", "fp16=0"], cwd=tmp,
+                                   capture_output=True, text=True, timeout=PNNX_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise EdgekitError(f"pnnx did not finish in {PNNX_TIMEOUT_S} s") from None
+            out_param, out_bin = Path(tmp) / "model.ncnn.param", Path(tmp) / "model.ncnn.bin"
+            if r.returncode != 0 or not out_param.exists():
+                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise EdgekitError(f"pnnx failed (exit {r.returncode}): {tail[0]}")
+            shutil.copyfile(out_param, param)
+            shutil.copyfile(out_bin, bin_)
+
+    @staticmethod
+    def _fp16_storage(spec: ModelSpec, plan: ArtifactPlan, param: Path, bin_: Path) -> tuple[list[str], list[str]]:
+        """FP16 storage for every weight blob except the layers whose weights leave the FP16 range
+        (matched to ncnn layers by their weight values: pnnx renames layers)."""
+        from edgekit.backends.ncnn_format import NcnnModel, set_storage
+
+        model = NcnnModel.load(param, bin_)
+        onnx_model = spec.load()
+        risks = fp16_unsafe_nodes(onnx_model)
+        inits = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
+        risky_weights = [inits[r.weight] for r in risks if r.weight in inits]
+        risky_weights += [inits[n.input[1]] for n in onnx_model.graph.node
+                          if n.name in plan.keep_fp32 and len(n.input) > 1 and n.input[1] in inits]
+        keep = []
+        for layer in model.layers:
+            blobs = model.weights.get(layer.name, [])
+            if blobs and any(_same_values(blobs[0].data, w) for w in risky_weights):
+                keep.append(layer.name)
+                continue
+            if blobs:
+                set_storage(model, layer.name, "fp16")
+        model.save(param, bin_)
+        return keep, [f"{r.node} ({r.op_type}) kept in FP32 storage: {r.reason}" for r in risks]
+
+    def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, param: Path, bin_: Path,
+              root: Path) -> dict[str, Any]:
+        from edgekit.backends import ncnn_int8
+
+        q = plan.quantization
+        assert q is not None, "an int8 artifact plan carries quantization settings"
+        method = {"minmax": "minmax", "entropy": "kl", "percentile": "kl"}[q.method]
+        inputs, _ = _io_blobs(param)
+        batches = [dict(zip(inputs, b.values())) for b in calibration.batches(spec)[: q.samples]]
+        table = ncnn_int8.calibration_table(param, bin_, batches, method=method, exclude=q.exclude_nodes)
+        ncnn_int8.write_table(root / "model.table", table)
+        fp32_param, fp32_bin = root / "fp32.param", root / "fp32.bin"
+        param.rename(fp32_param)
+        bin_.rename(fp32_bin)
+        ncnn_int8.quantize_model(fp32_param, fp32_bin, table, param, bin_)
+        fp32_param.unlink()
+        fp32_bin.unlink()
+        return {"quantizer": "edgekit ncnn2table + ncnn2int8 (Python ports)", "calibration": method,
+                "calibration_samples": len(batches), "table": "model.table", "storage": "int8 weights"}
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.size == b.size and np.allclose(a.reshape(-1), b.reshape(-1), rtol=1e-5, atol=1e-12)

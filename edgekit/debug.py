@@ -1,0 +1,235 @@
+"""Debug: find the first layer where an artifact stops agreeing with the FP32 reference.
+
+The reference's intermediate tensors come from ONNX Runtime on the canonical FP32 ONNX, in
+topological order. The backend's come from its own runtime (Session.run_intermediates), in its
+execution order. They are matched by name where the converter kept ONNX tensor names (ONNX Runtime,
+OpenVINO), else by order and shape (NCNN renames and fuses: Conv+ReLU gives one tensor), and compared
+in topological order; the first matched tensor below the agreement threshold names the culprit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgekit.backends.base import Artifact
+from edgekit.ingest import ModelSpec
+
+LOOKAHEAD = 6  # reference tensors a renamed backend tensor may skip (fused ops produce no tensor)
+
+
+@dataclass
+class LayerAgreement:
+    tensor: str  # reference (ONNX) tensor name
+    node: str  # ONNX node producing it
+    op_type: str
+    backend_tensor: str
+    matched_by: str  # name | order+shape
+    cosine: float
+    snr_db: float
+    max_abs_error: float
+
+
+@dataclass
+class Localisation:
+    backend: str
+    precision: str
+    threshold: float
+    compared: int
+    first_divergence: dict[str, Any] | None  # node, op_type, figures, neighbours
+    layers: list[LayerAgreement] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        d = self.first_divergence
+        if d is None:
+            return (f"{self.backend} {self.precision}: all {self.compared} matched tensors agree "
+                    f"(cosine >= {self.threshold})")
+        seen = f" (observed at {d['observed_at']}, fused with it)" if d.get("observed_at") else ""
+        return (f"{self.backend} {self.precision}: first diverging layer {d['node']} ({d['op_type']}){seen}: cosine "
+                f"{d['cosine']:.4f}, SNR {d['snr_db']:.1f} dB, max |err| {d['max_abs_error']:.4g}; inputs from "
+                f"{', '.join(d['inputs_from']) or 'the model input'}; feeds {', '.join(d['feeds']) or 'the output'}")
+
+
+def reference_intermediates(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Every node output of the FP32 canonical model, by ONNX tensor name, in topological order."""
+    from edgekit.backends.onnxruntime import intermediates_of
+
+    return intermediates_of(spec.load(), feeds)
+
+
+def localise(spec: ModelSpec, artifact: Artifact, session: Any, feeds: dict[str, np.ndarray],
+             threshold: float = 0.99) -> Localisation:
+    """session.run_intermediates(feeds) gives [(names, array)] in the backend's execution order."""
+    model = spec.load()
+    ref, order = reference_intermediates(spec, feeds)
+    got = session.run_intermediates(feeds)
+    producer = {out: n for n in model.graph.node for out in n.output}
+    layers = _match(ref, order, got, producer)
+    compared = {la.tensor: la for la in layers}
+    first = next((la for la in layers if _breaks(la, compared, producer, threshold)), None)
+    return Localisation(artifact.backend, artifact.precision, threshold, len(layers),
+                        _describe(first, model, producer, compared) if first else None, layers)
+
+
+# A layer breaks agreement when its output is below the threshold AND its SNR drops by at least this
+# much from its inputs'. INT8 error accumulates ~0.5-2 dB per layer; an edited or mis-converted layer
+# drops tens of dB at once.
+BREAK_DB = 3.0
+
+
+def _compared_inputs(tensor: str, compared: dict[str, LayerAgreement], producer: dict[str, onnx.NodeProto],
+                     fused: list[onnx.NodeProto] | None = None) -> list[LayerAgreement]:
+    """The nearest compared tensors upstream of `tensor`'s node; nodes passed on the way (fused away
+    by the backend, so never observed) are collected in `fused`."""
+    node = producer.get(tensor)
+    found: list[LayerAgreement] = []
+    for name in node.input if node else []:
+        if name in compared:
+            found.append(compared[name])
+        elif name in producer:
+            if fused is not None:
+                fused.append(producer[name])
+            found += _compared_inputs(name, compared, producer, fused)
+    return found
+
+
+def _breaks(la: LayerAgreement, compared: dict[str, LayerAgreement], producer: dict[str, onnx.NodeProto],
+            threshold: float) -> bool:
+    """Agreement breaks here: below the threshold with a clear drop from its inputs. (INT8 error
+    accumulates slowly through a network; that drift alone names no culprit.)"""
+    if la.cosine >= threshold:
+        return False
+    inputs = _compared_inputs(la.tensor, compared, producer)
+    return not inputs or la.snr_db <= min(i.snr_db for i in inputs) - BREAK_DB
+
+
+def _match(ref: dict[str, np.ndarray], order: list[str], got: list[tuple[list[str], np.ndarray]],
+           producer: dict[str, onnx.NodeProto]) -> list[LayerAgreement]:
+    rows: dict[str, LayerAgreement] = {}
+    position = {name: i for i, name in enumerate(order)}
+    cursor = 0
+    for names, arr in got:
+        known = next((n for n in names if n in ref and ref[n].size == arr.size), None)
+        if known is not None:
+            rows[known] = _row(known, producer, known, "name", ref[known], arr)
+            cursor = max(cursor, position[known] + 1)
+            continue
+        name = names[0]
+        # Renamed tensor: among the next few unmatched reference tensors of the same size, take the one
+        # that agrees best (a fused Conv+ReLU matches the ReLU output, not the Conv one).
+        window = [r for r in order[cursor:cursor + LOOKAHEAD * 4] if ref[r].size == arr.size and r not in rows]
+        window = window[:LOOKAHEAD]
+        if not window:
+            continue
+        scored = [(_cosine(ref[r], arr), r) for r in window]
+        best_cos, best = max(scored)
+        pick = best if best_cos >= 0.5 else window[0]  # nothing agrees: this is where it diverged
+        rows[pick] = _row(pick, producer, name, "order+shape", ref[pick], arr)
+        cursor = position[pick] + 1
+    return sorted(rows.values(), key=lambda r: position[r.tensor])
+
+
+def _row(tensor: str, producer: dict[str, onnx.NodeProto], backend_tensor: str, how: str, ref: np.ndarray,
+         out: np.ndarray) -> LayerAgreement:
+    node = producer.get(tensor)
+    r, o = ref.astype(np.float64).ravel(), out.astype(np.float64).reshape(-1)
+    noise = float(((r - o) ** 2).sum())
+    snr = min(200.0, 10 * np.log10(float((r**2).sum()) / noise)) if noise > 0 else 200.0
+    return LayerAgreement(tensor, node.name if node else tensor, node.op_type if node else "Input", backend_tensor,
+                          how, round(_cosine(r, o), 6), round(float(snr), 2), float(np.abs(r - o).max()))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    return float(a @ b / (na * nb)) if na and nb else 0.0
+
+
+WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def _describe(row: LayerAgreement, model: onnx.ModelProto, producer: dict[str, onnx.NodeProto],
+              compared: dict[str, LayerAgreement]) -> dict[str, Any]:
+    """The culprit: the node that produced the first broken tensor, or, when the backend fused a
+    weighted op into it (Conv+ReLU), that weighted op: an activation has no weights to be wrong."""
+    fused: list[onnx.NodeProto] = []
+    _compared_inputs(row.tensor, compared, producer, fused)
+    node = producer.get(row.tensor)
+    culprit = node
+    if node is not None and node.op_type not in WEIGHTED_OPS:
+        culprit = next((n for n in fused if n.op_type in WEIGHTED_OPS), node)
+    inputs_from = [producer[i].name for i in (culprit.input if culprit else []) if i in producer]
+    feeds = [n.name for n in model.graph.node if culprit and set(culprit.output) & set(n.input)]
+    described = {**asdict(row), "inputs_from": inputs_from, "feeds": feeds}
+    if culprit is not node and culprit is not None:
+        described.update(node=culprit.name, op_type=culprit.op_type, observed_at=row.node,
+                         fused_with=[n.name for n in fused if n is not culprit] + [row.node])
+    return described
+
+
+def run_debug(model: str, target: str, backend: str, precision: str, package: str | None, calib: str | None,
+              val: str | None, preprocess: str | None, input_shapes: list[str], weights: str | None,
+              samples: int, threshold: float, out: str | None) -> tuple[Localisation, Path]:
+    """`edgekit debug`: localise on a package's artifact, or on one built here for the purpose."""
+    import json
+    import tempfile
+
+    from edgekit import backends
+    from edgekit.data import Preprocess, prepare_data
+    from edgekit.errors import BadInput
+    from edgekit.ingest import ingest, parse_input_shapes
+    from edgekit.package import write_json
+    from edgekit.pipeline import resolve_backends, resolve_precisions
+    from edgekit.plan import default_plan
+    from edgekit.targets import load_target
+
+    t = load_target(target)
+    (chosen,) = resolve_backends(t, backend, [])
+    resolve_precisions(t, chosen, [precision], bool(calib), [])
+    pre = Preprocess.from_file(preprocess) if preprocess else None
+    out_dir = Path(out or f"build/debug-{Path(model.split(':')[-1]).stem}-{backend}-{precision}")
+    with tempfile.TemporaryDirectory(prefix="edgekit-debug-") as work:
+        spec = ingest(model, work, parse_input_shapes(input_shapes), weights)
+        data = prepare_data(spec, calib, val, pre, val_samples=samples)
+        if package:
+            manifest = json.loads((Path(package) / "manifest.json").read_text())
+            rec = next((a for a in manifest["artifacts"] if a["backend"] == backend and a["precision"] == precision),
+                       None)
+            if rec is None:
+                raise BadInput(f"{package} has no {backend} {precision} artifact")
+            folder = Path(package) / Path(rec["entry"]).parent
+            artifact = Artifact(backend, precision, str(folder), [Path(f["path"]).name for f in rec["files"]],
+                                Path(rec["entry"]).name, rec.get("details", {}))
+        else:
+            ap = default_plan(spec, t, backend, [precision]).artifacts[0]
+            folder = Path(work) / "artifact"
+            folder.mkdir()
+            artifact = chosen.export(spec, ap, data.calibration, folder)
+        session = backends.get(backend).load(artifact, 1)
+        feeds_list = data.validation.batches(spec)[:samples]
+        locs = [localise(spec, artifact, session, feeds, threshold) for feeds in feeds_list]
+    # The sample whose divergence comes earliest in the graph is the one to show.
+    order = {la.tensor: i for i, la in enumerate(locs[0].layers)}
+    loc = min(locs, key=lambda lc: order.get(lc.first_divergence["tensor"], 1 << 30) if lc.first_divergence
+              else 1 << 31)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "layers.json", loc.to_dict())
+    (out_dir / "debug.md").write_text(_markdown(loc))
+    return loc, out_dir
+
+
+def _markdown(loc: Localisation) -> str:
+    lines = [f"# {loc.backend} {loc.precision}: layer-by-layer agreement with FP32", "", loc.summary(), "",
+             "| node | op | matched by | cosine | SNR dB | max abs err |", "|---|---|---|---|---|---|"]
+    lines += [f"| {la.node} | {la.op_type} | {la.matched_by} | {la.cosine:.5f} | {la.snr_db:.1f} | "
+              f"{la.max_abs_error:.4g} |" for la in loc.layers]
+    return "\n".join(lines) + "\n"

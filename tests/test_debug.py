@@ -98,3 +98,20 @@ def test_rejected_build_names_a_layer_and_writes_the_table(backend: str, mobilen
     table = json.loads((tmp_path / "pkg.rejected" / "debug" / f"{backend}-int8.json").read_text())
     assert table["compared"] > 10 and len(table["layers"]) == table["compared"]
     assert "diverging_layer" in m["artifacts"][0]["verification"]
+
+
+def test_ncnn_edited_bin_is_blamed_on_the_edited_layer(defects_data: Path, tmp_path: Path) -> None:
+    pkg = _build(defects_data, tmp_path / "pkg", "ncnn", "fp32")
+    bin_path = pkg / "ncnn-fp32" / "model.ncnn.bin"
+    weights = numpy_helper.to_array(next(i for i in onnx.load(BUNDLED_ONNX).graph.initializer
+                                         if i.name == _weight_name(EDITED))).astype(np.float32)
+    blob = bytearray(bin_path.read_bytes())
+    at = blob.find(weights.tobytes())  # pnnx (fp16=0) stores the conv's weights verbatim
+    assert at > 0 and blob.find(weights.tobytes(), at + 1) == -1
+    blob[at:at + weights.nbytes] = _flip_half(weights).tobytes()
+    bin_path.write_bytes(bytes(blob))
+    r = _debug(defects_data, pkg, "ncnn", "fp32", tmp_path / "dbg")
+    assert r.code == 1, r.stderr
+    loc = json.loads((tmp_path / "dbg" / "layers.json").read_text())
+    assert loc["first_divergence"]["node"] == EDITED
+    assert {la["matched_by"] for la in loc["layers"]} == {"order+shape"}  # ncnn renames every blob

@@ -216,25 +216,35 @@ def _export(spec: ModelSpec, ap: ArtifactPlan, data: DataSplit, folder: Path) ->
 
 def _retry_int8(spec: ModelSpec, ap: ArtifactPlan, art: Artifact, v: Verification, data: DataSplit,
                 root: Path, verifier: _Verifier, work: str) -> tuple[Artifact, Verification]:
-    """One measured fallback for a rejected INT8 artifact: 7-bit weights (ORT reduce_range, NNCF
-    overflow_fix), which often restores fidelity where u8*s8 products saturate. Kept only if it passes."""
+    """Measured fallbacks for a rejected INT8 artifact, each kept only if it passes verification:
+    1. 7-bit weights (ORT reduce_range, NNCF overflow_fix): fixes u8*s8 saturation and coarse scales;
+    2. the library's own accuracy-aware quantization (NNCF quantize_with_accuracy_control), which keeps
+       the most harmful layers in float, where the backend has it and the calibration data has labels."""
     q = ap.quantization
-    if q is None or q.reduce_range:
+    if q is None:
         return art, v
-    retry = dataclasses.replace(ap, quantization=dataclasses.replace(q, reduce_range=True), reasons=list(ap.reasons))
-    folder = Path(work) / f"retry-{ap.backend}-int8"
-    second = _export(spec, retry, data, folder)
-    v2 = verifier.check(second)
-    if not v2.passed:
-        return art, v
-    final = root / f"{ap.backend}-int8"
-    shutil.rmtree(final)
-    shutil.move(str(folder), final)
-    second.root = str(final)
-    why = f"first INT8 attempt rejected ({'; '.join(v.failures)}); 7-bit weights passed"
-    second.notes.append(why)
-    ap.quantization, ap.reasons = retry.quantization, [*ap.reasons, why]
-    return second, v2
+    attempts = []
+    if not q.reduce_range:
+        attempts.append(("7-bit weights", dataclasses.replace(q, reduce_range=True)))
+    labelled = data.calibration is not None and data.calibration.labels is not None
+    if backends.get(ap.backend).accuracy_control and labelled and not q.accuracy_control:
+        attempts.append(("accuracy-controlled quantization", dataclasses.replace(q, accuracy_control=True)))
+    for i, (label, settings) in enumerate(attempts):
+        retry = dataclasses.replace(ap, quantization=settings, reasons=list(ap.reasons))
+        folder = Path(work) / f"retry{i}-{ap.backend}-int8"
+        second = _export(spec, retry, data, folder)
+        v2 = verifier.check(second)
+        if not v2.passed:
+            continue
+        final = root / f"{ap.backend}-int8"
+        shutil.rmtree(final)
+        shutil.move(str(folder), final)
+        second.root = str(final)
+        why = f"first INT8 attempt rejected ({'; '.join(v.failures)}); {label} passed"
+        second.notes.append(why)
+        ap.quantization, ap.reasons = settings, [*ap.reasons, why]
+        return second, v2
+    return art, v
 
 
 def _localise_into(spec: ModelSpec, art: Artifact, v: Verification, data: DataSplit, root: Path, threads: int,

@@ -179,3 +179,25 @@ def test_backend_all_builds_every_backend_into_one_package(defects_data: Path, t
     assert r.code == 0, r.stderr
     assert "vs ORT fp32" in r.stdout and "openvino" in r.stdout
     assert m["reference"]["backend"] == "onnxruntime"
+
+
+def test_detector_style_model_through_every_backend(tmp_path: Path) -> None:
+    from models import export_detector, tiny_detector
+
+    src = export_detector(tiny_detector(), tmp_path / "det12.onnx", opset=12)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, images=np.random.default_rng(0).uniform(-1, 1, (80, 3, 96, 96)).astype(np.float32))
+    out = tmp_path / "det"
+    r = run_cli("build", src, "--target", "host-cpu", "--backend", "all", "--precision", "all", "--calib", calib,
+                "--input-shape", "images=1,3,96,96", "--out", out, *FAST)
+    m = read_manifest(out if r.code == 0 else tmp_path / "det.rejected")
+    backends_built = {a["backend"] for a in m["artifacts"]}
+    assert backends_built == {"onnxruntime", "openvino", "ncnn"}
+    for a in m["artifacts"]:
+        v = a["verification"]
+        assert [o["name"] for o in v["outputs"]] == ["scores", "boxes"]
+        if a["precision"] in ("fp32", "fp16"):
+            assert v["cosine_min"] >= 0.999, (a["key"], v)
+        if not v["passed"]:  # an INT8 rejection must come with its diagnosis
+            assert (out.parent / "det.rejected" / "debug" / f"{a['key']}.json").exists()
+    assert r.code in (0, 1)

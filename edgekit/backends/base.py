@@ -71,6 +71,9 @@ class Backend(ABC):
     precisions: ClassVar[tuple[str, ...]]
     requires: ClassVar[tuple[str, ...]]  # importable modules the backend needs
     install_hint: ClassVar[str]
+    # Can re-quantize keeping the most harmful layers in float until an accuracy budget holds
+    # (QuantizationSettings.accuracy_control; needs labelled calibration data).
+    accuracy_control: ClassVar[bool] = False
 
     def missing(self) -> str | None:
         """None when usable here, else what to install."""

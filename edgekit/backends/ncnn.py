@@ -16,7 +16,7 @@ from onnx import numpy_helper
 
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
-from edgekit.compress.fp16_range import fp16_unsafe_nodes
+from edgekit.compress.fp16_range import fp16_unsafe_nodes, same_weights
 from edgekit.errors import BadInput, EdgekitError
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class NcnnBackend(Backend):
         keep = []
         for layer in model.layers:
             blobs = model.weights.get(layer.name, [])
-            if blobs and any(_same_values(blobs[0].data, w) for w in risky_weights):
+            if blobs and any(same_weights(blobs[0].data, w) for w in risky_weights):
                 keep.append(layer.name)
                 continue
             if blobs:
@@ -223,7 +223,3 @@ class NcnnBackend(Backend):
         fp32_bin.unlink()
         return {"quantizer": "edgekit ncnn2table + ncnn2int8 (Python ports)", "calibration": method,
                 "calibration_samples": len(batches), "table": "model.table", "storage": "int8 weights"}
-
-
-def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.size == b.size and np.allclose(a.reshape(-1), b.reshape(-1), rtol=1e-5, atol=1e-12)

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
-from edgekit.compress.fp16_range import fp16_unsafe_nodes
+from edgekit.compress.fp16_range import fp16_unsafe_nodes, same_weights
 from edgekit.errors import BadInput, EdgekitError
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class OpenVinoBackend(Backend):
     precisions = ("fp32", "fp16", "int8")
     requires = ("openvino", "nncf")
     install_hint = "pip install 'edgekit[openvino]'"
+    accuracy_control = True  # nncf.quantize_with_accuracy_control
 
     def versions(self) -> dict[str, str]:
         return {d: metadata.version(d) for d in ("openvino", "nncf")}
@@ -135,18 +137,24 @@ class OpenVinoBackend(Backend):
     @staticmethod
     def _keep_fp32(spec: ModelSpec, plan: ArtifactPlan, model: Any) -> tuple[list[str], list[str]]:
         """Mark the weights of layers outside the FP16 range (and those a plan names) to stay FP32."""
+        import openvino as ov
+
         onnx_model = spec.load()
         risks = fp16_unsafe_nodes(onnx_model)
         named = set(plan.keep_fp32)
-        weights = {r.weight for r in risks} | {
-            i for n in onnx_model.graph.node if n.name in named for i in n.input[1:2]
-        }
-        marked = []
+        names = {r.weight for r in risks} | {i for n in onnx_model.graph.node if n.name in named for i in n.input[1:2]}
+        wanted = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer if i.name in names}
+        found = set()
         for op in model.get_ordered_ops():
-            if op.get_type_name() == "Constant" and op.get_friendly_name() in weights:
+            if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f32:
+                continue
+            # By name where OpenVINO kept it, else by value (constants get renamed and shared).
+            hit = op.get_friendly_name() if op.get_friendly_name() in wanted else next(
+                (n for n, w in wanted.items() if same_weights(op.get_data(), w)), None)
+            if hit:
                 op.get_rt_info()[DISABLE_FP16] = ""
-                marked.append(op.get_friendly_name())
-        missing = weights - set(marked)
+                found.add(hit)
+        missing = set(wanted) - found
         if missing:
             raise EdgekitError(f"openvino: cannot find weight constant(s) {', '.join(sorted(missing))} to keep in FP32")
         keep = sorted({r.node for r in risks} | named)

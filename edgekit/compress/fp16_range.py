@@ -45,3 +45,9 @@ def fp16_unsafe_nodes(model: onnx.ModelProto) -> list[Fp16Risk]:
                                       f"{tiny:.0%} of weight {name} is below 2^-14 and would flush to zero", name))
                 break
     return risks
+
+
+def same_weights(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether a converter's weight blob holds these ONNX weights (converters rename layers and
+    constants; values survive)."""
+    return a.size == b.size and np.allclose(a.reshape(-1), b.reshape(-1), rtol=1e-5, atol=1e-12)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from edgekit.plan import ArtifactPlan
 
 PNNX_TIMEOUT_S = 600
+PNNX_MAX_IR_VERSION = 13  # pnnx 20261020 loads ONNX through ONNX Runtime 1.30; the canonical opset 17 needs IR 8
 
 # ONNX ops that pnnx converts to ncnn layers (pnnx's onnx frontend + pass_ncnn). Shape arithmetic
 # (Shape, Gather on shapes, Constant...) is folded by pnnx and needs no ncnn layer.
@@ -111,9 +112,7 @@ def _io_blobs(param: Path) -> tuple[list[str], list[str]]:
 @register
 class NcnnBackend(Backend):
     name = "ncnn"
-    # fp16 (per-layer storage) and int8 (ncnn2table/ncnn2int8 ports) need ncnn_format/ncnn_int8:
-    # declared once those modules land and are tested against the runtime.
-    precisions = ("fp32",)
+    precisions = ("fp32", "fp16", "int8")
     requires = ("ncnn", "pnnx")
     install_hint = "pip install 'edgekit[ncnn]'"
 
@@ -167,7 +166,12 @@ class NcnnBackend(Backend):
         shapes = ",".join("[" + ",".join(str(d) for d in i.shape) + "]" for i in spec.inputs)
         with tempfile.TemporaryDirectory(prefix="edgekit-pnnx-") as tmp:
             src = Path(tmp) / "model.onnx"
-            shutil.copyfile(spec.onnx_path, src)
+            model = onnx.load(spec.onnx_path)
+            if model.ir_version > PNNX_MAX_IR_VERSION:  # pnnx embeds an older ONNX Runtime
+                model.ir_version = PNNX_MAX_IR_VERSION
+                onnx.save(model, src)
+            else:
+                shutil.copyfile(spec.onnx_path, src)
             try:  # fp16=0: edgekit chooses the storage per layer afterwards
                 r = subprocess.run([pnnx.EXEC_PATH, str(src), f"inputshape={shapes}", "fp16=0"], cwd=tmp,
                                    capture_output=True, text=True, timeout=PNNX_TIMEOUT_S)
@@ -182,44 +186,57 @@ class NcnnBackend(Backend):
 
     @staticmethod
     def _fp16_storage(spec: ModelSpec, plan: ArtifactPlan, param: Path, bin_: Path) -> tuple[list[str], list[str]]:
-        """FP16 storage for every weight blob except the layers whose weights leave the FP16 range
-        (matched to ncnn layers by their weight values: pnnx renames layers)."""
+        """FP16 storage for every weight blob except the layers whose weights leave the FP16 range or that
+        the plan keeps in FP32 (matched to ncnn layers by their weight values: pnnx renames layers)."""
         from edgekit.backends.ncnn_format import NcnnModel, set_storage
 
         model = NcnnModel.load(param, bin_)
         onnx_model = spec.load()
         risks = fp16_unsafe_nodes(onnx_model)
         inits = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
-        risky_weights = [inits[r.weight] for r in risks if r.weight in inits]
-        risky_weights += [inits[n.input[1]] for n in onnx_model.graph.node
-                          if n.name in plan.keep_fp32 and len(n.input) > 1 and n.input[1] in inits]
-        keep = []
+        keep = _layers_holding(model, [inits[r.weight] for r in risks if r.weight in inits]
+                               + _node_weights(onnx_model, plan.keep_fp32))
         for layer in model.layers:
-            blobs = model.weights.get(layer.name, [])
-            if blobs and any(same_weights(blobs[0].data, w) for w in risky_weights):
-                keep.append(layer.name)
-                continue
-            if blobs:
+            if layer.name in model.weights and layer.name not in keep:
                 set_storage(model, layer.name, "fp16")
         model.save(param, bin_)
-        return keep, [f"{r.node} ({r.op_type}) kept in FP32 storage: {r.reason}" for r in risks]
+        return sorted(keep), [f"{r.node} ({r.op_type}) kept in FP32 storage: {r.reason}" for r in risks]
 
     def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, param: Path, bin_: Path,
               root: Path) -> dict[str, Any]:
         from edgekit.backends import ncnn_int8
+        from edgekit.backends.ncnn_format import NcnnModel
 
         q = plan.quantization
         assert q is not None, "an int8 artifact plan carries quantization settings"
         method = {"minmax": "minmax", "entropy": "kl", "percentile": "kl"}[q.method]
         inputs, _ = _io_blobs(param)
         batches = [dict(zip(inputs, b.values())) for b in calibration.batches(spec)[: q.samples]]
-        table = ncnn_int8.calibration_table(param, bin_, batches, method=method, exclude=q.exclude_nodes)
+        exclude = _layers_holding(NcnnModel.load(param, bin_), _node_weights(spec.load(), q.exclude_nodes))
+        table = ncnn_int8.calibration_table(param, bin_, batches, method=method, exclude=exclude)
         ncnn_int8.write_table(root / "model.table", table)
         fp32_param, fp32_bin = root / "fp32.param", root / "fp32.bin"
         param.rename(fp32_param)
         bin_.rename(fp32_bin)
-        ncnn_int8.quantize_model(fp32_param, fp32_bin, table, param, bin_)
+        quantized = ncnn_int8.quantize_model(fp32_param, fp32_bin, table, param, bin_)
         fp32_param.unlink()
         fp32_bin.unlink()
         return {"quantizer": "edgekit ncnn2table + ncnn2int8 (Python ports)", "calibration": method,
-                "calibration_samples": len(batches), "table": "model.table", "storage": "int8 weights"}
+                "calibration_samples": len(batches), "table": "model.table", "storage": "int8 weights",
+                "int8_layers": len(quantized), "kept_float": sorted(exclude),
+                "runtime_options": {"use_int8_inference": True}}
+
+
+def _node_weights(onnx_model: onnx.ModelProto, nodes: list[str]) -> list[np.ndarray]:
+    names = set(nodes)
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    return [numpy_helper.to_array(inits[x]) for n in onnx_model.graph.node if n.name in names
+            for x in n.input if x in inits]
+
+
+def _layers_holding(model: Any, arrays: list[np.ndarray]) -> set[str]:
+    """The ncnn layers that hold any of these ONNX weights. pnnx renames layers, so they are found by
+    value (pnnx stores weights unchanged when fp16=0; a BatchNorm is already folded in the canonical ONNX)."""
+    arrays = [a for a in arrays if a.size > 1]
+    return {layer.name for layer in model.layers
+            if any(same_weights(b.data, a) for b in model.weights.get(layer.name, []) for a in arrays)}

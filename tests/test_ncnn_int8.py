@@ -1,0 +1,198 @@
+"""NCNN param/bin rewriting (fp16 storage, the ncnn2table/ncnn2int8 ports), checked with the ncnn runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS
+from test_backend_onnxruntime import _calib, _conv_model, _mk
+
+from edgekit import backends
+from edgekit.backends.ncnn import NcnnSession
+from edgekit.backends.ncnn_format import TAG_FP16, TAG_INT8, NcnnModel
+from edgekit.backends.ncnn_int8 import (
+    HISTOGRAM_BINS,
+    calibration_table,
+    kl_threshold_bin,
+    quantize_model,
+    read_table,
+    write_table,
+)
+from edgekit.data import Preprocess, prepare_data
+from edgekit.ingest import ingest
+from edgekit.plan import ArtifactPlan, QuantizationSettings
+from edgekit.verify import Thresholds, compare, run_all
+
+NCNN = backends.get("ncnn")
+
+
+@pytest.fixture(scope="module")
+def bundled(defects_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The bundled model as ingested, its data, and its FP32 ncnn artifact."""
+    root = tmp_path_factory.mktemp("ncnn-bundled")
+    spec = ingest(str(BUNDLED_ONNX), root / "w")
+    data = prepare_data(spec, str(defects_data / "calib"), str(defects_data / "val"),
+                        Preprocess.from_file(BUNDLED_PREPROCESS), calib_samples=200, val_samples=400)
+    fp32 = NCNN.export(spec, ArtifactPlan("ncnn", "fp32"), None, _mk(root / "fp32"))
+    return spec, data, fp32
+
+
+def _files(artifact) -> tuple[Path, Path]:
+    param = Path(artifact.entry_path)
+    return param, param.with_suffix(".bin")
+
+
+def _accuracy(artifact, spec, data) -> float:
+    session = NCNN.load(artifact, 2)
+    preds = [session.run(b)[0].argmax() for b in data.validation.batches(spec)]
+    return float(np.mean(np.array(preds) == data.validation.labels)) * 100
+
+
+def test_param_and_bin_round_trip_byte_exact(bundled, tmp_path: Path) -> None:
+    _, _, fp32 = bundled
+    param, bin_ = _files(fp32)
+    model = NcnnModel.load(param, bin_)
+    assert sum(len(b) for b in model.weights.values()) > 20
+    model.save(tmp_path / "rt.param", tmp_path / "rt.bin")
+    assert (tmp_path / "rt.bin").read_bytes() == bin_.read_bytes()
+    assert [ln.split() for ln in (tmp_path / "rt.param").read_text().splitlines()] == \
+        [ln.split() for ln in param.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_int8_bundled_model_size_and_accuracy_in_the_ncnn_runtime(bundled, method: str, tmp_path: Path) -> None:
+    spec, data, fp32 = bundled
+    plan = ArtifactPlan("ncnn", "int8", QuantizationSettings(method=method, samples=200))
+    int8 = NCNN.export(spec, plan, data.calibration, _mk(tmp_path / "int8"))
+    param, bin_ = _files(int8)
+    ratio = bin_.stat().st_size / _files(fp32)[1].stat().st_size
+    assert ratio <= 0.35, ratio
+    fp32_acc, int8_acc = _accuracy(fp32, spec, data), _accuracy(int8, spec, data)
+    assert fp32_acc > 90 and int8_acc >= fp32_acc - 1.0, (fp32_acc, int8_acc)
+    # The int8 param marks every conv/fc as int8 (2 = per-channel weights), and the runtime's
+    # output moves away from FP32 by a quantisation-sized amount: int8 kernels really ran.
+    model = NcnnModel.load(param, bin_)
+    terms = {la.name: la.int(8) for la in model.layers if la.type in ("Convolution", "InnerProduct")}
+    assert terms and all(t in (2, 102) for t in terms.values()) and 102 in terms.values()
+    assert all(model.weights[name][0].storage == "int8" for name in terms)
+    batches = data.validation.batches(spec)[:50]
+    v = compare(run_all(NCNN.load(fp32, 1), batches), run_all(NCNN.load(int8, 1), batches), ["output"],
+                None, Thresholds())
+    assert 0.99 < v.cosine_min < 0.99999, v.cosine_min
+    assert int8.details["calibration"] == {"minmax": "minmax", "entropy": "kl"}[method]
+
+
+def test_table_is_ncnn_format_and_weights_follow_it(bundled, tmp_path: Path) -> None:
+    spec, data, fp32 = bundled
+    param, bin_ = _files(fp32)
+    batches = [{"in0": next(iter(b.values()))} for b in data.calibration.batches(spec)[:16]]
+    table = calibration_table(param, bin_, batches, method="kl")
+    write_table(tmp_path / "model.table", table)
+    lines = (tmp_path / "model.table").read_text().splitlines()
+    model = NcnnModel.load(param, bin_)
+    convs = [la for la in model.layers if la.type in ("Convolution", "InnerProduct")]
+    weight_lines = [ln.split() for ln in lines if "_param_0 " in ln]
+    blob_lines = [ln.split() for ln in lines if "_param_" not in ln]
+    assert [w[0] for w in weight_lines] == [f"{la.name}_param_0" for la in convs]
+    assert [len(w) - 1 for w in weight_lines] == [la.int(0) for la in convs]  # one scale per output channel
+    assert [b[0] for b in blob_lines] == [la.name for la in convs] and all(len(b) == 2 for b in blob_lines)
+    assert all(float(s) > 0 for ln in weight_lines + blob_lines for s in ln[1:])
+    assert read_table(tmp_path / "model.table").keys() == table.keys()
+
+    quantize_model(param, bin_, tmp_path / "model.table", tmp_path / "q.param", tmp_path / "q.bin")
+    q = NcnnModel.load(tmp_path / "q.param", tmp_path / "q.bin")
+    for layer in convs:
+        codes = q.weights[layer.name][0].data.reshape(layer.int(0), -1)
+        w = model.weights[layer.name][0].data.reshape(layer.int(0), -1)
+        scales = table[f"{layer.name}_param_0"]
+        three_by_three_s1 = layer.int(1) == 3 and layer.int(3, 1) == 1
+        # 3x3 stride-1 convolutions get 6-bit weights (int8 Winograd F43), the rest the full int8 range
+        assert np.abs(codes).max() == (31 if three_by_three_s1 else 127)
+        np.testing.assert_allclose(codes / scales[:, None], w, atol=(0.5 / scales)[:, None].max() + 1e-6)
+        blobs = q.weights[layer.name]  # weights, bias, weight scales, input scale[, next layer's scale]
+        np.testing.assert_array_equal(blobs[2].data, scales)
+        assert blobs[3].data[0] == pytest.approx(table[layer.name][0])
+    raw = (tmp_path / "q.bin").read_bytes()
+    assert int.from_bytes(raw[:4], "little") == TAG_INT8
+
+
+def test_kl_threshold_clips_outliers_and_keeps_a_dense_range() -> None:
+    rng = np.random.default_rng(0)
+    bulk = np.abs(rng.standard_normal(200_000))
+    values = np.concatenate([bulk, [40.0] * 5])  # a few far outliers set absmax
+    hist = np.bincount(np.minimum((values / values.max() * HISTOGRAM_BINS).astype(int), HISTOGRAM_BINS - 1),
+                       minlength=HISTOGRAM_BINS)
+    t = kl_threshold_bin(hist)
+    threshold = (t + 0.5) * values.max() / HISTOGRAM_BINS
+    assert 2.5 < threshold < 6.0, threshold  # clips the outliers, keeps the Gaussian's body
+    uniform = np.full(HISTOGRAM_BINS, 1000)
+    assert kl_threshold_bin(uniform) > HISTOGRAM_BINS * 0.9  # nothing to clip
+
+
+def test_excluded_node_stays_float(tmp_path: Path) -> None:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    plan = ArtifactPlan("ncnn", "int8", QuantizationSettings(samples=32, exclude_nodes=["project"]))
+    art = NCNN.export(spec, plan, _calib(32), _mk(tmp_path / "a"))
+    model = NcnnModel.load(*_files(art))
+    convs = [la for la in model.layers if la.type == "Convolution"]
+    assert [la.int(8) for la in convs] == [2, 0]  # the excluded 1x1 projection has no int8 scale term
+    assert [model.weights[la.name][0].storage for la in convs] == ["int8", "fp32"]
+    assert len(art.details["kept_float"]) == 1
+    v = compare(_ort_reference(spec, tmp_path), run_all(NCNN.load(art, 1), _calib(8).batches(spec)), ["y"],
+                None, Thresholds())
+    assert v.cosine_min > 0.99
+
+
+def test_depthwise_convolutions_get_per_group_scales(mobilenet_opset11: Path, tmp_path: Path) -> None:
+    spec = ingest(str(mobilenet_opset11), tmp_path / "w", input_shapes={"images": [1, 3, 64, 64]})
+    calib = {spec.inputs[0].name: np.random.default_rng(0).uniform(-1, 1, (48, 3, 64, 64)).astype(np.float32)}
+    from edgekit.data import Dataset
+
+    art = NCNN.export(spec, ArtifactPlan("ncnn", "int8", QuantizationSettings(samples=48)), Dataset(calib),
+                      _mk(tmp_path / "a"))
+    model = NcnnModel.load(*_files(art))
+    dw = [la for la in model.layers if la.type == "ConvolutionDepthWise"]
+    assert dw and all(la.int(8) in (1, 101) for la in dw)
+    for layer in dw:
+        assert len(model.weights[layer.name][2 if layer.int(5) else 1].data) == layer.int(7)  # scales per group
+    val = {k: v[:8] for k, v in calib.items()}
+    batches = Dataset(val).batches(spec)
+    ort = backends.get("onnxruntime")
+    ref = run_all(ort.load(ort.export(spec, ArtifactPlan("onnxruntime", "fp32"), None, _mk(tmp_path / "r")), 1),
+                  batches)
+    v = compare(ref, run_all(NCNN.load(art, 1), batches), [o.name for o in spec.outputs], None, Thresholds())
+    assert v.cosine_min > 0.98, v.cosine_min
+
+
+def test_fp16_storage_halves_the_bin_and_keeps_out_of_range_layers_fp32(tmp_path: Path) -> None:
+    # weights ~1e-8: below even FP16's subnormals (a BatchNorm with a huge running variance, folded)
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx", weight_scale=1e-8)), tmp_path / "w")
+    fp32 = NCNN.export(spec, ArtifactPlan("ncnn", "fp32"), None, _mk(tmp_path / "fp32"))
+    fp16 = NCNN.export(spec, ArtifactPlan("ncnn", "fp16"), None, _mk(tmp_path / "fp16"))
+    model = NcnnModel.load(*_files(fp16))
+    convs = [la.name for la in model.layers if la.type == "Convolution"]
+    assert fp16.details["keep_fp32"] == [convs[0]] and "below 2^-14" in fp16.notes[0]
+    assert [model.weights[c][0].storage for c in convs] == ["fp32", "fp16"]
+    raw = _files(fp16)[1].read_bytes()
+    assert int.from_bytes(raw[:4], "little") == 0 and TAG_FP16.to_bytes(4, "little") in raw
+    v = compare(_ort_reference(spec, tmp_path), run_all(NCNN.load(fp16, 1), _calib(8).batches(spec)), ["y"],
+                None, Thresholds())
+    assert v.cosine_min > 0.999
+    # Without the range check (every layer fp16) the tiny layer's weights flush to zero: a wrong model.
+    everything = NcnnModel.load(*_files(fp32))
+    for c in convs:
+        everything.weights[c][0].storage = "fp16"
+    everything.save(tmp_path / "all16.param", tmp_path / "all16.bin")
+    session = NcnnSession(tmp_path / "all16.param", tmp_path / "all16.bin", "fp16", 1, fp16.details["input_blobs"],
+                          fp16.details["output_blobs"], fp16.details["output_shapes"])
+    broken = compare(_ort_reference(spec, tmp_path, "r2"), run_all(session, _calib(8).batches(spec)), ["y"], None,
+                     Thresholds())
+    assert broken.cosine_min < 0.99
+
+
+def _ort_reference(spec, tmp_path: Path, name: str = "ref"):
+    ort = backends.get("onnxruntime")
+    art = ort.export(spec, ArtifactPlan("onnxruntime", "fp32"), None, _mk(tmp_path / name))
+    return run_all(ort.load(art, 1), _calib(8).batches(spec))

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import yaml
 from rich.table import Table
 
-from edgekit import __version__, backends
+from edgekit import __version__, backends, cli_devices
 from edgekit.console import err, out
 from edgekit.errors import EXIT_BAD_INPUT, EXIT_TOOL, EdgekitError
 from edgekit.verify import Thresholds
@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     b.add_argument("--out", help="package folder (default: build/MODEL-TARGET)")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.add_argument("--dla-core", type=int, help="TensorRT targets with a DLA: build for this DLA core "
+                   "(FP16/INT8; layers the DLA lacks fall back to the GPU)")
+    b.add_argument("--device", help="also measure the package on this device over SSH (`edgekit devices`); "
+                   "recorded as device_latency_ms")
     g = sub.add_parser("debug", help="name the first layer where an artifact diverges from the FP32 model")
     _model_args(g)
     g.add_argument("--target", required=True)
@@ -77,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=4, help="validation samples to compare (default 4)")
     g.add_argument("--min-cosine", type=float, default=d.min_cosine, help="per-layer agreement threshold")
     g.add_argument("--out", help="folder for layers.json and debug.md (default build/debug-MODEL-BACKEND-PRECISION)")
+    cli_devices.add_parsers(sub)  # devices, profile
     return p
 
 
@@ -91,7 +96,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        verbs = {"targets": cmd_targets, "inspect": cmd_inspect, "build": cmd_build, "debug": cmd_debug}
+        verbs = {"targets": cmd_targets, "inspect": cmd_inspect, "build": cmd_build, "debug": cmd_debug,
+                 "devices": cli_devices.cmd_devices, "profile": cli_devices.cmd_profile}
         return verbs[args.verb](args)
     except EdgekitError as e:
         err.print(f"edgekit: error: {e}", markup=False, soft_wrap=True)
@@ -224,7 +230,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         threads=args.threads,
         memory=not args.no_memory,
         force=args.force,
+        dla_core=args.dla_core,
     )
+    device = cli_devices.resolve_build_device(args)  # --device: an unknown name fails before the build
     result = build(opts)
     m = result.manifest
     table = Table(title=f"{m['target']}: {m['source']['path']}")
@@ -240,13 +248,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     out.print(table)
     ref = m["reference"]["latency_ms"]
     out.print(f"ONNX Runtime FP32 reference p50 {ref['p50']:.3f} ms ({ref['where']}, {ref['threads']} threads, "
-              f"{ref['runs']} interleaved runs). Speedup vs the same backend's FP32; size vs its FP32 (when "
-              "built); accuracy in %.")
+              f"{ref['runs']} interleaved runs). Speedup vs the same backend's FP32; size vs its FP32 (else vs "
+              "the source); accuracy in %; est. = cost-model estimate for the target, not a measurement.")
     for a in m["artifacts"]:
         if not a["verification"]["passed"]:
             err.print(f"[red]rejected[/red] {a['backend']} {a['precision']}: "
                       + "; ".join(a["verification"]["failures"]))
     out.print(f"{'package' if m['passed'] else 'REJECTED build (not a package)'}: {result.path}")
+    # Hook (devices over SSH): with --device, measure the committed package there -> device_latency_ms.
+    if device is not None:
+        return cli_devices.profile_built_package(args, device, result)
     return result.exit_code
 
 

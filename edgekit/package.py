@@ -103,9 +103,10 @@ def artifact_rows(manifest: dict[str, Any]) -> list[dict[str, str]]:
             "backend": a["backend"],
             "precision": a["precision"],
             "bytes": f"{a['bytes']:,}",
-            "size": f"{a['bytes'] / fp32_bytes.get(a['backend'], a['bytes']):.0%}",
-            "p50 ms": _fmt(lat.get("p50"), ".3f"),
-            "p99 ms": _fmt(lat.get("p99"), ".3f"),
+            # vs the same backend's FP32 build, else vs the source model
+            "size": f"{a['bytes'] / fp32_bytes.get(a['backend'], manifest['source']['bytes']):.0%}",
+            "p50 ms": _fmt(lat.get("p50"), ".3f") + (" est." if lat.get("where") == "estimate" else ""),
+            "p99 ms": _fmt(lat.get("p99"), ".3f") + (" est." if lat.get("where") == "estimate" else ""),
             "speedup": f"{speed:.2f}x" if speed else "–",
             "vs ORT fp32": f"{a['speedup_vs_onnxruntime_fp32']:.2f}x" if a.get("speedup_vs_onnxruntime_fp32") else "–",
             "accuracy": _fmt(v.get("accuracy") if v.get("accuracy") is None else v["accuracy"] * 100, ".1f"),

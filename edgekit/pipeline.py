@@ -22,6 +22,7 @@ import yaml
 from edgekit import __version__, backends
 from edgekit.backends.base import Artifact, Backend
 from edgekit.console import note, progress
+from edgekit.costmodel import estimate_latency
 from edgekit.data import DataSplit, Preprocess, prepare_data
 from edgekit.errors import EXIT_FAILED, EXIT_OK, BadInput, UnsupportedOp
 from edgekit.ingest import ModelSpec, ingest, parse_input_shapes
@@ -55,6 +56,7 @@ class BuildOptions:
     threads: int | None = None
     memory: bool = True
     force: bool = False
+    dla_core: int | None = None  # TensorRT: build for this DLA core (GPU fallback on)
 
 
 @dataclass
@@ -166,14 +168,15 @@ def build(opts: BuildOptions) -> BuildResult:
         plan = Plan(target=target.name, model_sha256=spec.sha256, artifacts=[], reasons=reasons)
         for b in chosen:
             sub = default_plan(spec, target, b.name, precisions[b.name], opts.calib_method, opts.calib_samples,
-                               opts.exclude_nodes)
+                               opts.exclude_nodes, {"dla_core": opts.dla_core})
             plan.artifacts += sub.artifacts
         for ap in plan.artifacts:
             ap.options.setdefault("max_accuracy_drop", opts.thresholds.max_accuracy_drop)
 
         # FP32 on ONNX Runtime (the verification yardstick) and on each chosen backend (its speedup base).
         ref_backends = [REFERENCE_BACKEND, *[c.name for c in chosen if c.name != REFERENCE_BACKEND]]
-        references = {name: _export(spec, ArtifactPlan(name, "fp32"), data, Path(work) / f"ref-{name}")
+        references = {name: _export(spec, ArtifactPlan(name, "fp32", options=backends.get(name).plan_options(target)),
+                                    data, Path(work) / f"ref-{name}")
                       for name in ref_backends}
         verifier = _Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads)
         artifacts, verifications = [], {}
@@ -187,12 +190,21 @@ def build(opts: BuildOptions) -> BuildResult:
             artifacts.append(art)
             verifications[art.key] = v
 
-        timed = {f"reference:{k}": a for k, a in references.items()} | {a.key: a for a in artifacts}
+        # Measured where the backend runs here; otherwise the cost model's estimate, marked as one.
+        candidates = {f"reference:{k}": a for k, a in references.items()} | {a.key: a for a in artifacts}
+        estimated = {k: a for k, a in candidates.items() if backends.get(a.backend).measure_here() is not None}
+        timed = {k: a for k, a in candidates.items() if k not in estimated}
         with progress() as bar:
             bar.add_task("profiling (interleaved, own process)", total=None)
             latencies = time_artifacts(timed, data.validation.batches(spec)[0], opts.profile, threads)
-        memory = {a.key: peak_memory_mb(a, threads, data.validation.batches(spec)[0]) if opts.memory else None
-                  for a in artifacts}
+        latencies |= {k: estimate_latency(spec, target, a.precision) for k, a in estimated.items()}
+        for a in artifacts:
+            if a.key in estimated:
+                a.notes.append(f"latency is a cost-model estimate for {target.name} "
+                               f"({backends.get(a.backend).measure_here()}); measure it on the device with "
+                               "`edgekit profile PACKAGE --device NAME`")
+        memory = {a.key: peak_memory_mb(a, threads, data.validation.batches(spec)[0])
+                  if opts.memory and a.key not in estimated else None for a in artifacts}
         manifest = _manifest(opts, target, spec, preprocess, data, plan, chosen, artifacts, verifications,
                              latencies, memory)
         plan.save(staging.path / "plan.yaml")
@@ -299,7 +311,7 @@ def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: P
         files = file_records(Path(a.root).parent, [f"{Path(a.root).name}/{f}" for f in a.files])
         lat, ref = latencies[a.key], latencies[f"reference:{a.backend}"]
         notes = list(dict.fromkeys([*a.notes, *ap.reasons]))
-        if not target.is_host:
+        if not target.is_host and lat.where != "estimate":
             notes.append(f"latency measured on this host ({host['cpu']['model']}), not on {target.name}")
         records.append({
             "key": a.key,
@@ -312,7 +324,9 @@ def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: P
             "latency_ms": lat.to_dict(),
             "reference_latency_ms": ref.to_dict(),
             "speedup": round(ref.p50 / lat.p50, 4) if lat.p50 else None,
-            "speedup_vs_onnxruntime_fp32": round(ort_ref.p50 / lat.p50, 4) if lat.p50 else None,
+            # An estimate for another device and a measurement here do not divide into a speedup.
+            "speedup_vs_onnxruntime_fp32": round(ort_ref.p50 / lat.p50, 4)
+            if lat.p50 and (lat.where == "estimate") == (ort_ref.where == "estimate") else None,
             "peak_memory_mb": memory.get(a.key),
             "details": a.details,
             "notes": notes,

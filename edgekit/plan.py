@@ -89,13 +89,17 @@ def default_plan(
     method: str = "minmax",
     calib_samples: int = 300,
     exclude_nodes: list[str] | None = None,
+    backend_requests: dict[str, Any] | None = None,
 ) -> Plan:
     """One artifact per requested precision, with settings the target's hardware calls for."""
     if method not in CALIBRATION_METHODS:
         raise BadInput(f"unknown calibration method '{method}'; use one of {', '.join(CALIBRATION_METHODS)}")
+    from edgekit import backends
+
+    options = backends.get(backend).plan_options(target, backend_requests)
     artifacts = []
     for precision in precisions:
-        ap = ArtifactPlan(backend=backend, precision=precision)
+        ap = ArtifactPlan(backend=backend, precision=precision, options=dict(options))
         if precision == "int8":
             q = QuantizationSettings(method=method, samples=calib_samples, exclude_nodes=list(exclude_nodes or []))
             x86 = target.cpu.get("arch") == "x86_64"

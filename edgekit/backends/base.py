@@ -96,5 +96,14 @@ class Backend(ABC):
     def load(self, artifact: Artifact, threads: int) -> Session:
         """Load the artifact into this machine's runtime."""
 
+    def measure_here(self) -> str | None:
+        """None when artifacts can be timed on this machine; else why not (latency is then estimated)."""
+        return None
+
+    def plan_options(self, target: Any, requests: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Backend settings that follow from the target and the user's requests (e.g. dla_core),
+        recorded in the plan and passed to export. Backends ignore requests that are not theirs."""
+        return {}
+
     def prepare_timing_process(self, threads: int) -> None:  # noqa: B027 - optional hook
         """Called once in the dedicated timing process, before any load (e.g. shared thread pools)."""

@@ -1,0 +1,411 @@
+"""TensorRT backend (Jetson and NVIDIA GPUs).
+
+An engine is tied to one GPU architecture and TensorRT version, so the portable artifact is the ONNX
+TensorRT will compile plus the exact command that compiles it on the device:
+- fp32 / fp16: the canonical ONNX; FP16 is a builder setting, with layers outside the FP16 range (or
+  named by the plan) held in FP32 by precision constraints.
+- int8: explicit quantization, never the implicit calibrators (deprecated since TensorRT 10.1): a Q/DQ
+  ONNX following TensorRT's rules (symmetric INT8, per-output-channel weight scales, per-tensor
+  activation scales, Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul and on both inputs of
+  residual Adds, opset >= 13) produced by ONNX Runtime's quantizer from the user's calibration data.
+  TensorRT 8.x builds it weakly typed with --int8 --fp16 (layers outside Q/DQ in FP16); TensorRT 10
+  builds it --stronglyTyped, so the graph itself carries FP16 outside the Q/DQ regions.
+The package carries model.onnx, build_engine.sh (trtexec, or build_engine.py with TensorRT's Python API
+when it imports), and engine.json (what the engine will be tied to). Where tensorrt imports and this
+machine's GPU is the target's, the engine is built here too. Verification runs the same ONNX in ONNX
+Runtime (FP16 simulated by casting the float graph), and latency off the device is a cost-model
+estimate, marked as one.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from edgekit.backends import register
+from edgekit.backends import tensorrt_build as trt_build
+from edgekit.backends.base import Artifact, Backend, OpIssue
+from edgekit.backends.onnxruntime import OnnxRuntimeBackend, OrtSession, _Reader
+from edgekit.compress.fp16_range import fp16_unsafe_nodes
+from edgekit.errors import BadInput, EdgekitError
+
+if TYPE_CHECKING:
+    from edgekit.data import Dataset
+    from edgekit.ingest import ModelSpec
+    from edgekit.plan import ArtifactPlan
+    from edgekit.targets import Target
+
+QDQ_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+STRONGLY_TYPED_FROM = (10, 0)
+LAYER_PRECISIONS_FROM = (8, 4)  # trtexec --layerPrecisions / --precisionConstraints
+INT8_MIN_COMPUTE_CAPABILITY = (6, 1)  # no fast INT8 on Maxwell (sm_53, Jetson Nano)
+
+# TensorRT's ONNX parser (onnx-tensorrt operators.md): what it imports, in the default domain.
+TENSORRT_ONNX_OPS = frozenset({
+    "Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh", "AveragePool",
+    "BatchNormalization", "Cast", "Ceil", "Celu", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
+    "ConvTranspose", "Cos", "Cosh", "CumSum", "DepthToSpace", "DequantizeLinear", "Div", "Dropout", "Einsum",
+    "Elu", "Equal", "Erf", "Exp", "Expand", "EyeLike", "Flatten", "Floor", "Gather", "GatherElements", "GatherND",
+    "Gelu", "Gemm", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample",
+    "GroupNormalization", "GRU", "HardSigmoid", "HardSwish", "Identity", "If", "InstanceNormalization", "IsInf",
+    "IsNaN", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "Loop", "LpNormalization",
+    "LpPool", "LRN", "LSTM", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mish", "Mod", "Mul", "Neg",
+    "NonMaxSuppression", "NonZero", "Not", "OneHot", "Or", "Pad", "ParametricSoftplus", "Pow", "PRelu",
+    "QuantizeLinear", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Range",
+    "Reciprocal", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+    "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Reshape", "Resize", "ReverseSequence", "RNN", "RoiAlign",
+    "Round", "ScaledTanh", "Scatter", "ScatterElements", "ScatterND", "Selu", "Shape", "Shrink", "Sigmoid", "Sign",
+    "Sin", "Sinh", "Size", "Slice", "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split", "Sqrt", "Squeeze",
+    "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Trilu", "Unsqueeze", "Upsample",
+    "Where", "Xor",
+})
+
+
+# ---------------------------------------------------------------- engine settings from the target
+
+
+class TrtexecCannot(EdgekitError):
+    pass
+
+
+@dataclass
+class EngineSettings:
+    """What the engine build needs to know about the device, chosen from the target description."""
+
+    tensorrt: str  # TensorRT version on the device, e.g. "10.3" (JetPack's)
+    compute_capability: str | None
+    workspace_mb: int
+    dla_core: int | None = None
+    jetpack: str | None = None
+    gpu: str | None = None
+
+    @property
+    def major_minor(self) -> tuple[int, int]:
+        parts = [int(p) for p in re.findall(r"\d+", self.tensorrt)[:2]] + [0, 0]
+        return parts[0], parts[1]
+
+    @property
+    def strongly_typed(self) -> bool:
+        return self.major_minor >= STRONGLY_TYPED_FROM
+
+    @classmethod
+    def for_target(cls, target: Target, dla_core: int | None = None) -> EngineSettings:
+        runtimes = target.runtimes or {}
+        gpu = target.gpu or {}
+        memory_gb = float(target.memory.get("size_gb", 4))
+        # A quarter of the device's memory (shared CPU/GPU on Jetson), at most 4 GiB: the build must
+        # leave room for the OS and the app (ultralytics#19614: an uncapped workspace fails on Nano).
+        workspace = int(min(4096, memory_gb * 1024 / 4))
+        dla = target.dla_cores
+        if dla_core is not None and not 0 <= dla_core < dla:
+            raise BadInput(f"target {target.name} has {dla} DLA cores; --dla-core {dla_core} does not exist")
+        return cls(str(runtimes.get("tensorrt", "10.3")), gpu.get("compute_capability"), workspace, dla_core,
+                   runtimes.get("jetpack"), gpu.get("name"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def int8_supported(settings: EngineSettings) -> bool:
+    cc = settings.compute_capability
+    if not cc:
+        return True
+    major, minor = (int(x) for x in cc.split(".")[:2])
+    return (major, minor) >= INT8_MIN_COMPUTE_CAPABILITY
+
+
+def trtexec_command(settings: EngineSettings, precision: str, keep_fp32: list[str] | None = None,
+                    onnx_file: str = "model.onnx", engine_file: str = "model.engine",
+                    timing_cache: str = "timing.cache") -> list[str]:
+    """The exact trtexec call for this TensorRT version and precision."""
+    cmd = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine_file}", f"--timingCacheFile={timing_cache}"]
+    major = settings.major_minor[0]
+    cmd.append(f"--memPoolSize=workspace:{settings.workspace_mb}" if settings.major_minor >= (8, 4)
+               else f"--workspace={settings.workspace_mb}")
+    if precision == "int8":
+        if not int8_supported(settings):
+            raise BadInput(f"GPU sm_{settings.compute_capability} has no INT8 in TensorRT: build fp16")
+        # TensorRT 10: the Q/DQ graph carries FP16 outside the quantized regions; 8.x: FP16 fallback flag.
+        cmd += ["--stronglyTyped"] if major >= 10 else ["--int8", "--fp16"]
+    elif precision == "fp16":
+        cmd.append("--fp16")
+        if keep_fp32:
+            if settings.major_minor < LAYER_PRECISIONS_FROM:
+                raise TrtexecCannot(f"trtexec {settings.tensorrt} cannot keep layers in FP32 (--layerPrecisions "
+                                    "needs TensorRT 8.4); build_engine.py does it with the Python API")
+            cmd += ["--precisionConstraints=obey",
+                    "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in keep_fp32)]
+    if settings.dla_core is not None:
+        cmd += [f"--useDLACore={settings.dla_core}", "--allowGPUFallback"]
+    return cmd
+
+
+def build_script(settings: EngineSettings, precision: str, keep_fp32: list[str]) -> str:
+    """build_engine.sh: builds model.engine once on the device (Python API when tensorrt imports,
+    else trtexec), and refuses a cached engine made by another TensorRT version."""
+    try:
+        trtexec = " ".join(shlex.quote(c) for c in trtexec_command(settings, precision, keep_fp32))
+        fallback = f'"$TRTEXEC" {trtexec.replace("trtexec ", "", 1)}'
+    except TrtexecCannot as e:
+        fallback = f"echo {shlex.quote(str(e))} >&2; exit 3"
+    py_args = ["--onnx", "model.onnx", "--engine", "model.engine", "--precision", precision,
+               "--workspace-mb", str(settings.workspace_mb), "--timing-cache", "timing.cache"]
+    if precision == "int8" and settings.strongly_typed:
+        py_args.append("--strongly-typed")
+    if precision == "fp16" and keep_fp32:
+        py_args += ["--keep-fp32", *keep_fp32]
+    if settings.dla_core is not None:
+        py_args += ["--dla-core", str(settings.dla_core)]
+    py = " ".join(shlex.quote(a) for a in py_args)
+    return f"""#!/bin/sh
+# Builds the TensorRT engine for this package on the device (edgekit, {precision}).
+# Engines are tied to the GPU and the TensorRT version: expected TensorRT {settings.tensorrt}
+# (JetPack {settings.jetpack or '-'}), GPU {settings.gpu or '-'} (sm {settings.compute_capability or '-'}).
+set -eu
+cd "$(dirname "$0")"
+if [ -f model.engine ] && [ -f model.engine.json ] && [ "${{1:-}}" != "--force" ]; then
+  echo "model.engine exists (see model.engine.json); pass --force to rebuild"; exit 0
+fi
+if python3 -c "import tensorrt" 2>/dev/null; then
+  exec python3 build_engine.py {py}
+fi
+TRTEXEC=$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)
+if [ ! -x "$TRTEXEC" ]; then
+  echo "neither python3 'import tensorrt' nor trtexec found: install TensorRT (JetPack on Jetson)" >&2; exit 3
+fi
+{fallback}
+echo '{{"built_by": "trtexec", "precision": "{precision}"}}' > model.engine.json
+"""
+
+
+# ---------------------------------------------------------------- trtexec's performance summary
+
+
+@dataclass
+class TrtexecSummary:
+    """The numbers of trtexec's "=== Performance summary ===" block, in ms (throughput in qps)."""
+
+    throughput_qps: float | None = None
+    latency: dict[str, float] = field(default_factory=dict)  # min max mean median p90 p95 p99
+    gpu_compute: dict[str, float] = field(default_factory=dict)
+    enqueue: dict[str, float] = field(default_factory=dict)
+    queries: int | None = None
+
+    def to_latency_record(self, where: str) -> dict[str, Any]:
+        """As the other backends' measurements; GPU Compute Time is the model's own cost."""
+        src = self.gpu_compute or self.latency
+        if "median" not in src:
+            raise EdgekitError("trtexec output has no latency figures (did the run finish?)")
+        return {"p50": src["median"], "p90": src.get("p90", src["median"]), "p99": src.get("p99", src["max"]),
+                "mean": src["mean"], "min": src["min"], "runs": self.queries or 0, "threads": 0, "where": where,
+                "source": "trtexec GPU Compute Time" if self.gpu_compute else "trtexec Latency"}
+
+
+_STAT = re.compile(r"(min|max|mean|median) = ([\d.eE+-]+) ms")
+_PCT = re.compile(r"percentile\((\d+(?:\.\d+)?)%\) = ([\d.eE+-]+) ms")
+_PCT_OLD = re.compile(r"percentile: ([\d.eE+-]+) ms at (\d+)%")  # TensorRT <= 8.0
+
+
+def parse_trtexec(text: str) -> TrtexecSummary:
+    s = TrtexecSummary()
+    sections = {"Latency": s.latency, "GPU Compute Time": s.gpu_compute, "Enqueue Time": s.enqueue}
+    for line in text.splitlines():
+        body = re.sub(r"^\s*(\[[^\]]*\]\s*)+", "", line)  # drop "[11/23/2026-10:00:00] [I] "
+        m = re.match(r"Throughput: ([\d.eE+-]+) qps", body)
+        if m:
+            s.throughput_qps = float(m.group(1))
+            continue
+        m = re.search(r"Timing trace has (\d+) queries", body) or re.search(r"(\d+) iterations", body)
+        if m and s.queries is None:
+            s.queries = int(m.group(1))
+        name, _, rest = body.partition(":")
+        if name.strip() in sections and "=" in rest:
+            d = sections[name.strip()]
+            d.update({k: float(v) for k, v in _STAT.findall(rest)})
+            d.update({f"p{int(float(p))}": float(v) for p, v in _PCT.findall(rest)})
+            d.update({f"p{int(p)}": float(v) for v, p in _PCT_OLD.findall(rest)})
+    return s
+
+
+# ---------------------------------------------------------------- the backend
+
+
+def gpu_here() -> str | None:
+    """None when a TensorRT engine can be built and timed on this machine, else why not."""
+    if trt_build.tensorrt_version() is None:
+        return "no TensorRT here: " + trt_build.GPU_REQUIRED
+    if trt_build.gpu_facts() is None:
+        return "no NVIDIA GPU here: " + trt_build.GPU_REQUIRED
+    return None
+
+
+@register
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    precisions = ("fp32", "fp16", "int8")
+    requires = ("onnxruntime",)  # to write and verify the ONNX; the engine needs TensorRT + a GPU
+    install_hint = "TensorRT: JetPack on Jetson; `pip install tensorrt` with CUDA on x86"
+
+    def versions(self) -> dict[str, str]:
+        v = {"onnxruntime": OnnxRuntimeBackend().versions()["onnxruntime"]}
+        trt = trt_build.tensorrt_version()
+        v["tensorrt"] = trt or "absent here (engine built on the device)"
+        return v
+
+    def measure_here(self) -> str | None:
+        return gpu_here()
+
+    def plan_options(self, target: Target, requests: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"engine": EngineSettings.for_target(target, (requests or {}).get("dla_core")).to_dict()}
+
+    def unsupported_nodes(self, model: onnx.ModelProto) -> list[OpIssue]:
+        return [OpIssue(self.name, n.op_type, n.name, "not in TensorRT's ONNX parser op set (needs a plugin)")
+                for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in TENSORRT_ONNX_OPS]
+
+    def export(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset | None, root: Path) -> Artifact:
+        raw = plan.options.get("engine")
+        if not raw:
+            raise BadInput("a TensorRT artifact needs the target's engine settings (plan option 'engine')")
+        settings = EngineSettings(**raw)
+        if settings.dla_core is not None and plan.precision == "fp32":
+            settings.dla_core = None  # the DLA runs FP16/INT8 only
+        details: dict[str, Any] = {"engine": settings.to_dict(), "builder": "trtexec or TensorRT Python API"}
+        notes: list[str] = []
+        keep: list[str] = []
+        out = root / "model.onnx"
+        if plan.precision == "fp32":
+            shutil.copyfile(spec.onnx_path, out)
+        elif plan.precision == "fp16":
+            shutil.copyfile(spec.onnx_path, out)  # TensorRT lowers to FP16 itself
+            risks = fp16_unsafe_nodes(spec.load())
+            keep = sorted(set(plan.keep_fp32) | {r.node for r in risks})
+            notes += [f"{r.node} ({r.op_type}) kept in FP32 by precision constraints: {r.reason}" for r in risks]
+            details["keep_fp32"] = keep
+        elif plan.precision == "int8":
+            if not int8_supported(settings):
+                raise BadInput(f"GPU sm_{settings.compute_capability} has no INT8 in TensorRT: build fp16")
+            if calibration is None or len(calibration) == 0:
+                raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
+            details.update(_qdq_for_tensorrt(spec, plan, calibration, out, fp16_outside=settings.strongly_typed))
+            notes.append("explicit quantization (Q/DQ); " + ("strongly typed: FP16 outside the Q/DQ regions"
+                                                             if settings.strongly_typed
+                                                             else "--int8 --fp16: FP16 outside the Q/DQ regions"))
+        else:
+            raise BadInput(f"{self.name} cannot build precision {plan.precision}")
+        (root / "build_engine.sh").write_text(build_script(settings, plan.precision, keep))
+        (root / "build_engine.sh").chmod(0o755)
+        shutil.copyfile(trt_build.__file__, root / "build_engine.py")
+        try:
+            details["trtexec"] = " ".join(trtexec_command(settings, plan.precision, keep))
+        except TrtexecCannot as e:
+            details["trtexec"] = None
+            notes.append(str(e))
+        reason = gpu_here()
+        if reason is None:
+            meta = trt_build.build_engine(out, root / "model.engine", plan.precision, settings.workspace_mb,
+                                          plan.precision == "int8" and settings.strongly_typed, keep,
+                                          settings.dla_core, str(root / "timing.cache"))
+            details["engine_built"] = meta
+        else:
+            details["engine_built"] = None
+            notes.append(f"engine not built here ({reason.split(':')[0]}): build_engine.sh builds it on the device "
+                         f"(TensorRT {settings.tensorrt}, sm {settings.compute_capability or '?'}) on first use")
+        (root / "engine.json").write_text(_engine_json(settings, plan.precision, keep, details))
+        files = sorted(p.name for p in root.iterdir() if p.is_file())
+        return Artifact(self.name, plan.precision, str(root), files, "model.onnx", details, notes)
+
+    def load(self, artifact: Artifact, threads: int) -> OrtSession:
+        """The artifact's ONNX in ONNX Runtime: Q/DQ as TensorRT will run it; FP16 simulated by the
+        float graph cast to FP16 (the layers kept FP32 stay FP32), as TensorRT's FP16 mode computes."""
+        if artifact.precision != "fp16":
+            return OrtSession(artifact.entry_path, threads)
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        keep = artifact.details.get("keep_fp32") or None
+        fp16 = convert_float_to_float16(onnx.load(artifact.entry_path), keep_io_types=True, node_block_list=keep)
+        tmp = Path(tempfile.mkdtemp(prefix="edgekit-trt-fp16-"))
+        onnx.save(fp16, str(tmp / "fp16.onnx"))
+        session = OrtSession(tmp / "fp16.onnx", threads)
+        shutil.rmtree(tmp, ignore_errors=True)  # the session holds the model in memory
+        return session
+
+
+def _engine_json(settings: EngineSettings, precision: str, keep: list[str], details: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps({
+        "tied_to": {"tensorrt": settings.tensorrt, "compute_capability": settings.compute_capability,
+                    "gpu": settings.gpu, "jetpack": settings.jetpack},
+        "note": "a TensorRT engine runs only with this TensorRT version on this GPU architecture; "
+                "build_engine.sh builds it on the device",
+        "precision": precision, "keep_fp32": keep, "trtexec": details["trtexec"],
+        "built_here": details.get("engine_built"),
+    }, indent=1) + "\n"
+
+
+def tensorrt_qdq_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes TensorRT wants quantized: Conv/ConvTranspose/Gemm/MatMul, and Adds of two activations
+    (residual joins: TensorRT fuses the Add into the conv only when both inputs are quantized)."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type in QDQ_OPS or (n.op_type == "Add" and not set(n.input) & constants)]
+
+
+def _qdq_for_tensorrt(spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, out: Path,
+                      fp16_outside: bool) -> dict[str, Any]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    q = plan.quantization
+    assert q is not None, "an int8 artifact plan carries quantization settings"
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    batches = calibration.batches(spec)[: max(1, q.samples // max(1, spec.inputs[0].shape[0]))]
+    with tempfile.TemporaryDirectory(prefix="edgekit-trt-q-") as tmp:
+        src = Path(tmp) / "pre.onnx"
+        OnnxRuntimeBackend._pre_process(spec.onnx_path, src)
+        model = onnx.load(str(src))
+        for i, node in enumerate(model.graph.node):  # nodes_to_quantize works by name
+            node.name = node.name or f"{node.op_type}_{i}"
+        onnx.save(model, str(src))
+        wanted = [n for n in tensorrt_qdq_nodes(model) if n not in set(q.exclude_nodes)]
+        qdq = Path(tmp) / "qdq.onnx"
+        try:
+            quantize_static(
+                str(src), str(qdq), _Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=[*QDQ_OPS, "Add"], nodes_to_quantize=wanted,
+                calibrate_method=methods[q.method],
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                               "CalibPercentile": q.percentile},
+            )
+        except Exception as e:
+            raise EdgekitError(f"onnxruntime quantize_static (TensorRT Q/DQ) failed: {type(e).__name__}: {e}") from None
+        result = onnx.load(str(qdq))
+    if fp16_outside:
+        result = _float_regions_to_fp16(result)
+    onnx.save(result, str(out))
+    return {"quantizer": "onnxruntime.quantization.quantize_static (TensorRT rules)", "format": "QDQ",
+            "calibration": q.method, "calibration_samples": len(batches) * max(1, spec.inputs[0].shape[0]),
+            "per_channel": True, "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
+            "quantized_nodes": len(wanted), "excluded_nodes": list(q.exclude_nodes),
+            "float_regions": "fp16" if fp16_outside else "fp32 (builder --fp16 lowers them)"}
+
+
+def _float_regions_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For a strongly typed build the graph states every precision: float tensors become FP16 (inputs
+    and outputs stay FP32 for the app). Q/DQ with FP16 scales needs opset 19."""
+    from onnx import version_converter
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 19:
+        model = version_converter.convert_version(model, 19)
+    return convert_float_to_float16(model, keep_io_types=True)

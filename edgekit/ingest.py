@@ -201,15 +201,12 @@ def _looks_like_factory(source: str) -> bool:
     return bool(sep and module and attr and not source.endswith(".onnx"))
 
 
-def _export_torch(
-    factory: str, weights: str | None, input_shapes: dict[str, list[int]], out: Path
-) -> onnx.ModelProto:
+def load_torch_module(factory: str, weights: str | None) -> Any:
+    """The user's module from `package.module:factory`, with a state_dict loaded safely."""
     try:
         import torch
     except ImportError:
         raise BadInput("a PyTorch model needs torch: pip install 'edgekit[torch]'") from None
-    if not input_shapes:
-        raise BadInput(f"a PyTorch model needs its input shape: --input-shape input=1,3,224,224 ({factory})")
     module_name, _, attr = factory.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
@@ -233,6 +230,17 @@ def _export_torch(
         except RuntimeError as e:
             first = str(e).splitlines()[0]
             raise BadInput(f"{weights} does not fit {factory}: {first}") from None
+    return model
+
+
+def _export_torch(
+    factory: str, weights: str | None, input_shapes: dict[str, list[int]], out: Path
+) -> onnx.ModelProto:
+    if not input_shapes:
+        raise BadInput(f"a PyTorch model needs its input shape: --input-shape input=1,3,224,224 ({factory})")
+    model = load_torch_module(factory, weights)
+    import torch
+
     model.eval()
     args = tuple(torch.zeros(*shape) for shape in input_shapes.values())
     with torch.no_grad(), warnings.catch_warnings():

@@ -114,6 +114,7 @@ def default_plan(
             ap.reasons.append(f"INT8 static Q/DQ, per-channel weights, {method} calibration on {calib_samples} samples")
             ap.quantization = q
         elif precision == "fp16":
+            ap.keep_fp32 = list(exclude_nodes or [])  # --exclude-node: kept in float at any precision
             ap.reasons.append("FP16 weights and compute; layers whose weights leave the FP16 range stay FP32")
         else:
             ap.reasons.append("FP32 reference precision")

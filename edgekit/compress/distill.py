@@ -1,0 +1,266 @@
+"""Knowledge distillation: the original model (teacher) trains the pruned one (student).
+
+Losses, combined with weights:
+- response: KL divergence between temperature-softened outputs, scaled by T^2 (Hinton et al.), mixed
+  with the hard-label cross-entropy (weight 1 - alpha) when labels exist. Without labels (what most
+  factory users have) it is pure distillation from the teacher's outputs.
+- feature hints: MSE between chosen intermediate layers, the student's mapped to the teacher's width by
+  a trained 1x1 adapter (FitNets).
+- relation (RKD): pairwise distances and angles between the samples' embeddings (the classifier's
+  input), so the student keeps the teacher's geometry, not only its answers.
+
+The loop has an epoch and a time budget, early stopping on the validation metric (accuracy with
+labels, else top-1 agreement with the teacher), a seed for determinism, and a checkpoint to resume.
+`labels_only=True` fine-tunes with hard labels alone: the baseline that shows what distillation adds.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekit.console import note, progress
+from edgekit.errors import BadInput
+
+AUGMENTATIONS = ("none", "hflip", "dihedral")
+
+
+@dataclass
+class DistillSettings:
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the teacher's soft targets; 1 - alpha on hard labels when they exist
+    hint_layers: list[list[str]] = field(default_factory=list)  # [student module, teacher module] pairs
+    hint_weight: float = 1.0
+    relation_weight: float = 0.0  # RKD distance + angle on embeddings
+    epochs: int = 20
+    time_budget_s: float | None = None
+    batch: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    patience: int = 6  # epochs without a better validation metric before stopping
+    seed: int = 0
+    augment: str = "hflip"  # none | hflip | dihedral (only where orientation carries no meaning)
+    labels_only: bool = False  # hard-label fine-tuning alone (the baseline distillation is compared with)
+
+    def check(self) -> None:
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise BadInput("distillation needs temperature > 0 and 0 <= alpha <= 1")
+        if self.augment not in AUGMENTATIONS:
+            raise BadInput(f"unknown augmentation '{self.augment}': use one of {', '.join(AUGMENTATIONS)}")
+
+
+@dataclass
+class DistillReport:
+    settings: dict[str, Any]
+    epochs_run: int
+    seconds: float
+    best_epoch: int
+    metric: str  # accuracy | teacher_agreement
+    best_metric: float
+    history: list[dict[str, float]]
+    stopped: str  # why the loop ended
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(teacher || student) on softened distributions, times T^2 so gradients keep their scale."""
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1),
+                    reduction="batchmean") * t * t
+
+
+def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
+    """Relational KD (Park et al. 2019): distance-wise plus angle-wise, on a batch of embeddings."""
+    def distances(e: torch.Tensor) -> torch.Tensor:
+        d = torch.cdist(e, e)
+        return d / d[d > 0].mean().clamp_min(1e-8)
+
+    def angles(e: torch.Tensor) -> torch.Tensor:
+        diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+        return torch.bmm(diff, diff.transpose(1, 2)).reshape(-1)
+
+    s, t = student_emb.flatten(1), teacher_emb.flatten(1)
+    return F.smooth_l1_loss(distances(s), distances(t)) + 2 * F.smooth_l1_loss(angles(s), angles(t))
+
+
+class _Capture:
+    """Forward hooks keeping named modules' outputs (hints) or the classifier's input (embeddings)."""
+
+    def __init__(self, model: nn.Module, names: list[str], embed_of: str | None) -> None:
+        modules = dict(model.named_modules())
+        missing = [n for n in names + ([embed_of] if embed_of else []) if n not in modules]
+        if missing:
+            raise BadInput(f"no layer named {missing[0]} (names as in model.named_modules())")
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in names]
+        if embed_of:
+            self.handles.append(modules[embed_of].register_forward_pre_hook(
+                lambda m, args: self.out.__setitem__("__embedding__", args[0])))
+
+    def _keep(self, name: str) -> Any:
+        return lambda m, args, output: self.out.__setitem__(name, output)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _last_linear(model: nn.Module) -> str | None:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
+
+
+def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "none":
+        return x
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if kind == "dihedral" and x.shape[2] == x.shape[3]:
+        k = int(torch.randint(0, 4, (1,), generator=gen))
+        x = torch.rot90(x, k, dims=(2, 3))
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, teacher: nn.Module | None,
+             batch: int = 256) -> tuple[str, float]:
+    """Accuracy with labels, else top-1 agreement with the teacher."""
+    model.eval()
+    pred = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    if y is not None:
+        return "accuracy", float((pred == y).float().mean())
+    if teacher is None:
+        raise BadInput("without labels, the validation metric is agreement with a teacher")
+    teacher.eval()
+    ref = torch.cat([teacher(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    return "teacher_agreement", float((pred == ref).float().mean())
+
+
+def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor | None,
+                  xv: torch.Tensor, yv: torch.Tensor | None, settings: DistillSettings,
+                  checkpoint: Path | None = None) -> DistillReport:
+    """Train `student` in place (its best validation state is kept). `teacher` may be None only with
+    labels_only. A checkpoint file, if given, is resumed from when present and updated every epoch."""
+    settings.check()
+    if settings.labels_only and y is None:
+        raise BadInput("fine-tuning with hard labels needs labelled training data")
+    if not settings.labels_only and teacher is None:
+        raise BadInput("distillation needs the teacher (the original model)")
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    adapters = nn.ModuleDict()
+    s_cap = t_cap = None
+    use_hints = bool(settings.hint_layers) and not settings.labels_only
+    use_rkd = settings.relation_weight > 0 and not settings.labels_only
+    if use_hints or use_rkd:
+        s_names = [p[0] for p in settings.hint_layers] if use_hints else []
+        t_names = [p[1] for p in settings.hint_layers] if use_hints else []
+        s_cap = _Capture(student, s_names, _last_linear(student) if use_rkd else None)
+        t_cap = _Capture(teacher, t_names, _last_linear(teacher) if use_rkd else None)
+        if use_hints:  # 1x1 adapters sized on one probe batch
+            with torch.no_grad():
+                student.eval()
+                teacher.eval()
+                student(x[:2])
+                teacher(x[:2])
+            for s_name, t_name in settings.hint_layers:
+                cs, ct = s_cap.out[s_name].shape[1], t_cap.out[t_name].shape[1]
+                adapters[s_name.replace(".", "_")] = nn.Conv2d(cs, ct, 1, bias=False)
+    params = list(student.parameters()) + list(adapters.parameters())
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = (len(x) + settings.batch - 1) // settings.batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    start_epoch, history = 0, []
+    metric_name, best = evaluate(student, xv, yv, teacher)
+    best_epoch, best_state = 0, {k: v.clone() for k, v in student.state_dict().items()}
+    if checkpoint is not None and Path(checkpoint).exists():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        student.load_state_dict(ck["student"])
+        adapters.load_state_dict(ck["adapters"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, history, best, best_epoch = ck["epoch"], ck["history"], ck["best"], ck["best_epoch"]
+        if ck.get("epochs") == settings.epochs:
+            sched.load_state_dict(ck["scheduler"])
+        else:  # a longer budget: the schedule is re-planned and fast-forwarded to where training is
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(start_epoch * steps_per_epoch):
+                    sched.step()
+        best_state = ck["best_state"]
+        gen.set_state(ck["generator"])
+        note(f"resumed from {checkpoint} at epoch {start_epoch}")
+    t0, stopped = time.perf_counter(), "epoch budget"
+    with progress() as bar:
+        task = bar.add_task("fine-tuning" if settings.labels_only else "distilling",
+                            total=settings.epochs, completed=start_epoch)
+        for epoch in range(start_epoch, settings.epochs):
+            student.train()
+            if teacher is not None:
+                teacher.eval()
+            order = torch.randperm(len(x), generator=gen)
+            total = 0.0
+            for i in range(0, len(x), settings.batch):
+                idx = order[i:i + settings.batch]
+                xb = _augment(x[idx], settings.augment, gen)
+                out = student(xb)
+                if settings.labels_only:
+                    loss = F.cross_entropy(out, y[idx])
+                else:
+                    with torch.no_grad():
+                        t_out = teacher(xb)
+                    loss = settings.alpha * kd_loss(out, t_out, settings.temperature)
+                    if y is not None:
+                        loss = loss + (1 - settings.alpha) * F.cross_entropy(out, y[idx])
+                    if use_hints:
+                        for s_name, t_name in settings.hint_layers:
+                            mapped = adapters[s_name.replace(".", "_")](s_cap.out[s_name])
+                            loss = loss + settings.hint_weight * F.mse_loss(mapped, t_cap.out[t_name])
+                    if use_rkd:
+                        loss = loss + settings.relation_weight * rkd_loss(s_cap.out["__embedding__"],
+                                                                          t_cap.out["__embedding__"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+            metric_name, value = evaluate(student, xv, yv, teacher)
+            history.append({"epoch": epoch + 1, "loss": round(total / len(x), 5), metric_name: round(value, 5)})
+            if value > best:
+                best, best_epoch = value, epoch + 1
+                best_state = {k: v.clone() for k, v in student.state_dict().items()}
+            bar.update(task, advance=1, description=f"{'fine-tuning' if settings.labels_only else 'distilling'} "
+                                                    f"{metric_name} {value:.4f} (best {best:.4f})")
+            if checkpoint is not None:
+                torch.save({"student": student.state_dict(), "adapters": adapters.state_dict(),
+                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                            "epochs": settings.epochs,
+                            "history": history, "best": best, "best_epoch": best_epoch, "best_state": best_state,
+                            "generator": gen.get_state()}, checkpoint)
+            if epoch + 1 - best_epoch >= settings.patience and best_epoch > 0:
+                stopped = f"no better {metric_name} for {settings.patience} epochs"
+                break
+            if settings.time_budget_s is not None and time.perf_counter() - t0 > settings.time_budget_s:
+                stopped = f"time budget {settings.time_budget_s:g} s"
+                break
+    for cap in (s_cap, t_cap):
+        if cap is not None:
+            cap.close()
+    student.load_state_dict(best_state)
+    student.eval()
+    return DistillReport(asdict(settings), len(history), round(time.perf_counter() - t0, 1), best_epoch, metric_name,
+                         round(best, 5), history, stopped)
+
+
+def as_tensors(inputs: np.ndarray, labels: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.from_numpy(np.ascontiguousarray(inputs, np.float32)), (
+        torch.from_numpy(labels.astype(np.int64)) if labels is not None else None)

@@ -1,5 +1,5 @@
-"""The `edgekit` command. Verbs: build, inspect, debug, targets. Exit codes: 0 ok, 1 verification failed,
-2 bad input, 3 a tool failed."""
+"""The `edgekit` command. Verbs: build, inspect, debug, targets, devices, profile (the last two in
+cli_devices.py). Exit codes: 0 ok, 1 verification failed, 2 bad input, 3 a tool failed."""
 
 from __future__ import annotations
 

@@ -31,3 +31,7 @@ class BackendUnavailable(EdgekitError):
 
 class VerificationFailed(EdgekitError):
     exit_code = EXIT_FAILED
+
+
+class DeviceUnreachable(BadInput):
+    """A device that cannot be reached or trusted over SSH (refused, unknown or changed host key, no key)."""

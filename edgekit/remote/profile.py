@@ -1,0 +1,306 @@
+"""Measure a package on a device over SSH, record the measurements, update the package's manifest.
+
+Steps, each with its own timeout: probe the device's Python and runtimes (the runner sent on stdin,
+nothing written), `mktemp -d -t edgekit-XXXXXX` there with the runner written into it, copy
+manifest.json and the artifact folders (scp), run the runner inside a shell wrapper whose EXIT
+trap removes the folder, then — in a `finally`, whatever happened — one more ssh call that stops
+the runner if it still runs and removes the folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekit import __version__
+from edgekit.console import err, note
+from edgekit.devices import (
+    CONNECT_TIMEOUT_S,
+    RUNNER,
+    Device,
+    _last_json_line,
+    _last_line,
+    edgekit_home,
+    missing_runtime,
+    probe,
+    python_command,
+    scp_to,
+    ssh,
+)
+from edgekit.errors import BackendUnavailable, BadInput, EdgekitError
+from edgekit.package import render_report, validate_manifest, write_json
+
+REMOTE_NAME = "edgekit-runner.py"  # `pkill -f edgekit-runner` on the device stops a measurement
+_REMOTE_DIR = re.compile(r"^/[A-Za-z0-9._/-]*/edgekit-[A-Za-z0-9]{6,}$")
+
+
+@dataclass
+class RemoteSettings:
+    seconds: float = 3.0  # timed seconds per artifact, at least
+    min_runs: int = 50
+    max_runs: int = 2000
+    warmup_runs: int = 10
+    threads: int | None = None  # None: every core the device lets the runner use
+    timeout: float | None = None  # the measuring step; None: estimated from the above and the artifacts
+    connect_timeout: float = CONNECT_TIMEOUT_S
+
+    def run_timeout(self, artifacts: int) -> float:
+        if self.timeout:
+            return self.timeout
+        # Loading (an OpenVINO compile, a TensorRT engine build) and slow devices: generous, but bounded.
+        return 60 + artifacts * (120 + 3 * self.seconds)
+
+
+def profiles_root() -> Path:
+    """$EDGEKIT_PROFILES; else the repository's profiles/ when run inside the edgekit repository;
+    else $EDGEKIT_HOME/profiles."""
+    if os.environ.get("EDGEKIT_PROFILES"):
+        return Path(os.environ["EDGEKIT_PROFILES"])
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "profiles").is_dir() and (repo / "pyproject.toml").is_file() \
+            and Path.cwd().resolve().is_relative_to(repo):
+        return repo / "profiles"
+    return edgekit_home() / "profiles"
+
+
+def profile_path(device: Device, model_sha256: str, backend: str, precision: str) -> Path:
+    return profiles_root() / device.name / f"{device.target}-{model_sha256[:12]}-{backend}-{precision}.json"
+
+
+def load_package(package_dir: str | Path) -> dict[str, Any]:
+    path = Path(package_dir) / "manifest.json"
+    if not path.is_file():
+        raise BadInput(f"{package_dir} is not an edgekit package (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+        validate_manifest(manifest)
+    except ValueError as e:
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
+    except Exception as e:
+        raise BadInput(f"{path}: not a valid edgekit manifest ({getattr(e, 'message', e)})") from None
+    return manifest
+
+
+def select_artifacts(manifest: dict[str, Any], keys: list[str] | None) -> list[dict[str, Any]]:
+    by_key = {a["key"]: a for a in manifest["artifacts"]}
+    wanted = [k.strip() for item in keys or [] for k in item.split(",") if k.strip()] or list(by_key)
+    unknown = [k for k in wanted if k not in by_key]
+    if unknown:
+        raise BadInput(f"no artifact {', '.join(unknown)} in the package; it has {', '.join(by_key) or 'none'}")
+    return [by_key[k] for k in dict.fromkeys(wanted)]
+
+
+def profile_package(package_dir: str | Path, device: Device, settings: RemoteSettings | None = None,
+                    keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Measure the package's artifacts (all, or `keys`) on the device; write profiles/ records and the
+    manifest's `device_latency_ms`. Returns {artifact key: latency dict with `where` and `conditions`}."""
+    settings = settings or RemoteSettings()
+    package = Path(package_dir).resolve()
+    manifest = load_package(package)
+    arts = select_artifacts(manifest, keys)
+    facts = probe(device, connect_timeout=settings.connect_timeout)
+    for backend in dict.fromkeys(a["backend"] for a in arts):
+        missing = missing_runtime(device, facts, backend)
+        if missing:
+            raise BackendUnavailable(missing)
+    if manifest["target"] != device.target:
+        note(f"package built for {manifest['target']}, device {device.name} is a {device.target}")
+    out = run_remote(package, device, arts, settings)
+    latencies = _latencies(device, out)
+    record(package, manifest, device, arts, latencies, out, facts, settings)
+    failed = out.get("errors") or {}
+    if failed:
+        k, why = next(iter(failed.items()))
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise EdgekitError(f"could not measure {k} on device {device.name}: {why}{more}")
+    return latencies
+
+
+def run_remote(package: Path, device: Device, arts: list[dict[str, Any]], settings: RemoteSettings) -> dict[str, Any]:
+    """Copy, run, and always clean up. Returns the runner's JSON."""
+    ct = settings.connect_timeout
+    # The runner arrives on stdin with the mkdir: one connection, nothing staged on this machine.
+    r = ssh(device, "d=$(mktemp -d -t edgekit-XXXXXX) && cat > \"$d/" + REMOTE_NAME + "\" && echo \"$d\"",
+            "creating a temporary folder", 30 + ct, stdin=RUNNER.read_bytes(), connect_timeout=ct)
+    remote_dir = r.stdout.decode(errors="replace").strip()
+    if not _REMOTE_DIR.match(remote_dir):
+        _cleanup(device, remote_dir, ct)
+        raise EdgekitError(f"device {device.name}: mktemp gave an unexpected folder name '{remote_dir}'")
+    try:
+        folders = sorted({(package / a["entry"]).parent for a in arts})
+        extra = [package / "build_engine.sh"] if any(a["backend"] == "tensorrt" for a in arts) \
+            and (package / "build_engine.sh").is_file() else []
+        sources = [package / "manifest.json", *folders, *extra]
+        size = sum(f.stat().st_size for s in sources for f in ([s] if s.is_file() else s.rglob("*")) if f.is_file())
+        note(f"copy {size / 1e6:.1f} MB to {device.name}:{remote_dir}")
+        scp_to(device, sources, remote_dir, timeout=60 + size / 250e3, connect_timeout=ct)  # >= 250 kB/s
+        timeout = settings.run_timeout(len(arts))
+        note(f"measure {', '.join(a['key'] for a in arts)} on {device.name} (at most {timeout:g} s)")
+        res = ssh(device, _wrapper(device, remote_dir, arts, settings, timeout), f"measuring on device {device.name}",
+                  timeout, connect_timeout=ct, check=False)
+        return _runner_result(device, res, timeout)
+    finally:
+        _cleanup(device, remote_dir, ct)
+
+
+def _wrapper(device: Device, remote_dir: str, arts: list[dict[str, Any]], settings: RemoteSettings,
+             timeout: float) -> str:
+    """A POSIX sh script: run the runner in the folder, remove the folder on any exit or signal."""
+    args = ["--package", ".", "--seconds", f"{settings.seconds:g}", "--min-runs", str(settings.min_runs),
+            "--max-runs", str(settings.max_runs), "--warmup", str(settings.warmup_runs),
+            "--deadline", f"{timeout + 10:g}"]  # a backstop for a lost connection; this side's timeout comes first
+    if settings.threads:
+        args += ["--threads", str(settings.threads)]
+    for a in arts:
+        args += ["--artifact", a["key"]]
+    q = shlex.quote
+    script = "\n".join([
+        f"d={q(remote_dir)}",
+        "trap 'rm -rf \"$d\"' EXIT",
+        "trap 'kill \"$p\" 2>/dev/null; exit 143' HUP INT TERM",
+        'cd "$d" || exit 97',
+        f"{python_command(device)} {REMOTE_NAME} {' '.join(q(a) for a in args)} </dev/null &",
+        "p=$!",
+        'echo "$p" > .pid',
+        'wait "$p"',
+    ])
+    return f"sh -c {q(script)}"
+
+
+def _cleanup(device: Device, remote_dir: str, connect_timeout: float) -> None:
+    """Stop the runner if it still runs and remove the folder. Never raises: it runs in a finally."""
+    if not _REMOTE_DIR.match(remote_dir):
+        return
+    d = shlex.quote(remote_dir)
+    cmd = f"if [ -f {d}/.pid ]; then kill $(cat {d}/.pid) 2>/dev/null; fi; rm -rf {d}; [ ! -e {d} ]"
+    try:
+        ssh(device, cmd, "removing the temporary folder", 20 + connect_timeout, connect_timeout=connect_timeout)
+    except EdgekitError as e:
+        err.print(f"[yellow]warning:[/yellow] could not remove {remote_dir} on device {device.name}: {e}",
+                  soft_wrap=True)
+
+
+def _runner_result(device: Device, res: subprocess.CompletedProcess[bytes], timeout: float) -> dict[str, Any]:
+    stdout, stderr = res.stdout.decode(errors="replace"), res.stderr.decode(errors="replace")
+    try:
+        out = json.loads(_last_json_line(stdout))
+    except ValueError:
+        out = None
+    if out is not None and "error" not in out:
+        return out
+    if out is not None and out["error"] == "timeout":
+        raise EdgekitError(f"measuring on device {device.name} timed out after {timeout:g} s; the device's "
+                           "temporary folder was removed (raise --timeout, or lower --seconds/--min-runs)")
+    if out is not None and out.get("missing"):
+        raise BackendUnavailable(f"device {device.name} has {out['error']}")
+    if out is not None:
+        raise EdgekitError(f"the runner failed on device {device.name}: {out['error']}")
+    code = res.returncode
+    if code in (127, 126):
+        raise BackendUnavailable(f"device {device.name} cannot run '{device.python}' ({_last_line(stderr)}): "
+                                 "install Python 3.6+ there or re-add the device with --python PATH")
+    killed = {137: "SIGKILL (out of memory?)", 143: "SIGTERM", 139: "SIGSEGV", 134: "SIGABRT"}.get(code)
+    if killed:
+        raise EdgekitError(f"the runner on device {device.name} was killed by {killed} before it reported; "
+                           "its temporary folder was removed")
+    raise EdgekitError(f"the runner on device {device.name} exited with status {code} without a result: "
+                       f"{_last_line(stderr) or 'no message'}")
+
+
+def _latencies(device: Device, out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    cond = out.get("conditions") or {}
+    fields = ("p50", "p90", "p99", "mean", "min", "runs", "threads")
+    return {k: {**{f: r[f] for f in fields}, "where": device.where, "conditions": cond}
+            for k, r in (out.get("results") or {}).items()}
+
+
+def record(package: Path, manifest: dict[str, Any], device: Device, arts: list[dict[str, Any]],
+           latencies: dict[str, dict[str, Any]], out: dict[str, Any], facts: dict[str, Any],
+           settings: RemoteSettings) -> list[Path]:
+    """profiles/DEVICE/TARGET-SHA12-BACKEND-PRECISION.json per measured artifact, then the manifest."""
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    written = []
+    for a in arts:
+        lat = latencies.get(a["key"])
+        if lat is None:
+            continue
+        path = profile_path(device, manifest["source"]["sha256"], a["backend"], a["precision"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = next((f["sha256"] for f in a["files"] if f["path"] == a.get("entry")), None)
+        write_json(path, {
+            "schema": "edgekit-profile/1",
+            "device": device.name,
+            "where": device.where,
+            "target": device.target,
+            "package_target": manifest["target"],
+            "model_sha256": manifest["source"]["sha256"],
+            "canonical_sha256": manifest["source"].get("canonical_sha256"),
+            "backend": a["backend"],
+            "precision": a["precision"],
+            "key": a["key"],
+            "artifact_sha256": entry,
+            "measured": now,
+            "edgekit": __version__,
+            "package": str(package),
+            "latency_ms": lat,
+            "host_latency_ms": a.get("latency_ms"),
+            "load_s": (out.get("results") or {}).get(a["key"], {}).get("load_s"),
+            "runtime": {"python": out.get("python"), **(out.get("runtimes") or {})},
+            "device_facts": {"cpu": facts.get("cpu"), "gpu": facts.get("gpu"), "platform": facts.get("platform")},
+            "settings": {"seconds": settings.seconds, "min_runs": settings.min_runs,
+                         "warmup_runs": settings.warmup_runs, "threads": settings.threads},
+        })
+        written.append(path)
+    if latencies:
+        update_manifest(package, latencies)
+    return written
+
+
+def update_manifest(package: Path, latencies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Add device_latency_ms to the measured artifacts (latency_ms stays), re-validate, replace atomically."""
+    path = package / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for a in manifest["artifacts"]:
+        if a["key"] in latencies:
+            a["device_latency_ms"] = latencies[a["key"]]
+    try:
+        validate_manifest(manifest)
+    except Exception as e:
+        raise EdgekitError(f"the updated manifest does not validate ({getattr(e, 'message', e)}); "
+                           f"{path} was left as it was") from None
+    tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
+    write_json(tmp, manifest)
+    os.replace(tmp, path)
+    report = package / "report.md"
+    if report.exists():
+        report.write_text(render_report(manifest) + device_report(manifest))
+    return manifest
+
+
+def device_report(manifest: dict[str, Any]) -> str:
+    """The report's section on device measurements (the rest of report.md is package.render_report)."""
+    measured = [a for a in manifest["artifacts"] if a.get("device_latency_ms")]
+    if not measured:
+        return ""
+    lines = ["", "## Measured on the device", "", "| artifact | where | p50 ms | p90 ms | p99 ms | runs | threads | "
+             "conditions |", "|---|---|---|---|---|---|---|---|"]
+    for a in measured:
+        d = a["device_latency_ms"]
+        lines.append(f"| {a['key']} | {d['where']} | {d['p50']:.3f} | {d['p90']:.3f} | {d['p99']:.3f} | {d['runs']} | "
+                     f"{d['threads']} | {fmt_conditions(d.get('conditions') or {})} |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt_conditions(cond: dict[str, Any]) -> str:
+    temps = cond.get("temperature_c") or {}
+    hottest = f"{max(temps.values()):.1f} °C" if temps else "–"
+    locked = {True: "locked", False: "not locked", None: "–"}[cond.get("clocks_locked")]
+    return (f"power mode {cond.get('power_mode') or '–'}, clocks {locked}, governor {cond.get('cpu_governor') or '–'}, "
+            f"hottest zone {hottest}")

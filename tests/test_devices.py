@@ -1,0 +1,367 @@
+"""Devices over SSH, against a real sshd on 127.0.0.1 with throwaway keys: the device list, `devices check`,
+`edgekit profile` and `build --device` end to end, and failures that must say one clear thing and leave
+nothing behind on either side (the "device" is this machine, so its /tmp is checked directly)."""
+
+from __future__ import annotations
+
+import ast
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAST, REPO, read_manifest, run_cli
+
+from edgekit.devices import Device, missing_runtime, parse_url
+from edgekit.errors import BadInput
+from edgekit.package import validate_manifest
+
+SSHD = Path("/usr/sbin/sshd")
+RUNNER = REPO / "edgekit" / "remote" / "runner.py"
+needs_sshd = pytest.mark.skipif(not SSHD.exists() or not shutil.which("ssh-keygen"),
+                                reason="needs OpenSSH: /usr/sbin/sshd and ssh-keygen (apt-get install openssh-server)")
+TMP = Path("/tmp")
+FASTP = ["--seconds", "0.05", "--min-runs", "5", "--warmup", "2"]
+
+
+# ---------------------------------------------------------------- no sshd needed
+
+
+def test_runner_is_python36_syntax() -> None:
+    src = RUNNER.read_text()
+    tree = ast.parse(src, feature_version=(3, 6))
+    allowed_late = {"numpy", "onnxruntime", "ncnn", "openvino", "importlib.util", "openvino.runtime"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.module != "__future__", "no `from __future__ import annotations` (3.7+)"
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                assert name in sys.stdlib_module_names or name.split(".")[0] in sys.stdlib_module_names \
+                    or name in allowed_late, f"runner imports {name}: standard library and device runtimes only"
+        if isinstance(node, ast.keyword):
+            assert node.arg not in ("capture_output", "text"), "subprocess capture_output=/text= are Python 3.7+"
+        assert not isinstance(node, ast.AnnAssign), "no variable annotations in the runner"
+        if isinstance(node, ast.FunctionDef):
+            assert node.returns is None and all(a.annotation is None for a in node.args.args)
+        if isinstance(node, ast.JoinedStr):  # f-strings are 3.6, the `=` specifier is 3.8
+            assert "=}" not in ast.get_source_segment(src, node).replace(" ", "")
+    assert "dataclass" not in src and "breakpoint(" not in src
+
+
+def test_runner_probe_runs_on_python36_when_available() -> None:
+    py36 = Path.home() / ".pyenv" / "versions" / "3.6.15" / "bin" / "python"
+    if not py36.exists():
+        pytest.skip("no Python 3.6 interpreter here (pyenv 3.6.15); the syntax test above still holds")
+    r = subprocess.run([str(py36), "-", "--probe"], input=RUNNER.read_bytes(), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+    facts = json.loads(r.stdout)
+    assert facts["python"].startswith("3.6") and facts["cpu"]["cores"] >= 1
+
+
+def test_urls_and_messages() -> None:
+    assert parse_url("ssh://pi@pi5.local") == ("pi", "pi5.local", 22)
+    assert parse_url("ssh://root@[::1]:2222") == ("root", "::1", 2222)
+    for bad in ("pi@pi5", "http://pi@pi5", "ssh://pi5", "ssh://pi:secret@pi5", "ssh://pi@pi5/x", "ssh://-oProxy@x"):
+        with pytest.raises(BadInput):
+            parse_url(bad)
+    dev = Device("pi5", "pi", "pi5.local", 22, "rpi5")
+    assert dev.where == "ssh://pi@pi5.local:22"
+    facts = {"python": "3.11.2", "runtimes": {"numpy": {"version": "1.26"}, "onnxruntime": {"version": None}}}
+    assert missing_runtime(dev, facts, "onnxruntime") == \
+        "device pi5 has no onnxruntime for Python 3.11: pip install onnxruntime"
+    assert "trtexec" in missing_runtime(dev, facts, "tensorrt")
+
+
+# ---------------------------------------------------------------- a real sshd
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgekit-test", "-f", str(path)],
+                   check=True, capture_output=True, timeout=30)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+class Sshd:
+    def __init__(self, root: Path) -> None:
+        self.root, self.port, self.user = root, _free_port(), getpass.getuser()
+        host_pub = _keygen(root / "host_ed25519")
+        (root / "authorized_keys").write_text(_keygen(root / "user_ed25519") + "\n")
+        self.key = root / "user_ed25519"
+        kt, kb = host_pub.split()[:2]
+        self.known_hosts_line = f"[127.0.0.1]:{self.port} {kt} {kb}\n"
+        config = root / "sshd_config"
+        config.write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_ed25519'}",
+            f"AuthorizedKeysFile {root / 'authorized_keys'}", f"PidFile {root / 'sshd.pid'}",
+            "UsePAM no", "StrictModes no", "PermitRootLogin yes", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "Subsystem sftp internal-sftp",
+            "LogLevel ERROR", "",
+        ]))
+        Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation folder
+        with open(root / "sshd.log", "w") as log:  # -D: stays in the foreground, stopped by stop()
+            self.proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stderr=log)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(root / 'sshd.log').read_text()}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("sshd did not listen within 20 s")
+
+    @property
+    def url(self) -> str:
+        return f"ssh://{self.user}@127.0.0.1:{self.port}"
+
+    def known_hosts(self, path: Path, line: str | None = None) -> Path:
+        path.write_text(self.known_hosts_line if line is None else line)
+        return path
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    if not SSHD.exists():
+        pytest.skip("needs /usr/sbin/sshd (apt-get install openssh-server)")
+    server = Sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh $EDGEKIT_HOME and profiles root for each test; the user's real ones are never touched."""
+    monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EDGEKIT_PROFILES", str(tmp_path / "profiles"))
+    return tmp_path
+
+
+def _add(sshd: Sshd, home: Path, name: str = "dev", *extra: str, python: str = sys.executable,
+         known_hosts: Path | None = None, url: str | None = None) -> None:
+    kh = known_hosts or sshd.known_hosts(home / f"known_hosts-{name}")
+    r = run_cli("devices", "add", name, url or sshd.url, "--target", "host-cpu", "--identity", sshd.key,
+                "--known-hosts", kh, "--python", python, *extra)
+    assert r.code == 0, r.stderr
+
+
+def _leftovers() -> set[str]:
+    """The runner's folders on the 'device' (this machine's /tmp)."""
+    return {p.name for p in TMP.glob("edgekit-*") if p.is_dir() and len(p.name) == len("edgekit-XXXXXX")}
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small package with ONNX Runtime and NCNN artifacts (fp32 and int8), built by the CLI."""
+    from test_backend_onnxruntime import _conv_model
+
+    root = tmp_path_factory.mktemp("pkg")
+    model = _conv_model(root / "tiny.onnx")
+    calib = root / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((48, 3, 16, 16)).astype(np.float32))
+    out = root / "tiny"
+    r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime,ncnn", "--precision", "fp32,int8",
+                "--calib", calib, "--out", out, *FAST)
+    assert r.code == 0, r.stderr
+    return out
+
+
+@pytest.fixture()
+def pkg(package: Path, tmp_path: Path) -> Path:
+    """A copy each test may change."""
+    return Path(shutil.copytree(package, tmp_path / "pkg"))
+
+
+@needs_sshd
+def test_devices_add_list_check_remove(sshd: Sshd, home: Path) -> None:
+    _add(sshd, home)
+    assert (home / "home" / "devices.yaml").exists()
+    r = run_cli("devices", "list")
+    assert r.code == 0 and "dev" in r.stdout and f"127.0.0.1:{sshd.port}" in r.stdout and "host-cpu" in r.stdout
+    dup = run_cli("devices", "add", "dev", sshd.url, "--target", "host-cpu")
+    assert dup.code == 2 and "exists" in dup.error_line()
+    r = run_cli("devices", "check", "dev")
+    assert r.code == 0, r.stderr
+    import onnxruntime
+
+    for word in ("reachable", "yes", sys.version.split()[0], "onnxruntime", onnxruntime.__version__, "ncnn", "cores",
+                 "governor", "runs onnxruntime"):
+        assert word in r.stdout, word
+    r = run_cli("devices", "remove", "dev")
+    assert r.code == 0
+    assert "no devices" in run_cli("devices", "list").stdout
+    assert run_cli("devices", "check", "dev").code == 2
+
+
+@needs_sshd
+def test_profile_onnxruntime_and_ncnn_end_to_end(sshd: Sshd, home: Path, pkg: Path) -> None:
+    _add(sshd, home)
+    before_manifest, before_tmp = read_manifest(pkg), _leftovers()
+    r = run_cli("profile", pkg, "--device", "dev", *FASTP)
+    assert r.code == 0, r.stderr
+    m = read_manifest(pkg)
+    validate_manifest(m)
+    where = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}"
+    sha12 = m["source"]["sha256"][:12]
+    assert {a["key"] for a in m["artifacts"]} == {"onnxruntime-fp32", "onnxruntime-int8", "ncnn-fp32", "ncnn-int8"}
+    for a, old in zip(m["artifacts"], before_manifest["artifacts"]):
+        d = a["device_latency_ms"]
+        assert d["where"] == where and d["p50"] > 0 and d["runs"] >= 5 and d["threads"] >= 1
+        assert d["p50"] <= d["p90"] <= d["p99"] and d["min"] <= d["p50"]
+        assert set(d["conditions"]) >= {"power_mode", "clocks_locked", "cpu_governor", "temperature_c"}
+        assert a["latency_ms"] == old["latency_ms"]  # the host measurement stays
+        rec = json.loads((home / "profiles" / "dev" / f"host-cpu-{sha12}-{a['backend']}-{a['precision']}.json")
+                         .read_text())
+        assert rec["device"] == "dev" and rec["target"] == "host-cpu" and rec["model_sha256"] == m["source"]["sha256"]
+        assert (rec["backend"], rec["precision"]) == (a["backend"], a["precision"])
+        assert rec["latency_ms"] == d and rec["where"] == where and rec["runtime"]["python"]
+    assert "Measured on the device" in (pkg / "report.md").read_text()
+    assert "ncnn-int8" in r.stdout and "p50 ms" in r.stdout
+    assert _leftovers() <= before_tmp
+    # only some artifacts: the others keep what they had
+    r = run_cli("profile", pkg, "--device", "dev", "--artifact", "ncnn-fp32", *FASTP)
+    assert r.code == 0, r.stderr
+    bad = run_cli("profile", pkg, "--device", "dev", "--artifact", "openvino-fp32")
+    assert bad.code == 2 and "no artifact openvino-fp32" in bad.error_line()
+
+
+@needs_sshd
+def test_build_with_device_records_device_latency(sshd: Sshd, home: Path, tmp_path: Path) -> None:
+    from test_backend_onnxruntime import _conv_model
+
+    _add(sshd, home)
+    out, calib = tmp_path / "built", tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    r = run_cli("build", _conv_model(tmp_path / "m.onnx"), "--target", "host-cpu", "--backend", "onnxruntime",
+                "--precision", "fp32", "--calib", calib, "--out", out, "--device", "dev", *FAST)
+    assert r.code == 0, r.stderr
+    (a,) = read_manifest(out)["artifacts"]
+    assert a["device_latency_ms"]["where"].startswith("ssh://") and a["device_latency_ms"]["p50"] > 0
+    assert a["latency_ms"]["where"].startswith("local:")
+    assert "measured on dev" in r.stdout
+    typo = run_cli("build", tmp_path / "m.onnx", "--target", "host-cpu", "--out", tmp_path / "x", "--device", "nope")
+    assert typo.code == 2 and "unknown device 'nope'" in typo.error_line() and not (tmp_path / "x").exists()
+
+
+def _unchanged(pkg: Path, before: dict, home: Path, tmp_before: set[str]) -> None:
+    assert read_manifest(pkg) == before
+    assert not list((home / "profiles").rglob("*.json"))
+    assert _leftovers() <= tmp_before, f"left on the device: {_leftovers() - tmp_before}"
+    assert not list(pkg.parent.glob(".*"))  # no local staging beside the package
+
+
+@needs_sshd
+def test_refused_connection(sshd: Sshd, home: Path, pkg: Path) -> None:
+    closed = _free_port()
+    _add(sshd, home, url=f"ssh://{sshd.user}@127.0.0.1:{closed}")
+    before, tmp_before = read_manifest(pkg), _leftovers()
+    for args in (("devices", "check", "dev"), ("profile", pkg, "--device", "dev", *FASTP)):
+        r = run_cli(*args)
+        assert r.code == 2 and "connection refused" in r.error_line(), r.stderr
+    _unchanged(pkg, before, home, tmp_before)
+
+
+@needs_sshd
+def test_host_keys_strict_changed_and_accept_new(sshd: Sshd, home: Path, pkg: Path, tmp_path: Path) -> None:
+    other = _keygen(tmp_path / "other_host").split()
+    changed = sshd.known_hosts(tmp_path / "kh-changed", f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    _add(sshd, home, "changed", known_hosts=changed)
+    before, tmp_before = read_manifest(pkg), _leftovers()
+    r = run_cli("profile", pkg, "--device", "changed", *FASTP)
+    assert r.code == 2 and "host key does not match" in r.error_line(), r.stderr
+    assert run_cli("devices", "check", "changed").code == 2
+    _unchanged(pkg, before, home, tmp_before)
+
+    unknown = sshd.known_hosts(tmp_path / "kh-empty", "")
+    _add(sshd, home, "strict", known_hosts=unknown)
+    r = run_cli("devices", "check", "strict")
+    assert r.code == 2 and "not in" in r.error_line() and "--accept-new" in r.error_line()
+    assert unknown.read_text() == ""  # strict: nothing trusted
+
+    _add(sshd, home, "tofu", "--accept-new", known_hosts=unknown)
+    assert run_cli("devices", "check", "tofu").code == 0
+    assert sshd.known_hosts_line.split()[2] in unknown.read_text()  # trusted on first use, as ssh does
+    assert run_cli("devices", "check", "strict").code == 0  # and now known to the strict device too
+
+
+@needs_sshd
+def test_missing_runtime_names_what_to_install(sshd: Sshd, home: Path, pkg: Path, tmp_path: Path) -> None:
+    # A device Python without onnxruntime (nor numpy): a bare venv, like a fresh board's system python3.
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    probe = subprocess.run([str(bare / "bin" / "python"), "-c", "import onnxruntime"], capture_output=True)
+    assert probe.returncode != 0, "the bare venv must lack onnxruntime"
+    _add(sshd, home, python=str(bare / "bin" / "python"))
+    before, tmp_before = read_manifest(pkg), _leftovers()
+    r = run_cli("profile", pkg, "--device", "dev", "--artifact", "onnxruntime-fp32", *FASTP)
+    short = ".".join(sys.version.split(".")[:2])
+    assert r.code == 2
+    want = f"device dev has no onnxruntime for Python {short}: pip install onnxruntime"
+    assert r.error_line() == f"edgekit: error: {want}"
+    r = run_cli("profile", pkg, "--device", "dev", "--artifact", "ncnn-int8", *FASTP)
+    assert r.code == 2 and "has no ncnn" in r.error_line() and "pip install ncnn" in r.error_line()
+    _unchanged(pkg, before, home, tmp_before)
+
+    _add(sshd, home, "nopy", python="/nonexistent/python3")
+    r = run_cli("profile", pkg, "--device", "nopy", *FASTP)
+    assert r.code == 2 and "has no Python at '/nonexistent/python3'" in r.error_line()
+    check = run_cli("devices", "check", "nopy")
+    assert check.code == 0 and "not found" in check.stdout  # reachable, python missing: said in the table
+    _unchanged(pkg, before, home, tmp_before)
+
+
+@needs_sshd
+def test_timeout_stops_the_runner_and_removes_its_folder(sshd: Sshd, home: Path, pkg: Path) -> None:
+    _add(sshd, home)
+    before, tmp_before = read_manifest(pkg), _leftovers()
+    t0 = time.time()
+    r = run_cli("profile", pkg, "--device", "dev", "--seconds", "60", "--max-runs", "100000000", "--timeout", "3")
+    assert r.code == 3 and "timed out after 3 s" in r.error_line(), r.stderr
+    assert time.time() - t0 < 30
+    _unchanged(pkg, before, home, tmp_before)
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [ln for ln in ps.splitlines() if "edgekit-runner.py" in ln and "ssh" not in ln.split()[0]]
+
+
+@needs_sshd
+def test_runner_killed_mid_run(sshd: Sshd, home: Path, pkg: Path) -> None:
+    """The OOM killer (or `pkill -9`) takes the runner: one line saying so, the folder still removed."""
+    _add(sshd, home)
+    before, tmp_before = read_manifest(pkg), _leftovers()
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", "profile", str(pkg), "--device", "dev",
+                             "--seconds", "60", "--max-runs", "100000000", "--artifact", "onnxruntime-fp32"],
+                            cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file = None
+    deadline = time.time() + 60
+    while pid_file is None and time.time() < deadline:
+        pid_file = next((TMP / n / ".pid" for n in _leftovers() - tmp_before if (TMP / n / ".pid").exists()), None)
+        time.sleep(0.1)
+    assert pid_file is not None, "the runner never started"
+    time.sleep(1.0)  # let it load the model and start timing
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("edgekit: error")]
+    assert proc.returncode == 3 and len(lines) == 1 and "killed by SIGKILL" in lines[0], stderr
+    _unchanged(pkg, before, home, tmp_before)

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import yaml
 from rich.table import Table
 
-from edgekit import __version__, backends, cli_devices
+from edgekit import __version__, backends, cli_compress, cli_devices
 from edgekit.console import err, out
 from edgekit.errors import EXIT_BAD_INPUT, EXIT_TOOL, EdgekitError
 from edgekit.verify import Thresholds
@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--min-cosine", type=float, default=d.min_cosine, help="per-layer agreement threshold")
     g.add_argument("--out", help="folder for layers.json and debug.md (default build/debug-MODEL-BACKEND-PRECISION)")
     cli_devices.add_parsers(sub)  # devices, profile
+    cli_compress.add_parsers(sub, _model_args)  # prune, distill
+    cli_compress.add_compress_options(b, build=True)
     return p
 
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         verbs = {"targets": cmd_targets, "inspect": cmd_inspect, "build": cmd_build, "debug": cmd_debug,
-                 "devices": cli_devices.cmd_devices, "profile": cli_devices.cmd_profile}
+                 "devices": cli_devices.cmd_devices, "profile": cli_devices.cmd_profile,
+                 "prune": cli_compress.cmd_prune, "distill": cli_compress.cmd_distill}
         return verbs[args.verb](args)
     except EdgekitError as e:
         err.print(f"edgekit: error: {e}", markup=False, soft_wrap=True)
@@ -111,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"edgekit: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)",
                   markup=False, soft_wrap=True)
         return EXIT_TOOL
+
+
+def _first_precision(precision: str) -> str:
+    first = precision.split(",")[0]
+    return first if first in ("fp32", "fp16", "int8") else "int8"  # auto/all: align for the lowest
 
 
 def _model_of(args: argparse.Namespace) -> str:
@@ -231,6 +239,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         force=args.force,
         dla_core=args.dla_core,
+        compress=cli_compress.compress_options(args, args.distill, _first_precision(args.precision))
+        if args.prune or args.distill else None,
     )
     device = cli_devices.resolve_build_device(args)  # --device: an unknown name fails before the build
     result = build(opts)

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from edgekit import __version__, backends
 from edgekit.backends.base import Artifact, Backend
+from edgekit.compress.stage import CompressOptions
 from edgekit.console import note, progress
 from edgekit.costmodel import estimate_latency
 from edgekit.data import DataSplit, Preprocess, prepare_data
@@ -57,6 +59,7 @@ class BuildOptions:
     memory: bool = True
     force: bool = False
     dla_core: int | None = None  # TensorRT: build for this DLA core (GPU fallback on)
+    compress: CompressOptions | None = None  # pruning / distillation before quantization
 
 
 @dataclass
@@ -165,6 +168,10 @@ def build(opts: BuildOptions) -> BuildResult:
         chosen = check_ops(spec, chosen, explicit, reasons)
         data = prepare_data(spec, opts.calib, opts.val, preprocess, opts.calib_samples, opts.val_samples)
         note(data.note)
+        original, compression = None, None
+        if opts.compress is not None and (opts.compress.prune or opts.compress.distill):
+            original = spec
+            spec, compression = _compress(spec, target, opts, preprocess, data, Path(work))
         plan = Plan(target=target.name, model_sha256=spec.sha256, artifacts=[], reasons=reasons)
         for b in chosen:
             sub = default_plan(spec, target, b.name, precisions[b.name], opts.calib_method, opts.calib_samples,
@@ -192,6 +199,9 @@ def build(opts: BuildOptions) -> BuildResult:
 
         # Measured where the backend runs here; otherwise the cost model's estimate, marked as one.
         candidates = {f"reference:{k}": a for k, a in references.items()} | {a.key: a for a in artifacts}
+        if original is not None:  # the uncompressed model, timed in the same rounds: the pruning speedup
+            candidates["original:fp32"] = _export(original, ArtifactPlan(REFERENCE_BACKEND, "fp32"), data,
+                                                  Path(work) / "original-fp32")
         estimated = {k: a for k, a in candidates.items() if backends.get(a.backend).measure_here() is not None}
         timed = {k: a for k, a in candidates.items() if k not in estimated}
         with progress() as bar:
@@ -207,6 +217,8 @@ def build(opts: BuildOptions) -> BuildResult:
                   if opts.memory and a.key not in estimated else None for a in artifacts}
         manifest = _manifest(opts, target, spec, preprocess, data, plan, chosen, artifacts, verifications,
                              latencies, memory)
+        if compression is not None:
+            _record_compression(manifest, compression, original, spec, latencies, opts.thresholds)
         plan.save(staging.path / "plan.yaml")
         if preprocess:
             (staging.path / "preprocess.yaml").write_text(yaml.safe_dump(preprocess.to_dict(), sort_keys=False))
@@ -218,6 +230,52 @@ def build(opts: BuildOptions) -> BuildResult:
         # Never leave a package that looks valid: a rejected build goes beside DIR, named so.
         path = staging.commit(out if manifest["passed"] else out.with_name(out.name + ".rejected"))
     return BuildResult(manifest, path, EXIT_OK if manifest["passed"] else EXIT_FAILED)
+
+
+def _compress(spec: ModelSpec, target: Target, opts: BuildOptions, preprocess: Preprocess | None, data: DataSplit,
+              work: Path) -> tuple[ModelSpec, dict[str, Any]]:
+    """Prune / distill, then ingest the result: later stages verify quantization against the compressed
+    FP32 model, and the accuracy change of compression itself is checked against the original."""
+    from edgekit.compress.stage import compress
+    from edgekit.data import open_source
+
+    c = opts.compress
+    assert c is not None
+    train = None
+    if c.train:
+        src = open_source(c.train, spec, preprocess, "training")
+        train = src.load(np.arange(src.count), spec, "training")
+    folder = work / "compress"
+    folder.mkdir()
+    result = compress(spec, target, c, train, data.validation, folder)
+    compressed = ingest(result.onnx_path, work / "compressed")
+    note(f"compressed: {spec.macs / 1e6:.1f} -> {compressed.macs / 1e6:.1f} M MACs, "
+         f"{spec.params:,} -> {compressed.params:,} parameters")
+    return compressed, result.report
+
+
+def _record_compression(manifest: dict[str, Any], report: dict[str, Any], original: ModelSpec | None,
+                        spec: ModelSpec, latencies: dict[str, Latency], thresholds: Thresholds) -> None:
+    assert original is not None
+    before, after = latencies["original:fp32"], latencies[f"reference:{REFERENCE_BACKEND}"]
+    acc = report["accuracy"]
+    final = acc.get("distilled", acc.get("fine-tuned (hard labels)", acc.get("pruned", acc["original"])))
+    drop = round((acc["original"] - final) * 100, 3)
+    passed = drop <= thresholds.max_accuracy_drop
+    manifest["compression"] = {
+        **report,
+        "macs_before": original.macs, "macs_after": spec.macs, "macs_ratio": round(spec.macs / original.macs, 4),
+        "params_before": original.params, "params_after": spec.params,
+        "latency_before_ms": before.to_dict(), "latency_after_ms": after.to_dict(),
+        "speedup_fp32": round(before.p50 / after.p50, 4),
+        "accuracy_drop_points": drop, "passed": passed,
+        "note": "the compressed FP32 model is the reference its quantized artifacts are verified against; "
+                "accuracy_drop_points compares it with the original",
+    }
+    if not passed:
+        manifest["passed"] = False
+        manifest["plan_reasons"].append(f"compression lost {drop} points ({report['metric']}), more than the "
+                                        f"{thresholds.max_accuracy_drop} allowed: distill longer or prune less")
 
 
 def _export(spec: ModelSpec, ap: ArtifactPlan, data: DataSplit, folder: Path) -> Artifact:

@@ -163,7 +163,7 @@ def print_device_table(package: Path, device: Any, latencies: dict[str, dict[str
         lat = latencies.get(a["key"])
         if not lat:
             continue
-        here = a.get("latency_ms") or {}
+        here = a.get("host_latency_ms") or {}
         here_p50 = f"{here['p50']:.3f}" + (" est." if here.get("where") == "estimate" else "") if here else "–"
         table.add_row(a["key"], f"{lat['p50']:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{lat['min']:.3f}",
                       str(lat["runs"]), str(lat["threads"]), here_p50)

@@ -228,7 +228,8 @@ def test_profile_onnxruntime_and_ncnn_end_to_end(sshd: Sshd, home: Path, pkg: Pa
         assert d["where"] == where and d["p50"] > 0 and d["runs"] >= 5 and d["threads"] >= 1
         assert d["p50"] <= d["p90"] <= d["p99"] and d["min"] <= d["p50"]
         assert set(d["conditions"]) >= {"power_mode", "clocks_locked", "cpu_governor", "temperature_c"}
-        assert a["latency_ms"] == old["latency_ms"]  # the host measurement stays
+        assert a["latency_ms"] == d  # the device's measurement is the artifact's latency now
+        assert a["host_latency_ms"] == old["latency_ms"]  # and the host's is kept beside it
         rec = json.loads((home / "profiles" / "dev" / f"host-cpu-{sha12}-{a['backend']}-{a['precision']}.json")
                          .read_text())
         assert rec["device"] == "dev" and rec["target"] == "host-cpu" and rec["model_sha256"] == m["source"]["sha256"]
@@ -256,7 +257,8 @@ def test_build_with_device_records_device_latency(sshd: Sshd, home: Path, tmp_pa
     assert r.code == 0, r.stderr
     (a,) = read_manifest(out)["artifacts"]
     assert a["device_latency_ms"]["where"].startswith("ssh://") and a["device_latency_ms"]["p50"] > 0
-    assert a["latency_ms"]["where"].startswith("local:")
+    assert a["latency_ms"] == a["device_latency_ms"]  # measured there instead of here
+    assert a["host_latency_ms"]["where"].startswith("local:")
     assert "measured on dev" in r.stdout
     typo = run_cli("build", tmp_path / "m.onnx", "--target", "host-cpu", "--out", tmp_path / "x", "--device", "nope")
     assert typo.code == 2 and "unknown device 'nope'" in typo.error_line() and not (tmp_path / "x").exists()
@@ -339,8 +341,23 @@ def test_timeout_stops_the_runner_and_removes_its_folder(sshd: Sshd, home: Path,
     assert time.time() - t0 < 30
     _unchanged(pkg, before, home, tmp_before)
     time.sleep(0.5)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert not [ln for ln in ps.splitlines() if "edgekit-runner.py" in ln and "ssh" not in ln.split()[0]]
+    assert not _runners_under(sshd.proc.pid)  # (pid, command) of runners still alive
+
+
+def _runners_under(root_pid: int) -> list[tuple[int, str]]:
+    """Runner processes started through this test's sshd (other sshds may run other tests' runners)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [ln.split(None, 2) for ln in ps.splitlines() if ln.strip()]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, *_ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    mine, todo = set(), [root_pid]
+    while todo:
+        p = todo.pop()
+        mine.add(p)
+        todo += children.get(p, [])
+    return [(int(r[0]), r[2]) for r in rows if len(r) == 3 and int(r[0]) in mine and "edgekit-runner.py" in r[2]
+            and "ssh" not in r[2].split()[0] and not r[2].startswith(("sh ", "bash ", "/bin/sh"))]
 
 
 @needs_sshd
@@ -353,14 +370,14 @@ def test_runner_killed_mid_run(sshd: Sshd, home: Path, pkg: Path) -> None:
                              "--seconds", "60", "--max-runs", "100000000", "--artifact", "onnxruntime-fp32"],
                             cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pid_file = None
+    runner = None
     deadline = time.time() + 60
-    while pid_file is None and time.time() < deadline:
-        pid_file = next((TMP / n / ".pid" for n in _leftovers() - tmp_before if (TMP / n / ".pid").exists()), None)
+    while runner is None and time.time() < deadline:  # the runner this test's sshd started
+        runner = next(iter(_runners_under(sshd.proc.pid)), None)
         time.sleep(0.1)
-    assert pid_file is not None, "the runner never started"
+    assert runner is not None, "the runner never started"
     time.sleep(1.0)  # let it load the model and start timing
-    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    os.kill(runner[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=60)
     lines = [ln for ln in stderr.splitlines() if ln.startswith("edgekit: error")]
     assert proc.returncode == 3 and len(lines) == 1 and "killed by SIGKILL" in lines[0], stderr

@@ -264,12 +264,17 @@ def record(package: Path, manifest: dict[str, Any], device: Device, arts: list[d
 
 
 def update_manifest(package: Path, latencies: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Add device_latency_ms to the measured artifacts (latency_ms stays), re-validate, replace atomically."""
+    """Record the device measurements: `latency_ms` becomes the device's (where: ssh://...), the host's
+    or the estimate moves to `host_latency_ms`, and `device_latency_ms` holds it too. Speedup fields stay
+    the host's interleaved ratios. Re-validated, then replaced atomically."""
     path = package / "manifest.json"
     manifest = json.loads(path.read_text())
     for a in manifest["artifacts"]:
         if a["key"] in latencies:
-            a["device_latency_ms"] = latencies[a["key"]]
+            previous = a.get("latency_ms") or {}
+            if previous and not str(previous.get("where", "")).startswith("ssh://"):
+                a["host_latency_ms"] = previous
+            a["latency_ms"] = a["device_latency_ms"] = latencies[a["key"]]
     try:
         validate_manifest(manifest)
     except Exception as e:

@@ -224,3 +224,17 @@ def test_tensorrt_op_check_names_the_node(tmp_path: Path) -> None:
     issues = TRT.unsupported_nodes(m)
     assert [(i.op_type, i.node) for i in issues] == [("MagicNMS", "vendor_nms")]
     assert "plugin" in str(issues[0])
+
+
+def test_device_measurement_of_a_tensorrt_artifact_uses_trtexec_gpu_compute_time() -> None:
+    from types import SimpleNamespace
+
+    from edgekit.remote.profile import _latencies
+
+    device = SimpleNamespace(where="ssh://nvidia@orin:22")
+    out = {"conditions": {"power_mode": "15W"}, "results": {"tensorrt-int8": {
+        "p50": 0.95, "p90": 1.0, "p99": 1.2, "mean": 0.96, "min": 0.9, "runs": 3157, "threads": 1,
+        "trtexec_output": TRTEXEC_10}}}
+    rec = _latencies(device, out)["tensorrt-int8"]
+    assert (rec["p50"], rec["p99"], rec["runs"]) == (0.84, 0.95, 3157)  # GPU Compute Time, runs from the trace
+    assert rec["trtexec"]["throughput_qps"] == pytest.approx(1052.31) and rec["where"] == device.where

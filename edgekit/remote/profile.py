@@ -217,8 +217,20 @@ def _runner_result(device: Device, res: subprocess.CompletedProcess[bytes], time
 def _latencies(device: Device, out: dict[str, Any]) -> dict[str, dict[str, Any]]:
     cond = out.get("conditions") or {}
     fields = ("p50", "p90", "p99", "mean", "min", "runs", "threads")
-    return {k: {**{f: r[f] for f in fields}, "where": device.where, "conditions": cond}
-            for k, r in (out.get("results") or {}).items()}
+    latencies = {}
+    for k, r in (out.get("results") or {}).items():
+        rec = {**{f: r[f] for f in fields}, "where": device.where, "conditions": cond}
+        if r.get("trtexec_output"):  # TensorRT: GPU Compute Time from trtexec's summary is the model's cost
+            from edgekit.backends.tensorrt import parse_trtexec
+
+            summary = parse_trtexec(r["trtexec_output"])
+            if summary.gpu_compute.get("median"):
+                rec.update({f: v for f, v in summary.to_latency_record(device.where).items()
+                            if f in ("p50", "p90", "p99", "mean", "min")})
+            rec["trtexec"] = {"throughput_qps": summary.throughput_qps, "latency": summary.latency,
+                              "gpu_compute": summary.gpu_compute}
+        latencies[k] = rec
+    return latencies
 
 
 def record(package: Path, manifest: dict[str, Any], device: Device, arts: list[dict[str, Any]],

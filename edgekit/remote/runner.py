@@ -376,7 +376,9 @@ def time_tensorrt(package, art, args, deadline_at):
     ms = [float(r.get("latencyMs", r.get("computeMs", 0.0))) for r in records]
     if not ms:
         raise RunnerError("trtexec reported no timings")
-    return summary(ms, 1)
+    result = summary(ms, 1)
+    result["trtexec_output"] = p.stdout[-12000:]  # its performance summary, parsed on the host
+    return result
 
 
 # ---------------------------------------------------------------- main

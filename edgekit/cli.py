@@ -240,7 +240,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         force=args.force,
         dla_core=args.dla_core,
         compress=cli_compress.compress_options(args, args.distill, _first_precision(args.precision))
-        if args.prune or args.distill else None,
+        if args.prune or args.distill or args.low_rank else None,
     )
     device = cli_devices.resolve_build_device(args)  # --device: an unknown name fails before the build
     result = build(opts)

@@ -27,6 +27,8 @@ def add_compress_options(p: argparse.ArgumentParser, build: bool) -> None:
     g.add_argument("--round-to", type=int, help="channel multiple (default: the target's for --precision)")
     g.add_argument("--keep-layer", action="append", default=[], metavar="MODULE",
                    help="a torch module name left unpruned (repeatable; default: the output layers)")
+    g.add_argument("--low-rank", type=float, metavar="ENERGY",
+                   help="factorise large Linear / 1x1 conv layers by SVD keeping this energy (e.g. 0.95)")
     g.add_argument("--train", help="training data (image folder or .npz; labels optional) for fine-tuning, "
                    "distillation and Taylor importance")
     g.add_argument("--epochs", type=int, default=15)
@@ -56,6 +58,7 @@ def compress_options(args: argparse.Namespace, distill: bool, precision: str = "
     return CompressOptions(
         prune=args.prune, importance=args.importance, global_ranking=args.global_ranking, steps=args.prune_steps,
         precision=precision, round_to=args.round_to, ignored_layers=args.keep_layer, distill=distill,
+        low_rank_energy=args.low_rank,
         finetune=bool(args.train) and not distill, train=args.train, epochs=args.epochs,
         time_budget_s=args.time_budget, temperature=args.temperature, alpha=args.alpha,
         relation_weight=args.relation_weight, hint_layers=hints, augment=args.augment,

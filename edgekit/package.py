@@ -168,6 +168,7 @@ def render_report(manifest: dict[str, Any]) -> str:
                 lines.append(f"- {k}: {val}")
         lines += [f"- Note: {n}" for n in a.get("notes", [])]
         lines.append("")
+    lines += _compression_section(manifest.get("compression"))
     if manifest["source"].get("notes"):
         lines += ["## What ingest did", ""] + [f"- {n}" for n in manifest["source"]["notes"]] + [""]
     lines += ["## Toolchain", ""] + [f"- {k} {v}" for k, v in manifest["toolchain"].items()] + [""]
@@ -176,3 +177,30 @@ def render_report(manifest: dict[str, Any]) -> str:
         lines += [f"Measured on {host.get('model', '?')} ({host.get('cores')} cores; "
                   f"{', '.join(host.get('isa', []))})", ""]
     return "\n".join(lines)
+
+
+def _compression_section(c: dict[str, Any] | None) -> list[str]:
+    """Accuracy after each compression stage (so what distillation adds is visible), size and speed."""
+    if not c:
+        return []
+    lines = ["## Compression", "", f"| stage | {c['metric']} |", "|---|---|"]
+    lines += [f"| {stage} | {value:.2%} |" for stage, value in c["accuracy"].items()]
+    lines += ["", f"- MACs {c['macs_before'] / 1e6:.1f}M -> {c['macs_after'] / 1e6:.1f}M ({c['macs_ratio']:.0%}), "
+              f"parameters {c['params_before']:,} -> {c['params_after']:,}",
+              f"- ONNX Runtime FP32, same interleaved rounds: {c['latency_before_ms']['p50']:.3f} -> "
+              f"{c['latency_after_ms']['p50']:.3f} ms p50 ({c['speedup_fp32']:.2f}x)",
+              f"- Accuracy change vs the original: -{c['accuracy_drop_points']} points "
+              f"({'within' if c['passed'] else 'OVER'} the budget)"]
+    pr = c.get("prune")
+    if pr:
+        lines.append(f"- Pruning: {pr['settings']['importance']} importance, ratio {pr['settings']['ratio']}, "
+                     f"channels rounded to {pr['round_to']} ({pr['round_to_reason']})")
+        lines += ["", "| layer | channels | parameters |", "|---|---|---|"]
+        lines += [f"| `{la['name']}` | {la['channels_before']} -> {la['channels_after']} | "
+                  f"{la['params_before']:,} -> {la['params_after']:,} |" for la in pr["layers"]]
+    for key, label in (("finetune", "Fine-tuning (hard labels)"), ("distill", "Distillation")):
+        run = c.get(key)
+        if run:
+            lines.append(f"- {label}: {run['epochs_run']} epochs, {run['seconds']} s, best {run['metric']} "
+                         f"{run['best_metric']:.2%} at epoch {run['best_epoch']} ({run['stopped']})")
+    return [*lines, ""]

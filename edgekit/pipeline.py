@@ -169,7 +169,8 @@ def build(opts: BuildOptions) -> BuildResult:
         data = prepare_data(spec, opts.calib, opts.val, preprocess, opts.calib_samples, opts.val_samples)
         note(data.note)
         original, compression = None, None
-        if opts.compress is not None and (opts.compress.prune or opts.compress.distill):
+        wanted = opts.compress
+        if wanted is not None and (wanted.prune or wanted.distill or wanted.low_rank_energy):
             original = spec
             spec, compression = _compress(spec, target, opts, preprocess, data, Path(work))
         plan = Plan(target=target.name, model_sha256=spec.sha256, artifacts=[], reasons=reasons)
@@ -259,7 +260,8 @@ def _record_compression(manifest: dict[str, Any], report: dict[str, Any], origin
     assert original is not None
     before, after = latencies["original:fp32"], latencies[f"reference:{REFERENCE_BACKEND}"]
     acc = report["accuracy"]
-    final = acc.get("distilled", acc.get("fine-tuned (hard labels)", acc.get("pruned", acc["original"])))
+    stages = ("distilled", "fine-tuned (hard labels)", "low-rank", "pruned", "original")  # last stage run first
+    final = next(acc[k] for k in stages if k in acc)
     drop = round((acc["original"] - final) * 100, 3)
     passed = drop <= thresholds.max_accuracy_drop
     manifest["compression"] = {

@@ -135,3 +135,23 @@ def test_distillation_from_unlabelled_data_recovers_the_teacher_and_resumes(tmp_
     resumed = train_student(student, teacher, x, None, xv, None, settings, checkpoint=ck)
     assert [h["epoch"] for h in resumed.history][:4] == [1, 2, 3, 4]  # continued, not restarted
     assert resumed.best_metric >= 0.95 > start
+
+
+def test_low_rank_factorisation_keeps_outputs_and_shrinks_layers(tmp_path: Path) -> None:
+    from edgekit.compress.lowrank import factorise
+
+    torch.manual_seed(0)
+    low_rank = torch.randn(256, 16) @ torch.randn(16, 512)  # rank 16: SVD at 0.999 energy finds it
+    model = nn.Sequential(nn.Conv2d(512, 256, 1), nn.ReLU(), nn.Flatten(), nn.Linear(256 * 4, 10)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(low_rank[:, :, None, None] / 50)
+    x = torch.randn(2, 512, 2, 2)
+    with torch.no_grad():
+        before = model(x)
+    changed = factorise(model, energy=0.999)
+    names = [c.name for c in changed]
+    assert "0" in names and changed[names.index("0")].rank <= 16
+    assert all(c.params_after < c.params_before for c in changed)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-3, rtol=1e-3)
+    _onnx_agrees(model, x[:1], tmp_path / "lr.onnx")

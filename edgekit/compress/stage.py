@@ -33,6 +33,7 @@ class CompressOptions:
     precision: str = "fp32"  # which channel multiple of the target to round to
     round_to: int | None = None  # overrides the target's multiple
     ignored_layers: list[str] = field(default_factory=list)
+    low_rank_energy: float | None = None  # SVD-factorise large Linear / 1x1 convs keeping this energy
     distill: bool = False
     finetune: bool = False  # hard-label fine-tuning after pruning (when not distilling)
     train: str | None = None  # training images/npz for fine-tuning and distillation
@@ -124,6 +125,12 @@ def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any,
                                           f"{target.name} channel multiple for {opts.precision}"}
         save_pruned(student, str(workdir / "pruned.pt"))
         measure("pruned", student)
+    if opts.low_rank_energy:
+        from edgekit.compress.lowrank import as_dicts, factorise
+
+        factorised = factorise(student, opts.low_rank_energy, skip=tuple(opts.ignored_layers))
+        report["low_rank"] = {"energy": opts.low_rank_energy, "layers": as_dicts(factorised)}
+        measure("low-rank", student)
     if opts.distill or opts.finetune:
         if train is None:
             raise BadInput("distillation and fine-tuning need training data: pass --train DIR|FILE.npz")

@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     before, after = c["latency_before_ms"]["p50"], c["latency_after_ms"]["p50"]
     rows = {
         "original": {"macs": c["macs_before"], "params": c["params_before"], "p50_ms": before,
+                     "bytes": (REPO / "examples" / "defects" / "defectnet.onnx").stat().st_size,
                      "accuracy": c["accuracy"]["original"], "speedup_vs_original_fp32": 1.0},
         "pruned": {"macs": c["macs_after"], "params": c["params_after"], "p50_ms": after,
+                   "bytes": next(a["bytes"] for a in m["artifacts"] if a["key"] == "onnxruntime-fp32"),
                    "accuracy": c["accuracy"].get("pruned"), "speedup_vs_original_fp32": round(before / after, 4)},
         "pruned+finetuned": {"accuracy": c["accuracy"].get("fine-tuned (hard labels)")},
         "pruned+distilled": {"macs": c["macs_after"], "p50_ms": after, "accuracy": c["accuracy"].get("distilled"),

@@ -29,6 +29,8 @@ def add_compress_options(p: argparse.ArgumentParser, build: bool) -> None:
                    help="a torch module name left unpruned (repeatable; default: the output layers)")
     g.add_argument("--low-rank", type=float, metavar="ENERGY",
                    help="factorise large Linear / 1x1 conv layers by SVD keeping this energy (e.g. 0.95)")
+    g.add_argument("--layer-ratio", action="append", default=[], metavar="MODULE=RATIO",
+                   help="a torch module's own pruning ratio (repeatable)")
     g.add_argument("--train", help="training data (image folder or .npz; labels optional) for fine-tuning, "
                    "distillation and Taylor importance")
     g.add_argument("--epochs", type=int, default=15)
@@ -42,6 +44,8 @@ def add_compress_options(p: argparse.ArgumentParser, build: bool) -> None:
     g.add_argument("--no-finetune-baseline", action="store_true",
                    help="skip the hard-label fine-tuning run that shows what distillation adds")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint", metavar="FILE", help="distillation checkpoint: resumed when it exists, "
+                   "updated every epoch (an interrupted run continues where it stopped)")
     if build:
         g.add_argument("--distill", action="store_true", help="distill from the original model after pruning")
 
@@ -55,14 +59,23 @@ def compress_options(args: argparse.Namespace, distill: bool, precision: str = "
         if not sep or not s or not t:
             raise BadInput(f"--hint '{h}' is not STUDENT_LAYER:TEACHER_LAYER")
         hints.append([s, t])
+    ratios = {}
+    for item in args.layer_ratio:
+        name, sep, value = item.rpartition("=")
+        try:
+            ratios[name] = float(value)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise BadInput(f"--layer-ratio '{item}' is not MODULE=RATIO")
     return CompressOptions(
         prune=args.prune, importance=args.importance, global_ranking=args.global_ranking, steps=args.prune_steps,
         precision=precision, round_to=args.round_to, ignored_layers=args.keep_layer, distill=distill,
-        low_rank_energy=args.low_rank,
+        low_rank_energy=args.low_rank, layer_ratios=ratios,
         finetune=bool(args.train) and not distill, train=args.train, epochs=args.epochs,
         time_budget_s=args.time_budget, temperature=args.temperature, alpha=args.alpha,
         relation_weight=args.relation_weight, hint_layers=hints, augment=args.augment,
-        finetune_baseline=not args.no_finetune_baseline, seed=args.seed)
+        finetune_baseline=not args.no_finetune_baseline, seed=args.seed, checkpoint=args.checkpoint)
 
 
 def add_parsers(sub: Any, model_args: Any) -> None:

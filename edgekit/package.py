@@ -195,9 +195,10 @@ def _compression_section(c: dict[str, Any] | None) -> list[str]:
     if pr:
         lines.append(f"- Pruning: {pr['settings']['importance']} importance, ratio {pr['settings']['ratio']}, "
                      f"channels rounded to {pr['round_to']} ({pr['round_to_reason']})")
-        lines += ["", "| layer | channels | parameters |", "|---|---|---|"]
+        lines += ["", "| layer | channels | parameters | MACs |", "|---|---|---|---|"]
         lines += [f"| `{la['name']}` | {la['channels_before']} -> {la['channels_after']} | "
-                  f"{la['params_before']:,} -> {la['params_after']:,} |" for la in pr["layers"]]
+                  f"{la['params_before']:,} -> {la['params_after']:,} | "
+                  f"{la.get('macs_before', 0):,} -> {la.get('macs_after', 0):,} |" for la in pr["layers"]]
     for key, label in (("finetune", "Fine-tuning (hard labels)"), ("distill", "Distillation")):
         run = c.get(key)
         if run:

@@ -31,6 +31,9 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_prune_then_distill_verbs_write_models_the_next_stage_takes(labelled, tmp_path: Path) -> None:
     model, data = labelled
     r = run_cli("prune", model, "--target", "rpi4", "--prune", "0.5", "--input-shape", "images=1,3,64,64",
+                "--val", data, "--out", tmp_path / "pruned", "--layer-ratio", "bogus.layer=0.2")
+    assert r.code == 2 and "no layer named bogus.layer" in r.error_line()
+    r = run_cli("prune", model, "--target", "rpi4", "--prune", "0.5", "--input-shape", "images=1,3,64,64",
                 "--val", data, "--out", tmp_path / "pruned")
     assert r.code == 0, r.stderr
     report = json.loads((tmp_path / "pruned" / "compress.json").read_text())
@@ -40,11 +43,13 @@ def test_prune_then_distill_verbs_write_models_the_next_stage_takes(labelled, tm
     onnx.checker.check_model(str(tmp_path / "pruned" / "model.onnx"))
 
     r = run_cli("distill", tmp_path / "pruned" / "model.onnx", "--teacher", model, "--input-shape",
-                "images=1,3,64,64", "--train", data, "--epochs", "2", "--out", tmp_path / "distilled")
+                "images=1,3,64,64", "--train", data, "--epochs", "2", "--checkpoint", tmp_path / "ck.pt",
+                "--out", tmp_path / "distilled")
     assert r.code == 0, r.stderr
     report = json.loads((tmp_path / "distilled" / "compress.json").read_text())
     assert list(report["accuracy"]) == ["original", "student", "fine-tuned (hard labels)", "distilled"]
     assert report["distill"]["epochs_run"] >= 1 and (tmp_path / "distilled" / "model.onnx").exists()
+    assert (tmp_path / "ck.pt").exists()  # an interrupted run would resume from it
 
     r = run_cli("prune", model, "--target", "rpi4", "--importance", "taylor", "--input-shape", "images=1,3,64,64",
                 "--val", data, "--out", tmp_path / "x", "--prune", "0.3")

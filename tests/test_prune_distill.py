@@ -39,6 +39,7 @@ def test_bundled_model_pruned_by_half_is_aligned_and_smaller(tmp_path: Path) -> 
     assert report.settings["ignored_layers"] == ["fc"]  # the classes are not pruned
     convs = [la for la in report.layers if la.kind == "conv"]
     assert all(la.channels_after % 8 == 0 and la.channels_after < la.channels_before for la in convs)
+    assert all(0 < la.macs_after < la.macs_before for la in convs)  # per-layer MACs before/after
     assert model(x).shape == (2, 4)
     _onnx_agrees(model, x[:1], tmp_path / "pruned.onnx")
     save_pruned(model, str(tmp_path / "pruned.pt"))

@@ -53,6 +53,8 @@ class LayerChange:
     channels_after: int
     params_before: int
     params_after: int
+    macs_before: int = 0
+    macs_after: int = 0
 
 
 @dataclass
@@ -124,7 +126,7 @@ def prune(model: nn.Module, example: torch.Tensor, settings: PruneSettings,
     if unknown:
         raise BadInput(f"no layer named {unknown[0]} in the model (names as in model.named_modules())")
     ignored_names = settings.ignored_layers or default_ignored(model, example)
-    macs0, params0 = tp.utils.count_ops_and_params(model, example)
+    macs0, params0, layer_macs0, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
     before = _widths(model)
     pruner = tp.pruner.MetaPruner(
         model, example, importance=_importance(settings.importance), global_pruning=settings.global_ranking,
@@ -145,9 +147,11 @@ def prune(model: nn.Module, example: torch.Tensor, settings: PruneSettings,
         model.zero_grad(set_to_none=True)
         if between_steps is not None:
             between_steps(step)
-    macs1, params1 = tp.utils.count_ops_and_params(model, example)
+    macs1, params1, layer_macs1, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
     after = _widths(model)
-    layers = [LayerChange(n, kind, c0, after[n][1], p0, after[n][2])
+    modules = dict(model.named_modules())  # the same module objects before and after: Torch-Pruning edits in place
+    layers = [LayerChange(n, kind, c0, after[n][1], p0, after[n][2], int(layer_macs0.get(modules[n], 0)),
+                          int(layer_macs1.get(modules[n], 0)))
               for n, (kind, c0, p0) in before.items() if n in after]
     recorded = asdict(settings) | {"ignored_layers": ignored_names}
     return PruneReport(recorded, int(macs0), int(macs1), int(params0), int(params1), layers)

@@ -33,6 +33,7 @@ class CompressOptions:
     precision: str = "fp32"  # which channel multiple of the target to round to
     round_to: int | None = None  # overrides the target's multiple
     ignored_layers: list[str] = field(default_factory=list)
+    layer_ratios: dict[str, float] = field(default_factory=dict)  # module name -> its own pruning ratio
     low_rank_energy: float | None = None  # SVD-factorise large Linear / 1x1 convs keeping this energy
     distill: bool = False
     finetune: bool = False  # hard-label fine-tuning after pruning (when not distilling)
@@ -44,6 +45,7 @@ class CompressOptions:
     relation_weight: float = 0.0
     hint_layers: list[list[str]] = field(default_factory=list)
     augment: str = "hflip"
+    checkpoint: str | None = None  # distillation checkpoint: resumed when present, updated every epoch
     finetune_baseline: bool = True  # also fine-tune with hard labels only, to show what distillation adds
     seed: int = 0
 
@@ -106,7 +108,8 @@ def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any,
     if opts.prune:
         round_to = opts.round_to or target.channel_multiple.get(opts.precision)
         settings = PruneSettings(ratio=opts.prune, importance=opts.importance, global_ranking=opts.global_ranking,
-                                 steps=opts.steps, round_to=round_to, ignored_layers=list(opts.ignored_layers))
+                                 steps=opts.steps, round_to=round_to, ignored_layers=list(opts.ignored_layers),
+                                 layer_ratios=dict(opts.layer_ratios))
         batches = None
         if opts.importance == "taylor":
             if train is None:
@@ -149,7 +152,8 @@ def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any,
             if not opts.distill:
                 student = finetuned
         if opts.distill:
-            dr = train_student(student, teacher, x, y, xv, yv, base)
+            dr = train_student(student, teacher, x, y, xv, yv, base,
+                               checkpoint=Path(opts.checkpoint) if opts.checkpoint else None)
             report["distill"] = dr.to_dict()
             measure("distilled", student)
     out = workdir / "model.onnx"

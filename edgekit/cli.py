@@ -260,6 +260,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     out.print(f"ONNX Runtime FP32 reference p50 {ref['p50']:.3f} ms ({ref['where']}, {ref['threads']} threads, "
               f"{ref['runs']} interleaved runs). Speedup vs the same backend's FP32; size vs its FP32 (else vs "
               "the source); accuracy in %; est. = cost-model estimate for the target, not a measurement.")
+    for f in m.get("failed_artifacts", []):
+        err.print(f"[red]not built[/red] {f['key']}: {f['error']}", soft_wrap=True)
     for a in m["artifacts"]:
         if not a["verification"]["passed"]:
             err.print(f"[red]rejected[/red] {a['backend']} {a['precision']}: "

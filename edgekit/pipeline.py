@@ -26,7 +26,7 @@ from edgekit.compress.stage import CompressOptions
 from edgekit.console import note, progress
 from edgekit.costmodel import estimate_latency
 from edgekit.data import DataSplit, Preprocess, prepare_data
-from edgekit.errors import EXIT_FAILED, EXIT_OK, BadInput, UnsupportedOp
+from edgekit.errors import EXIT_FAILED, EXIT_OK, BadInput, EdgekitError, UnsupportedOp
 from edgekit.ingest import ModelSpec, ingest, parse_input_shapes
 from edgekit.package import MANIFEST_SCHEMA_ID, Staging, file_records, render_report, validate_manifest, write_json
 from edgekit.plan import ArtifactPlan, Plan, default_plan
@@ -187,9 +187,21 @@ def build(opts: BuildOptions) -> BuildResult:
                                     data, Path(work) / f"ref-{name}")
                       for name in ref_backends}
         verifier = _Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads)
-        artifacts, verifications = [], {}
+        artifacts, verifications, failed, built = [], {}, [], []
         for ap in plan.artifacts:
-            art = _export(spec, ap, data, staging.path / f"{ap.backend}-{ap.precision}")
+            folder = staging.path / f"{ap.backend}-{ap.precision}"
+            try:
+                art = _export(spec, ap, data, folder)
+            except BadInput:
+                raise
+            except EdgekitError as e:  # one converter failing must not lose the others: recorded, build rejected
+                if len(plan.artifacts) == 1:
+                    raise
+                shutil.rmtree(folder, ignore_errors=True)
+                failed.append({"key": f"{ap.backend}-{ap.precision}", "error": str(e)})
+                note(f"export {ap.backend} {ap.precision} FAILED: {e}")
+                continue
+            built.append(ap)
             v = verifier.check(art)
             if not v.passed and ap.precision == "int8":
                 art, v = _retry_int8(spec, ap, art, v, data, staging.path, verifier, work)
@@ -198,6 +210,8 @@ def build(opts: BuildOptions) -> BuildResult:
             artifacts.append(art)
             verifications[art.key] = v
 
+        plan.artifacts = built
+        plan.reasons += [f"{f['key']} was not built: {f['error']}" for f in failed]
         # Measured where the backend runs here; otherwise the cost model's estimate, marked as one.
         candidates = {f"reference:{k}": a for k, a in references.items()} | {a.key: a for a in artifacts}
         if original is not None:  # the uncompressed model, timed in the same rounds: the pruning speedup
@@ -220,6 +234,9 @@ def build(opts: BuildOptions) -> BuildResult:
                              latencies, memory)
         if compression is not None:
             _record_compression(manifest, compression, original, spec, latencies, opts.thresholds)
+        if failed:
+            manifest["failed_artifacts"] = failed
+            manifest["passed"] = False
         plan.save(staging.path / "plan.yaml")
         if preprocess:
             (staging.path / "preprocess.yaml").write_text(yaml.safe_dump(preprocess.to_dict(), sort_keys=False))

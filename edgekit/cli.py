@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import yaml
 from rich.table import Table
 
-from edgekit import __version__, backends, cli_compress, cli_devices
+from edgekit import __version__, backends, cli_compress, cli_devices, cli_plan
 from edgekit.console import err, out
 from edgekit.errors import EXIT_BAD_INPUT, EXIT_TOOL, EdgekitError
 from edgekit.verify import Thresholds
@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     b.add_argument("--out", help="package folder (default: build/MODEL-TARGET)")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.add_argument("--plan", help="plan.yaml from `edgekit plan`: build exactly what it says")
     b.add_argument("--dla-core", type=int, help="TensorRT targets with a DLA: build for this DLA core "
                    "(FP16/INT8; layers the DLA lacks fall back to the GPU)")
     b.add_argument("--device", help="also measure the package on this device over SSH (`edgekit devices`); "
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="folder for layers.json and debug.md (default build/debug-MODEL-BACKEND-PRECISION)")
     cli_devices.add_parsers(sub)  # devices, profile
     cli_compress.add_parsers(sub, _model_args)  # prune, distill
+    cli_plan.add_parser(sub, _model_args)  # plan
     cli_compress.add_compress_options(b, build=True)
     return p
 
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         verbs = {"targets": cmd_targets, "inspect": cmd_inspect, "build": cmd_build, "debug": cmd_debug,
                  "devices": cli_devices.cmd_devices, "profile": cli_devices.cmd_profile,
-                 "prune": cli_compress.cmd_prune, "distill": cli_compress.cmd_distill}
+                 "prune": cli_compress.cmd_prune, "distill": cli_compress.cmd_distill,
+                 "plan": lambda a: cli_plan.cmd_plan(a, _model_of(a))}
         return verbs[args.verb](args)
     except EdgekitError as e:
         err.print(f"edgekit: error: {e}", markup=False, soft_wrap=True)
@@ -239,6 +242,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         force=args.force,
         dla_core=args.dla_core,
+        plan=args.plan,
         compress=cli_compress.compress_options(args, args.distill, _first_precision(args.precision))
         if args.prune or args.distill or args.low_rank else None,
     )

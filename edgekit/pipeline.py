@@ -60,6 +60,7 @@ class BuildOptions:
     force: bool = False
     dla_core: int | None = None  # TensorRT: build for this DLA core (GPU fallback on)
     compress: CompressOptions | None = None  # pruning / distillation before quantization
+    plan: str | None = None  # plan.yaml from `edgekit plan`: applied exactly instead of the default rules
 
 
 @dataclass
@@ -155,8 +156,18 @@ def build(opts: BuildOptions) -> BuildResult:
     staging = Staging(out, force=opts.force)  # refuses an existing DIR before any work
     preprocess = Preprocess.from_file(opts.preprocess) if opts.preprocess else None
     reasons: list[str] = []
-    chosen = resolve_backends(target, opts.backend, reasons)
-    precisions = {b.name: resolve_precisions(target, b, opts.precisions, bool(opts.calib), reasons) for b in chosen}
+    given_plan = _load_plan(opts.plan, target) if opts.plan else None
+    if given_plan is not None:
+        names = list(dict.fromkeys(ap.backend for ap in given_plan.artifacts))
+        chosen = [backends.get_installed(n) for n in names]
+        precisions = {n: [ap.precision for ap in given_plan.artifacts if ap.backend == n] for n in names}
+        if any(p == "int8" for ps in precisions.values() for p in ps) and not opts.calib:
+            raise BadInput("the plan has an INT8 artifact: pass --calib DIR|FILE.npz")
+        reasons += [f"plan {opts.plan} applied as written", *given_plan.reasons]
+    else:
+        chosen = resolve_backends(target, opts.backend, reasons)
+        precisions = {b.name: resolve_precisions(target, b, opts.precisions, bool(opts.calib), reasons)
+                      for b in chosen}
     threads = opts.threads or (target.cpu["cores"] if target.is_host else detect_host()["cpu"]["cores"])
 
     with tempfile.TemporaryDirectory(prefix="edgekit-work-") as work, staging:
@@ -174,7 +185,14 @@ def build(opts: BuildOptions) -> BuildResult:
             original = spec
             spec, compression = _compress(spec, target, opts, preprocess, data, Path(work))
         plan = Plan(target=target.name, model_sha256=spec.sha256, artifacts=[], reasons=reasons)
-        for b in chosen:
+        if given_plan is not None:
+            if given_plan.model_sha256 != spec.sha256:
+                raise BadInput(f"plan {opts.plan} was made for another model (sha256 {given_plan.model_sha256[:12]}, "
+                               f"this one is {spec.sha256[:12]}): run `edgekit plan` for this model")
+            plan.artifacts = [dataclasses.replace(ap, options=dict(ap.options)) for ap in given_plan.artifacts]
+            plan.budgets, plan.candidates, plan.cost_model = (given_plan.budgets, given_plan.candidates,
+                                                              given_plan.cost_model)
+        for b in chosen if given_plan is None else []:
             sub = default_plan(spec, target, b.name, precisions[b.name], opts.calib_method, opts.calib_samples,
                                opts.exclude_nodes, {"dla_core": opts.dla_core})
             plan.artifacts += sub.artifacts
@@ -248,6 +266,20 @@ def build(opts: BuildOptions) -> BuildResult:
         # Never leave a package that looks valid: a rejected build goes beside DIR, named so.
         path = staging.commit(out if manifest["passed"] else out.with_name(out.name + ".rejected"))
     return BuildResult(manifest, path, EXIT_OK if manifest["passed"] else EXIT_FAILED)
+
+
+def _load_plan(path: str, target: Target) -> Plan:
+    plan = Plan.load(path)
+    if plan.target != target.name:
+        raise BadInput(f"plan {path} is for target {plan.target}, not {target.name}")
+    if not plan.artifacts:
+        raise BadInput(f"plan {path} lists no artifacts")
+    for ap in plan.artifacts:
+        if ap.backend not in backends.names():
+            raise BadInput(f"plan {path} names backend {ap.backend}, which edgekit does not have")
+        if not target.supports(ap.precision):
+            raise BadInput(f"plan {path} asks for {ap.precision}, which {target.name} does not support")
+    return plan
 
 
 def _compress(spec: ModelSpec, target: Target, opts: BuildOptions, preprocess: Preprocess | None, data: DataSplit,

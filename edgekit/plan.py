@@ -53,6 +53,10 @@ class Plan:
     artifacts: list[ArtifactPlan]
     reasons: list[str] = field(default_factory=list)
     schema: str = PLAN_SCHEMA
+    # Written by the planner (`edgekit plan`): what it weighed, under which budgets, how good its estimates were.
+    budgets: dict[str, Any] = field(default_factory=dict)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    cost_model: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

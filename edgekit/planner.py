@@ -76,6 +76,15 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path) -> tuple[P
         result = build(trial)
         spec = ingest(opts.model, Path(tmp) / "spec", parse_input_shapes(opts.input_shapes), opts.weights)
         tried = Plan.load(result.path / "plan.yaml")
+        mixed = _mixed_candidates(spec, trial, result.manifest, tried)
+        if mixed:  # rebuild every candidate with the mixed ones, so all are timed in the same rounds
+            note(f"planner: {len(mixed)} mixed-precision candidate(s); timing all candidates together")
+            tried.artifacts = [ap for ap in tried.artifacts
+                               if not (ap.precision == "int8" and ap.backend in {m.backend for m in mixed})] + mixed
+            tried.save(Path(tmp) / "with-mixed.yaml")
+            result = build(dataclasses.replace(trial, out=str(Path(tmp) / "candidates2"),
+                                               plan=str(Path(tmp) / "with-mixed.yaml")))
+            tried = Plan.load(result.path / "plan.yaml")
     manifest = result.manifest
     plans = {f"{ap.backend}-{ap.precision}": ap for ap in tried.artifacts}
     candidates = []
@@ -121,6 +130,33 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path) -> tuple[P
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(out)
     return plan, candidates
+
+
+def _mixed_candidates(spec: Any, trial: BuildOptions, manifest: dict[str, Any], tried: Plan) -> list[ArtifactPlan]:
+    """For every INT8 candidate that missed the thresholds: keep its most sensitive layers in float
+    (fewest that pass, found by measurement) as a new candidate of the same backend."""
+    rejected = [a for a in manifest["artifacts"] if a["precision"] == "int8" and not a["verification"]["passed"]]
+    if not rejected or trial.calib is None:
+        return []
+    from edgekit.data import Preprocess, prepare_data
+    from edgekit.sensitivity import mixed_precision
+
+    preprocess = Preprocess.from_file(trial.preprocess) if trial.preprocess else None
+    data = prepare_data(spec, trial.calib, trial.val, preprocess, trial.calib_samples, trial.val_samples)
+    plans = {f"{ap.backend}-{ap.precision}": ap for ap in tried.artifacts}
+    found = []
+    for a in rejected:
+        ap = plans[a["key"]]
+        assert ap.quantization is not None and data.calibration is not None
+        note(f"planner: {a['key']} missed the thresholds; searching which layers to keep in float")
+        res = mixed_precision(spec, ap.backend, data.calibration, data.validation, trial.thresholds, ap.quantization)
+        if res.passed and res.float_nodes:
+            why = (f"mixed precision: {len(res.float_nodes)} most sensitive layer(s) kept in float "
+                   f"({', '.join(res.float_nodes)}) so INT8 meets the thresholds that uniform INT8 missed")
+            found.append(dataclasses.replace(ap, quantization=res.settings, reasons=[*ap.reasons, why]))
+        else:
+            note(f"planner: no mixed-precision {a['key']} met the thresholds ({res.reason})")
+    return found
 
 
 def candidate_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:

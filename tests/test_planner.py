@@ -49,3 +49,29 @@ def test_plan_then_build_with_the_plan(tmp_path: Path) -> None:
     r = run_cli("build", model, "--target", "rpi4", "--plan", tmp_path / "plan.yaml", "--calib", calib,
                 "--out", tmp_path / "y")
     assert r.code == 2 and "is for target host-cpu" in r.error_line()
+
+
+def test_quantization_hostile_layer_is_planned_in_float(tmp_path: Path) -> None:
+    from test_sensitivity import _hostile_model
+
+    model = _hostile_model(tmp_path / "hostile.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32))
+    r = run_cli("plan", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
+                "--calib", calib, "--out", tmp_path / "plan.yaml", *QUICK)
+    assert r.code == 0, r.stderr
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    (ap,) = plan["artifacts"]
+    floats = ap["quantization"]["exclude_nodes"]
+    assert floats and floats[0] == "hostile" and len(floats) <= 2  # the hostile layer first, few others
+    assert any("mixed precision" in reason for reason in ap["reasons"])
+    (chosen,) = [c for c in plan["candidates"] if c["chosen"]]
+    assert chosen["float_nodes"] == len(floats) and chosen["verdict"] == "ok"
+    # Uniform INT8 misses what the plan meets: build it and see it rejected.
+    r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
+                "--calib", calib, "--out", tmp_path / "uniform", *QUICK, "--no-memory")
+    assert r.code == 1
+    r = run_cli("build", model, "--target", "host-cpu", "--plan", tmp_path / "plan.yaml", "--calib", calib,
+                "--out", tmp_path / "mixed", *QUICK, "--no-memory")
+    assert r.code == 0, r.stderr
+    assert read_manifest(tmp_path / "mixed")["artifacts"][0]["details"]["excluded_nodes"] == floats

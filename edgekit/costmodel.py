@@ -36,9 +36,28 @@ class CostPriors:
         return cls(0.45, 0.6, 0.004)
 
 
-def estimate_latency(spec: ModelSpec, target: Target, precision: str, priors: CostPriors | None = None) -> Latency:
-    p = priors or CostPriors.for_target(target)
-    peak = target.peak_tops.get(precision) or target.peak_tops.get("fp16") or target.peak_tops["fp32"]
+ACCELERATOR_BACKENDS = frozenset({"tensorrt"})  # backends that run on a GPU target's accelerator
+
+
+def cpu_peak_tops(target: Target, precision: str) -> float:
+    """A GPU board's CPU, for backends that run there: cores x GHz x 16 FLOPs/cycle (two 4-wide FMA
+    units), doubled for fp16 with ARMv8.2 half-precision arithmetic, x4 for int8 with dot-product."""
+    cpu = target.cpu
+    isa = set(cpu.get("isa", []))
+    fp32 = float(cpu.get("cores", 4)) * float(cpu.get("freq_ghz", 1.5)) * 16 / 1000
+    gain = {"fp32": 1.0, "fp16": 2.0 if {"asimdhp", "fphp"} & isa else 1.0,
+            "int8": 4.0 if {"asimddp", "dotprod"} & isa else 1.0}[precision]
+    return fp32 * gain
+
+
+def estimate_latency(spec: ModelSpec, target: Target, precision: str, priors: CostPriors | None = None,
+                     backend: str | None = None) -> Latency:
+    on_cpu = target.kind == "gpu" and backend is not None and backend not in ACCELERATOR_BACKENDS
+    p = priors or (CostPriors(0.45, 0.6, 0.004) if on_cpu else CostPriors.for_target(target))
+    if on_cpu:
+        peak = cpu_peak_tops(target, precision)
+    else:
+        peak = target.peak_tops.get(precision) or target.peak_tops.get("fp16") or target.peak_tops["fp32"]
     bandwidth = float(target.memory.get("bandwidth_gbps", 10.0)) * 1e9
     bpe = BYTES_PER_ELEMENT[precision]
     total_s, kernels = 0.0, 0

@@ -240,7 +240,7 @@ def build(opts: BuildOptions) -> BuildResult:
         with progress() as bar:
             bar.add_task("profiling (interleaved, own process)", total=None)
             latencies = time_artifacts(timed, data.validation.batches(spec)[0], opts.profile, threads)
-        latencies |= {k: estimate_latency(spec, target, a.precision) for k, a in estimated.items()}
+        latencies |= {k: estimate_latency(spec, target, a.precision, backend=a.backend) for k, a in estimated.items()}
         for a in artifacts:
             if a.key in estimated:
                 a.notes.append(f"latency is a cost-model estimate for {target.name} "

@@ -90,8 +90,11 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path) -> tuple[P
     candidates = []
     for a in manifest["artifacts"]:
         lat = a.get("latency_ms") or {}
-        est = estimate_latency(spec, target, a["precision"]).p50
-        measured = lat.get("p50") if lat.get("where") not in (None, "estimate") else None
+        est = estimate_latency(spec, target, a["precision"], backend=a["backend"]).p50
+        where = str(lat.get("where", "estimate"))
+        # A measurement counts for the target only when taken on it: this host for host-cpu, or the device.
+        on_target = where.startswith("ssh://") or (target.is_host and where.startswith("local:"))
+        measured = lat.get("p50") if on_target else None
         v = a["verification"]
         q = plans[a["key"]].quantization
         c = Candidate(a["key"], a["backend"], a["precision"], len(q.exclude_nodes) if q else 0, est, measured,
@@ -108,7 +111,12 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path) -> tuple[P
     ok = [c for c in candidates if c.verdict == "ok"]
     if not ok:
         raise BadInput("no candidate meets the budgets: " + "; ".join(f"{c.key}: {c.reason}" for c in candidates))
-    key = (lambda c: (c.bytes, c.latency_ms)) if budgets.objective == "size" else (lambda c: (c.latency_ms, c.bytes))
+    rank = {b: i for i, b in enumerate(target.backends)}  # ties go to the backend the target lists first
+
+    def key(c: Candidate) -> tuple[float, ...]:
+        first, second = (c.bytes, c.latency_ms) if budgets.objective == "size" else (c.latency_ms, c.bytes)
+        return (round(first, 6), rank.get(c.backend, 99), second)
+
     chosen = min(ok, key=key)
     basis = "measured" if chosen.measured_ms is not None else "estimated (no measurement possible here)"
     why = (f"{chosen.key}: the {'smallest' if budgets.objective == 'size' else 'fastest'} of {len(ok)} candidates "

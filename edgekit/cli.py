@@ -1,20 +1,24 @@
-"""The `edgekit` command. Verbs: build, inspect, debug, targets, devices, profile (the last two in
-cli_devices.py). Exit codes: 0 ok, 1 verification failed, 2 bad input, 3 a tool failed."""
+"""The `edgekit` command. Verbs here: build, inspect, debug, targets; the others live in one cli_*.py
+module each, listed in VERB_MODULES (adding a verb is adding a module). Every verb takes `--json`.
+Exit codes: 0 ok, 1 verification or budget failed, 2 bad input, 3 a tool failed."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import yaml
 from rich.table import Table
 
-from edgekit import __version__, backends, cli_compress, cli_devices, cli_plan
-from edgekit.console import err, out
+from edgekit import __version__, backends, cli_compress, cli_devices
+from edgekit.cli_args import model_args, model_of
+from edgekit.console import emit, emitted, err, is_json, json_mode, out
 from edgekit.errors import EXIT_BAD_INPUT, EXIT_TOOL, EdgekitError
 from edgekit.verify import Thresholds
 
@@ -35,12 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("name", nargs="?")
 
     i = sub.add_parser("inspect", help="inputs, outputs, parameters, MACs per layer, op support")
-    _model_args(i)
+    model_args(i)
     i.add_argument("--target", help="check op support against this target's backends")
     i.add_argument("--all-layers", action="store_true", help="list every node, not only those with MACs")
 
     b = sub.add_parser("build", help="ingest, quantize, export, verify, profile and package a model")
-    _model_args(b)
+    model_args(b)
     b.add_argument("--target", required=True, help="a name from `edgekit targets` or a target YAML file")
     b.add_argument("--backend", help="a backend, a comma list, or 'all' (every backend of the target usable here); "
                    "default: the target's first usable backend")
@@ -71,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="also measure the package on this device over SSH (`edgekit devices`); "
                    "recorded as device_latency_ms")
     g = sub.add_parser("debug", help="name the first layer where an artifact diverges from the FP32 model")
-    _model_args(g)
+    model_args(g)
     g.add_argument("--target", required=True)
     g.add_argument("--backend", required=True)
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
@@ -82,53 +86,66 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=4, help="validation samples to compare (default 4)")
     g.add_argument("--min-cosine", type=float, default=d.min_cosine, help="per-layer agreement threshold")
     g.add_argument("--out", help="folder for layers.json and debug.md (default build/debug-MODEL-BACKEND-PRECISION)")
-    cli_devices.add_parsers(sub)  # devices, profile
-    cli_compress.add_parsers(sub, _model_args)  # prune, distill
-    cli_plan.add_parser(sub, _model_args)  # plan
     cli_compress.add_compress_options(b, build=True)
+    for name in VERB_MODULES:
+        importlib.import_module(name).add_parsers(sub, model_args)
+    _add_json_flag(sub)
     return p
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_path", nargs="?", metavar="MODEL", help="an .onnx file (or package.module:factory)")
-    p.add_argument("--model", help="PyTorch factory package.module:factory (or an .onnx path)")
-    p.add_argument("--weights", help="state_dict file for --model (loaded with weights_only=True)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,..",
-                   help="fix an input's dimensions (repeatable)")
+# Each module provides add_parsers(sub, model_args) and VERBS = {verb: cmd(args) -> exit code}.
+VERB_MODULES = ("edgekit.cli_devices", "edgekit.cli_compress", "edgekit.cli_plan")
+
+
+def _add_json_flag(sub: argparse._SubParsersAction) -> None:
+    for parser in sub.choices.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            for n in nested:
+                _add_json_flag(n)
+        else:
+            parser.add_argument("--json", action="store_true",
+                                help="print only one machine-readable JSON document on stdout")
+
+
+def _verbs() -> dict[str, Callable[[argparse.Namespace], int]]:
+    verbs: dict[str, Callable[[argparse.Namespace], int]] = {
+        "targets": cmd_targets, "inspect": cmd_inspect, "build": cmd_build, "debug": cmd_debug}
+    for name in VERB_MODULES:
+        verbs |= importlib.import_module(name).VERBS
+    return verbs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "json", False):
+        json_mode()
+    code, message = _run(args)
+    if is_json() and not emitted():  # errors (and verbs with nothing more to say) still answer in JSON
+        emit({"ok": code == 0, "exit_code": code, **({"error": message} if message else {})})
+    return code
+
+
+def _run(args: argparse.Namespace) -> tuple[int, str | None]:
     try:
-        verbs = {"targets": cmd_targets, "inspect": cmd_inspect, "build": cmd_build, "debug": cmd_debug,
-                 "devices": cli_devices.cmd_devices, "profile": cli_devices.cmd_profile,
-                 "prune": cli_compress.cmd_prune, "distill": cli_compress.cmd_distill,
-                 "plan": lambda a: cli_plan.cmd_plan(a, _model_of(a))}
-        return verbs[args.verb](args)
+        return _verbs()[args.verb](args), None
     except EdgekitError as e:
         err.print(f"edgekit: error: {e}", markup=False, soft_wrap=True)
-        return e.exit_code
+        return e.exit_code, str(e)
     except KeyboardInterrupt:
         err.print("edgekit: interrupted; nothing was written")
-        return 130
+        return 130, "interrupted"
     except Exception as e:  # an internal error still gets one line; -v shows where
         if args.verbose or os.environ.get("EDGEKIT_DEBUG"):
             traceback.print_exc()
-        err.print(f"edgekit: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)",
-                  markup=False, soft_wrap=True)
-        return EXIT_TOOL
+        message = f"internal error: {type(e).__name__}: {e}"
+        err.print(f"edgekit: {message} (rerun with -v for the traceback)", markup=False, soft_wrap=True)
+        return EXIT_TOOL, message
 
 
 def _first_precision(precision: str) -> str:
     first = precision.split(",")[0]
     return first if first in ("fp32", "fp16", "int8") else "int8"  # auto/all: align for the lowest
-
-
-def _model_of(args: argparse.Namespace) -> str:
-    model = args.model or args.model_path
-    if not model:
-        raise EdgekitError("give a model: MODEL.onnx or --model package.module:factory")
-    return model
 
 
 # ---------------------------------------------------------------- targets
@@ -163,7 +180,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     target = load_target(args.target) if args.target else None
     with tempfile.TemporaryDirectory(prefix="edgekit-inspect-") as work:
-        spec = ingest(_model_of(args), work, parse_input_shapes(args.input_shape), args.weights)
+        spec = ingest(model_of(args), work, parse_input_shapes(args.input_shape), args.weights)
         out.print(f"[bold]{spec.source}[/bold]  opset {spec.source_opset}"
                   + (f" -> {spec.opset}" if spec.opset != spec.source_opset else "")
                   + f"  ·  {spec.params:,} parameters  ·  {spec.macs / 1e6:,.2f} M MACs  ·  {len(spec.layers)} nodes")
@@ -222,7 +239,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     precisions = None if args.precision == "auto" else [p.strip() for p in args.precision.split(",") if p.strip()]
     opts = BuildOptions(
-        model=_model_of(args),
+        model=model_of(args),
         target=args.target,
         out=args.out,
         backend=args.backend,
@@ -281,7 +298,7 @@ def cmd_debug(args: argparse.Namespace) -> int:
     from edgekit.debug import run_debug
 
     loc, out_dir = run_debug(
-        model=_model_of(args), target=args.target, backend=args.backend, precision=args.precision,
+        model=model_of(args), target=args.target, backend=args.backend, precision=args.precision,
         package=args.package, calib=args.calib, val=args.val, preprocess=args.preprocess,
         input_shapes=args.input_shape, weights=args.weights, samples=args.samples, threshold=args.min_cosine,
         out=args.out,

@@ -181,3 +181,6 @@ def _run(args: argparse.Namespace, teacher: str | None, distill: bool) -> int:
     _print(result.report, out_dir)
     (out_dir / "compress.json").write_text(json.dumps(result.report, indent=1) + "\n")
     return 0
+
+
+VERBS = {"prune": cmd_prune, "distill": cmd_distill}

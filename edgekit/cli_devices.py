@@ -12,7 +12,7 @@ from edgekit.console import err, out
 from edgekit.errors import EdgekitError
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: Any, model_args: Any = None) -> None:
     d = sub.add_parser("devices", help="devices reached over SSH: add, remove, list, check")
     act = d.add_subparsers(dest="action", required=True, parser_class=type(d))
     a = act.add_parser("add", help="add a device (stored in $EDGEKIT_HOME/devices.yaml)")
@@ -174,3 +174,6 @@ def print_device_table(package: Path, device: Any, latencies: dict[str, dict[str
     if first:
         rec = profile_path(device, manifest["source"]["sha256"], first["backend"], first["precision"])
         out.print(f"recorded: {package / 'manifest.json'} (device_latency_ms) and {rec.parent}/", markup=False)
+
+
+VERBS = {"devices": cmd_devices, "profile": cmd_profile}

@@ -7,10 +7,11 @@ from typing import Any
 
 from rich.table import Table
 
+from edgekit.cli_args import model_of
 from edgekit.console import out
 
 
-def add_parser(sub: Any, model_args: Any) -> None:
+def add_parsers(sub: Any, model_args: Any) -> None:
     p = sub.add_parser("plan", help="build, verify and time every candidate; write the best under budgets to plan.yaml")
     model_args(p)
     p.add_argument("--target", required=True)
@@ -31,13 +32,13 @@ def add_parser(sub: Any, model_args: Any) -> None:
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default ./plan.yaml)")
 
 
-def cmd_plan(args: argparse.Namespace, model: str) -> int:
+def cmd_plan(args: argparse.Namespace) -> int:
     from edgekit.pipeline import BuildOptions
     from edgekit.planner import Budgets, candidate_rows, plan_model
     from edgekit.profile import ProfileSettings
 
     opts = BuildOptions(
-        model=model, target=args.target, backend=args.backend,
+        model=model_of(args), target=args.target, backend=args.backend,
         precisions=[p.strip() for p in args.precision.split(",")] if args.precision else None,
         calib=args.calib, val=args.val, preprocess=args.preprocess, input_shapes=args.input_shape,
         weights=args.weights, calib_samples=args.calib_samples, val_samples=args.val_samples,
@@ -59,3 +60,6 @@ def cmd_plan(args: argparse.Namespace, model: str) -> int:
     out.print(f"chosen: {plan.reasons[-1]}")
     out.print(f"wrote {args.out}: apply it with `edgekit build MODEL --target {plan.target} --plan {args.out} ...`")
     return 0
+
+
+VERBS = {"plan": cmd_plan}

@@ -1,8 +1,16 @@
-"""One rich console for the whole tool: progress on stderr, tables on stdout."""
+"""One rich console for the whole tool: progress on stderr, tables on stdout.
+
+With `--json` a command prints exactly one JSON document on stdout and nothing else: `json_mode()`
+silences the tables and notes, and `emit()` writes the document.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -11,13 +19,56 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 _width = None if sys.stdout.isatty() else 160
 out = Console(highlight=False, width=_width)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+_json = False
+_real_stdout: int | None = None
+_emitted = False
+
+
+def json_mode() -> None:
+    """Machine-readable output only: tables, notes and progress bars go nowhere, and whatever a
+    library prints on stdout (NNCF's bars, pnnx's log, C++ code included) is sent to stderr, so stdout
+    carries nothing but the one JSON document."""
+    global _json, _real_stdout
+    _json = True
+    out.file = io.StringIO()
+    err.file = io.StringIO()
+    sys.stdout.flush()
+    _real_stdout = os.dup(1)
+    os.dup2(2, 1)
+
+
+def is_json() -> bool:
+    return _json
+
+
+def emit(payload: Any) -> None:
+    """The command's result as one JSON document on the real stdout (only in JSON mode)."""
+    global _emitted
+    if _json and _real_stdout is not None:
+        sys.stdout.flush()
+        data = (json.dumps(payload, indent=2, default=_jsonable) + "\n").encode()
+        while data:
+            data = data[os.write(_real_stdout, data):]
+        _emitted = True
+
+
+def emitted() -> bool:
+    return _emitted
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    return str(x)
 
 
 def progress() -> Progress:
     """A progress bar on stderr; it disappears when done so logs stay readable."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True, disable=not sys.stderr.isatty(),
+        console=err, transient=True, disable=_json or not sys.stderr.isatty(),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,18 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLED_ONNX = REPO / "examples" / "defects" / "defectnet.onnx"
 BUNDLED_PREPROCESS = REPO / "examples" / "defects" / "preprocess.yaml"
 sys.path.insert(0, str(Path(__file__).parent))
+
+def require_tools(*paths: str, install: str) -> None:
+    """Skip when a system program is absent, unless scripts/test.sh (and so CI) installed the system
+    dependencies: then a missing one is a failure, never a silent skip."""
+    missing = [p for p in paths if not (Path(p).exists() if p.startswith("/") else shutil.which(p))]
+    if not missing:
+        return
+    message = f"needs {', '.join(missing)} ({install}; scripts/system-deps.sh installs it)"
+    if os.environ.get("EDGEKIT_REQUIRE_SYSTEM_DEPS"):
+        pytest.fail(message)
+    pytest.skip(message)
+
 
 # Short timing in tests: speed goals live in bench/, tests only need valid measurements.
 FAST = ["--profile-seconds", "0.1", "--min-runs", "10", "--no-memory"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO, read_manifest, run_cli
+from conftest import FAST, REPO, read_manifest, require_tools, run_cli
 
 from edgekit.devices import Device, missing_runtime, parse_url
 from edgekit.errors import BadInput
@@ -27,8 +27,14 @@ from edgekit.package import validate_manifest
 
 SSHD = Path("/usr/sbin/sshd")
 RUNNER = REPO / "edgekit" / "remote" / "runner.py"
-needs_sshd = pytest.mark.skipif(not SSHD.exists() or not shutil.which("ssh-keygen"),
-                                reason="needs OpenSSH: /usr/sbin/sshd and ssh-keygen (apt-get install openssh-server)")
+
+
+@pytest.fixture
+def needs_sshd_tools() -> None:
+    require_tools(str(SSHD), "ssh-keygen", "ssh", install="apt-get install openssh-server openssh-client")
+
+
+needs_sshd = pytest.mark.usefixtures("needs_sshd_tools")
 TMP = Path("/tmp")
 FASTP = ["--seconds", "0.05", "--min-runs", "5", "--warmup", "2"]
 
@@ -141,8 +147,7 @@ class Sshd:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    if not SSHD.exists():
-        pytest.skip("needs /usr/sbin/sshd (apt-get install openssh-server)")
+    require_tools(str(SSHD), "ssh-keygen", "ssh", install="apt-get install openssh-server openssh-client")
     server = Sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     server.stop()

@@ -326,10 +326,11 @@ def missing_runtime(device: Device, facts: dict[str, Any], backend: str) -> str 
             return (f"device {device.name} has no trtexec (on PATH or in /usr/src/tensorrt/bin): install TensorRT "
                     "(JetPack on Jetson) and put trtexec on PATH")
         return None
-    module = {"onnxruntime": "onnxruntime", "ncnn": "ncnn", "openvino": "openvino"}.get(backend)
-    if module is None:
+    from edgekit.remote.runner import BACKEND_NEEDS  # the runner checks the same modules on the device
+
+    if backend not in BACKEND_NEEDS:
         return f"edgekit's device runner cannot run {backend} artifacts yet"
-    for m in (module, "numpy"):
+    for m in BACKEND_NEEDS[backend]:
         info = runtimes.get(m) or {}
         if not info.get("version"):
             broken = f" (installed but import fails: {info['error']})" if info.get("error") else ""

@@ -88,6 +88,23 @@ def test_urls_and_messages() -> None:
     assert "trtexec" in missing_runtime(dev, facts, "tensorrt")
 
 
+def test_host_and_runner_ask_the_same_runtimes() -> None:
+    """TensorRT artifacts need trtexec, not numpy, on both sides; the others need their module and numpy."""
+    from edgekit.remote.runner import BACKEND_NEEDS
+
+    dev = Device("orin", "nvidia", "orin.local", 22, "jetson-orin-nano")
+    bare = {"python": "3.6.9", "trtexec": "/usr/src/tensorrt/bin/trtexec", "runtimes": {}}  # JetPack: no numpy
+    assert missing_runtime(dev, bare, "tensorrt") is None and BACKEND_NEEDS["tensorrt"] == ()
+    for backend, modules in BACKEND_NEEDS.items():
+        if not modules:
+            continue
+        assert "numpy" in modules
+        only_numpy = {**bare, "runtimes": {"numpy": {"version": "1.19"}}}
+        assert f"has no {modules[0]} " in missing_runtime(dev, only_numpy, backend)
+        no_numpy = {**bare, "runtimes": {modules[0]: {"version": "1"}}}
+        assert "has no numpy " in missing_runtime(dev, no_numpy, backend)
+
+
 # ---------------------------------------------------------------- a real sshd
 
 
@@ -162,9 +179,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _add(sshd: Sshd, home: Path, name: str = "dev", *extra: str, python: str = sys.executable,
-         known_hosts: Path | None = None, url: str | None = None) -> None:
+         known_hosts: Path | None = None, url: str | None = None, target: str = "host-cpu") -> None:
     kh = known_hosts or sshd.known_hosts(home / f"known_hosts-{name}")
-    r = run_cli("devices", "add", name, url or sshd.url, "--target", "host-cpu", "--identity", sshd.key,
+    r = run_cli("devices", "add", name, url or sshd.url, "--target", target, "--identity", sshd.key,
                 "--known-hosts", kh, "--python", python, *extra)
     assert r.code == 0, r.stderr
 
@@ -387,3 +404,89 @@ def test_runner_killed_mid_run(sshd: Sshd, home: Path, pkg: Path) -> None:
     lines = [ln for ln in stderr.splitlines() if ln.startswith("edgekit: error")]
     assert proc.returncode == 3 and len(lines) == 1 and "killed by SIGKILL" in lines[0], stderr
     _unchanged(pkg, before, home, tmp_before)
+
+
+# ---------------------------------------------------------------- TensorRT over SSH (FAKE trtexec)
+
+
+@pytest.fixture(scope="module")
+def trt_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TensorRT package for a Jetson Orin Nano (FP16 and INT8), built by the CLI; no engine in it (no GPU
+    here), so the device has to build one."""
+    from test_backend_onnxruntime import _conv_model
+
+    root = tmp_path_factory.mktemp("trtpkg")
+    calib = root / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    out = root / "tiny-orin"
+    r = run_cli("build", _conv_model(root / "tiny.onnx"), "--target", "jetson-orin-nano", "--precision", "fp16,int8",
+                "--calib", calib, "--out", out, *FAST)
+    assert r.code == 0, r.stderr
+    assert not list(out.rglob("*.engine"))
+    return out
+
+
+@needs_sshd
+def test_profile_tensorrt_over_ssh_builds_once_then_reuses_the_cached_engine(
+        sshd: Sshd, home: Path, trt_package: Path, tmp_path: Path) -> None:
+    """The real sshd, the real runner on a numpy-less Python (3.6 where pyenv has it, as JetPack 4.6), the
+    package's real build_engine.sh and build_engine.py; only NVIDIA's trtexec and nvidia-smi are FAKE
+    scripts (tests/test_tensorrt.py) on the device's PATH."""
+    from test_tensorrt import DEVICE_PYTHON, trtexec_calls, write_fake_nvidia_tools
+
+    pkg = Path(shutil.copytree(trt_package, tmp_path / "pkg"))
+    log, cache = tmp_path / "trtexec.log", tmp_path / "device-cache"
+    fake = write_fake_nvidia_tools(tmp_path / "fakebin", log)
+    # The device's python3: its PATH has trtexec (as JetPack's /usr/src/tensorrt/bin) and its home's cache
+    # is this test's folder. No numpy there: TensorRT artifacts must not need it.
+    device_python = tmp_path / "device-python3"
+    device_python.write_text(f'#!/bin/sh\nPATH="{fake}:$PATH" XDG_CACHE_HOME="{cache}" exec {DEVICE_PYTHON} "$@"\n')
+    device_python.chmod(0o755)
+    assert subprocess.run([str(device_python), "-c", "import numpy"], capture_output=True).returncode != 0
+    _add(sshd, home, python=str(device_python), target="jetson-orin-nano")
+    tmp_before, where = _leftovers(), f"ssh://{sshd.user}@127.0.0.1:{sshd.port}"
+    device_version = subprocess.run([DEVICE_PYTHON, "-c", "import platform; print(platform.python_version())"],
+                                    capture_output=True, text=True).stdout.strip()
+    host = {a["key"]: a["latency_ms"] for a in read_manifest(pkg)["artifacts"]}
+
+    r = run_cli("profile", pkg, "--device", "dev", *FASTP)
+    assert r.code == 0, r.stderr
+    assert "2 TensorRT engine build(s)" in r.stderr  # the longer default timeout: nothing cached yet
+    assert trtexec_calls(log, "--saveEngine") == 2 and trtexec_calls(log, "--loadEngine") == 2
+    m = read_manifest(pkg)
+    validate_manifest(m)
+    sha12 = m["source"]["sha256"][:12]
+    for a in m["artifacts"]:
+        d = a["device_latency_ms"]
+        assert d["where"] == where and a["latency_ms"] == d and a["host_latency_ms"] == host[a["key"]]
+        assert host[a["key"]]["where"] == "estimate"
+        # trtexec's GPU Compute Time (median 0.84, p99 0.95 in the fake's summary), not the runner's wall time
+        assert (d["p50"], d["p90"], d["p99"], d["mean"], d["min"]) == (0.84, 0.86, 0.95, 0.85, 0.8)
+        assert d["runs"] == 20 and d["trtexec"]["throughput_qps"] == pytest.approx(1052.31)
+        rec = json.loads((home / "profiles" / "dev" / f"jetson-orin-nano-{sha12}-tensorrt-{a['precision']}.json")
+                         .read_text())
+        assert rec["latency_ms"] == d and rec["engine"]["source"] == "built"
+        assert rec["runtime"]["tensorrt"] == "10.3.0" and "numpy" not in rec["runtime"]
+        assert rec["runtime"]["python"] == device_version
+    # ~/.cache/edgekit/engines/<model.onnx sha256>-<precision>/, kept after the temporary folder is gone
+    entries = {e.name.split("-")[1]: e for e in cache.joinpath("edgekit", "engines").iterdir()}
+    assert sorted(entries) == ["fp16", "int8"]
+    for precision, entry in entries.items():
+        onnx_sha = next(f["sha256"] for a in m["artifacts"] if a["precision"] == precision for f in a["files"]
+                        if f["path"] == a["entry"])
+        assert entry.name == f"{onnx_sha}-{precision}"
+        assert json.loads((entry / "model.engine.json").read_text())["onnx_sha256"] == onnx_sha
+    assert _leftovers() <= tmp_before, f"left on the device: {_leftovers() - tmp_before}"
+    assert not list(pkg.rglob("*.engine"))  # engines stay on the device
+
+    r = run_cli("profile", pkg, "--device", "dev", *FASTP)  # the next measurement: a fresh temporary folder
+    assert r.code == 0, r.stderr
+    assert "engine build" not in r.stderr  # cached: the short timeout again
+    assert trtexec_calls(log, "--saveEngine") == 2 and trtexec_calls(log, "--loadEngine") == 4
+    for a in read_manifest(pkg)["artifacts"]:
+        rec = json.loads((home / "profiles" / "dev" / f"jetson-orin-nano-{sha12}-tensorrt-{a['precision']}.json")
+                         .read_text())
+        assert rec["engine"]["source"] == "cache" and a["device_latency_ms"]["p50"] == 0.84
+    assert _leftovers() <= tmp_before, f"left on the device: {_leftovers() - tmp_before}"
+    time.sleep(0.5)
+    assert not _runners_under(sshd.proc.pid)

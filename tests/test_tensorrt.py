@@ -1,10 +1,17 @@
 """TensorRT without a GPU: the Q/DQ ONNX follows TensorRT's rules and is verified in ONNX Runtime,
 build_engine.sh holds the right trtexec call per TensorRT version, trtexec's summary parses, and the
-engine-build code path says plainly that it needs a GPU."""
+engine-build code path says plainly that it needs a GPU.
+
+NVIDIA's trtexec and nvidia-smi are absent here. write_fake_nvidia_tools() writes FAKE stand-ins (shell
+scripts, named so) used only to test edgekit's own plumbing around them: build_engine.sh's reuse /
+rebuild / refuse decisions, the device runner and the host's parsing. No TensorRT runs in these tests."""
 
 from __future__ import annotations
 
 import ast
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +25,14 @@ from test_backend_onnxruntime import _calib, _conv_model, _mk
 
 from edgekit import backends
 from edgekit.backends import tensorrt_build
-from edgekit.backends.tensorrt import EngineSettings, parse_trtexec, trtexec_command
+from edgekit.backends.tensorrt import (
+    EngineSettings,
+    local_engine_blocker,
+    parse_trtexec,
+    strip_unused_opsets,
+    timing_blocker,
+    trtexec_command,
+)
 from edgekit.ingest import ingest
 from edgekit.plan import ArtifactPlan, QuantizationSettings
 from edgekit.targets import load_target
@@ -214,7 +228,10 @@ def test_build_for_jetson_orin_nano_int8_and_nano_fp16(defects_data: Path, tmp_p
     assert r.code == 0, r.stderr
     m = read_manifest(tmp_path / "nano")
     assert [a["key"] for a in m["artifacts"]] == ["tensorrt-fp16"]
-    assert any("no INT8 for jetson-nano" in reason and "sm_53" in reason for reason in m["plan_reasons"])
+    # auto precision says why not INT8 on the console, and in the artifact's notes
+    said = [ln for ln in r.stderr.splitlines() if "no INT8 for TensorRT" in ln]
+    assert said and "sm 5.3" in said[0] and "--precision fp16" in r.stderr, r.stderr
+    assert any("no INT8 for TensorRT" in n for n in m["artifacts"][0]["notes"])
     assert "--fp16" in (tmp_path / "nano" / "tensorrt-fp16" / "build_engine.sh").read_text()
 
 
@@ -238,3 +255,273 @@ def test_device_measurement_of_a_tensorrt_artifact_uses_trtexec_gpu_compute_time
     rec = _latencies(device, out)["tensorrt-int8"]
     assert (rec["p50"], rec["p99"], rec["runs"]) == (0.84, 0.95, 3157)  # GPU Compute Time, runs from the trace
     assert rec["trtexec"]["throughput_qps"] == pytest.approx(1052.31) and rec["where"] == device.where
+
+
+# ---------------------------------------------------------------- FAKE NVIDIA tools (plumbing tests only)
+
+PY36 = Path.home() / ".pyenv" / "versions" / "3.6.15" / "bin" / "python"
+DEVICE_PYTHON = str(PY36) if PY36.exists() else sys.executable  # JetPack 4.6's python3 is 3.6
+
+FAKE_TRTEXEC = r"""#!/bin/sh
+# FAKE trtexec written by edgekit's tests: NVIDIA's tool is absent here, so this stands in for it only
+# to test edgekit's plumbing. It prints trtexec's banner and, like TensorRT 10, its device information
+# and performance summary; --saveEngine writes a (fake) engine file; every call is logged to LOG.
+V=${FAKE_TRT_VERSION:-100300}
+if [ "$V" -ge 10000 ]; then DOTTED="$((V / 10000)).$((V / 100 % 100)).$((V % 100))"
+else DOTTED="$((V / 1000)).$((V / 100 % 10)).$((V % 100))"; fi
+echo "&&&& RUNNING TensorRT.trtexec [TensorRT v$V] [b26] # trtexec $*"
+echo "$*" >> "@LOG@"
+SAVE= LOAD= TIMES=
+for a in "$@"; do
+  case "$a" in
+    --help) echo "=== Model Options ==="; echo "  --onnx=<file>               ONNX model"; exit 0 ;;
+    --saveEngine=*) SAVE=${a#--saveEngine=} ;;
+    --loadEngine=*) LOAD=${a#--loadEngine=} ;;
+    --exportTimes=*) TIMES=${a#--exportTimes=} ;;
+  esac
+done
+T="[11/23/2026-10:00:00] [I]"
+echo "$T === Device Information ==="
+echo "$T Selected Device: Orin"
+echo "$T Compute Capability: ${FAKE_GPU_CC:-8.7}"
+echo "$T TensorRT version: $DOTTED"
+if [ -n "$SAVE" ]; then
+  printf 'FAKE-TENSORRT-ENGINE %s\n' "$*" > "$SAVE"
+  echo "$T Engine built in 1.23 sec."
+  echo "&&&& PASSED TensorRT.trtexec [TensorRT v$V] # trtexec $*"
+  exit 0
+fi
+if [ -n "$LOAD" ]; then
+  if ! grep -q FAKE-TENSORRT-ENGINE "$LOAD" 2>/dev/null; then
+    echo "[E] Error[1]: IRuntime::deserializeCudaEngine: Error Code 1: Serialization (Serialization assertion failed)"
+    echo "&&&& FAILED TensorRT.trtexec [TensorRT v$V] # trtexec $*"; exit 1
+  fi
+  echo "$T Timing trace has 20 queries over 3.00171 s"
+  cat <<'SUMMARY'
+@SUMMARY@SUMMARY
+  if [ -n "$TIMES" ]; then
+    r='{"startEnqMs": 0.1, "endEnqMs": 0.12, "startComputeMs": 0.12, "endComputeMs": 0.96, "computeMs": 0.84, '
+    printf '[%s"latencyMs": 0.94}' "$r" > "$TIMES"
+    i=1; while [ $i -lt 20 ]; do printf ',%s"latencyMs": 0.9%s}' "$r" "$((i % 10))" >> "$TIMES"; i=$((i + 1)); done
+    echo ']' >> "$TIMES"
+  fi
+  echo "&&&& PASSED TensorRT.trtexec [TensorRT v$V] # trtexec $*"
+  exit 0
+fi
+echo "&&&& FAILED TensorRT.trtexec [TensorRT v$V] # trtexec $*"; exit 1
+"""
+
+FAKE_NVIDIA_SMI = r"""#!/bin/sh
+# FAKE nvidia-smi written by edgekit's tests (no NVIDIA GPU here): answers edgekit's queries as an Orin.
+case "$*" in
+  *compute_cap*) echo "Orin (nvgpu), ${FAKE_GPU_CC:-8.7}" ;;
+  *--query-gpu*) echo "Orin (nvgpu), 540.4.0, 7620 MiB" ;;
+  *) echo "fake nvidia-smi" ;;
+esac
+"""
+
+
+def write_fake_nvidia_tools(bin_dir: Path, log: Path) -> Path:
+    """FAKE `trtexec` and `nvidia-smi` in bin_dir (see the module docstring); each trtexec call is a line
+    in `log`. Returns bin_dir, to put first on PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "trtexec").write_text(FAKE_TRTEXEC.replace("@LOG@", str(log)).replace("@SUMMARY@", TRTEXEC_10))
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    for tool in ("trtexec", "nvidia-smi"):
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
+
+def trtexec_calls(log: Path, kind: str) -> int:
+    """How many fake-trtexec calls of one kind ("--saveEngine" builds, "--loadEngine" timings) ran."""
+    return sum(kind in line for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+# ---------------------------------------------------------------- engine reuse and local builds
+
+
+def test_trtexec_and_jetson_versions_parse() -> None:
+    v = tensorrt_build.parse_trtexec_version
+    assert v("&&&& RUNNING TensorRT.trtexec [TensorRT v8201] # trtexec --help") == "8.2.1"  # JetPack 4.6
+    assert v("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] [b17] # trtexec") == "10.3.0"  # JetPack 6.1
+    assert v("&&&& RUNNING TensorRT.trtexec [TensorRT v101602] [b10] # trtexec") == "10.16.2"
+    assert v("[I] TensorRT version: 8.6.1\n&&&& RUNNING TensorRT.trtexec [TensorRT v8601]") == "8.6.1"
+    assert v("no banner") is None
+    compatible = "nvidia,p3768-0000+p3767-0005\x00nvidia,p3767-0005\x00nvidia,tegra234\x00"  # Orin Nano
+    assert tensorrt_build.jetson_compute_capability(compatible) == "8.7"
+    assert tensorrt_build.jetson_compute_capability("nvidia,p3450-0000\x00nvidia,tegra210\x00") == "5.3"  # Nano
+    assert tensorrt_build.jetson_compute_capability("raspberrypi,5-model-b\x00brcm,bcm2712\x00") is None
+    assert tensorrt_build.same_tensorrt("10.3.0.30", "10.3.0") and not tensorrt_build.same_tensorrt("10.3", "10.0")
+    assert tensorrt_build.trtexec_flag_family("8.2.1") != tensorrt_build.trtexec_flag_family("8.6.1") \
+        != tensorrt_build.trtexec_flag_family("10.3")
+
+
+def test_engine_is_built_here_only_for_the_targets_gpu_and_tensorrt() -> None:
+    orin, nano = _settings("jetson-orin-nano"), _settings("jetson-nano")  # TensorRT 10.3 sm 8.7 / 8.2.1 sm 5.3
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    orin_gpu = {"name": "Orin (nvgpu)", "compute_capability": "8.7"}
+    assert "needs an NVIDIA GPU" in local_engine_blocker(None, None, orin)
+    assert "needs an NVIDIA GPU" in local_engine_blocker("10.3.0", None, orin)
+    why = local_engine_blocker("10.3.0", h100, orin)  # a datacenter GPU: its engine would not run on the Orin
+    assert "sm 9.0" in why and "sm 8.7" in why and "would not run there" in why
+    why = local_engine_blocker("10.5.0", orin_gpu, orin)
+    assert "10.5.0" in why and "10.3" in why and "would not load there" in why
+    assert local_engine_blocker("10.3.0.30", orin_gpu, orin) is None  # major.minor and compute capability match
+    assert local_engine_blocker("8.2.1.8", {"name": "NVIDIA Tegra X1", "compute_capability": "5.3"}, nano) is None
+    assert "cannot tell" in local_engine_blocker("10.3.0", {"name": "Orin", "compute_capability": None}, orin)
+
+
+def test_tensorrt_latency_is_never_onnxruntime_timing() -> None:
+    gpu = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    assert "needs an NVIDIA GPU" in timing_blocker(None, None)
+    assert "needs an NVIDIA GPU" in timing_blocker("10.3.0", None)
+    # TensorRT and a GPU here, but the build's timing process runs load(), i.e. ONNX Runtime on the CPU:
+    # it must not be timed (and labelled TensorRT); the cost-model estimate stays.
+    why = timing_blocker("10.3.0", gpu)
+    assert why is not None and "ONNX Runtime" in why and "trtexec on the device" in why
+    assert timing_blocker("10.3.0", gpu, engine_session=True) is None  # only a real engine session would do
+    assert TRT.measure_here() is not None
+
+
+def test_engine_reuse_decision() -> None:
+    want = {"tied_to": {"tensorrt": "10.3", "compute_capability": "8.7"},
+            "build": {"precision": "fp16", "keep_fp32": ["a"], "dla_core": None, "strongly_typed": False}}
+    built = {"tensorrt": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"}, "compute_capability": "8.7",
+             "precision": "fp16", "keep_fp32": ["a"], "dla_core": None, "strongly_typed": False, "onnx_sha256": "s"}
+    orin = {"name": "Orin", "compute_capability": "8.7"}
+    mismatches = tensorrt_build.engine_mismatches
+    assert mismatches(built, want, "10.3.0", orin, "s") == []
+    assert mismatches(built, want, "10.3.1", orin, "s") == ["built with TensorRT 10.3.0, this device has 10.3.1"]
+    assert mismatches(built, want, "10.3.0", {"name": "X", "compute_capability": "7.2"}, "s") == \
+        ["built for sm 8.7, this device's GPU is sm 7.2"]
+    assert mismatches(built, want, "10.3.0", orin, "other") == ["built from another model.onnx"]
+    assert mismatches({**built, "precision": "fp32"}, want, "10.3.0", orin, "s")[0].startswith("built with precision")
+    assert mismatches({**built, "keep_fp32": []}, want, "10.3.0", orin, "s") == ["built with other layers kept in FP32"]
+    assert "cannot tell this device's TensorRT" in mismatches(built, want, None, orin, "s")[0]
+    assert mismatches({"built_by": "trtexec", "precision": "fp16"}, want, "10.3.0", orin, "s")  # an old, bare one
+    assert tensorrt_build.refusal(want, "10.3.0", orin) is None
+    assert "runtimes.tensorrt: \"8.6\"" in tensorrt_build.refusal(want, "8.6.1", orin)
+    int8 = {**want, "build": {**want["build"], "precision": "int8"}}
+    assert "--precision fp16" in tensorrt_build.refusal(int8, "10.3.0", {"name": "Nano", "compute_capability": "5.3"})
+
+
+def _tiny_artifact(tmp_path: Path, target: str = "jetson-orin-nano", precision: str = "fp16") -> Path:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    plan = ArtifactPlan("tensorrt", precision, QuantizationSettings(samples=32) if precision == "int8" else None,
+                        options=TRT.plan_options(load_target(target)))
+    return Path(TRT.export(spec, plan, _calib(32) if precision == "int8" else None, _mk(tmp_path / "art")).root)
+
+
+def _build_engine_sh(folder: Path, fake_bin: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The package's build_engine.sh by its absolute path from another working directory, as the runner
+    runs it, with the FAKE trtexec/nvidia-smi first on PATH and the device's Python."""
+    e = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "PYTHON": DEVICE_PYTHON, **env}
+    return subprocess.run(["sh", str(folder / "build_engine.sh"), *args], capture_output=True, text=True,
+                          env=e, cwd=folder.parent.parent, timeout=120)
+
+
+def test_build_engine_sh_reuses_only_a_matching_engine(tmp_path: Path) -> None:
+    art = _tiny_artifact(tmp_path)
+    log = tmp_path / "trtexec.log"
+    fake = write_fake_nvidia_tools(tmp_path / "fakebin", log)
+    want = json.loads((art / "engine.json").read_text())
+    assert want["build"]["onnx_sha256"] == tensorrt_build.file_sha256(art / "model.onnx")
+    assert not (art / "model.engine").exists()  # no TensorRT/GPU here: nothing to ship
+
+    r = _build_engine_sh(art, fake)
+    assert r.returncode == 0 and "edgekit-engine: built model.engine" in r.stdout, r.stderr
+    meta = json.loads((art / "model.engine.json").read_text())
+    assert (meta["built_by"], meta["tensorrt"], meta["compute_capability"]) == ("trtexec", "10.3.0", "8.7")
+    assert meta["onnx_sha256"] == want["build"]["onnx_sha256"] and meta["precision"] == "fp16"
+    assert trtexec_calls(log, "--saveEngine") == 1
+
+    r = _build_engine_sh(art, fake)  # same package, same device: reused
+    assert r.returncode == 0 and "reused model.engine" in r.stdout and trtexec_calls(log, "--saveEngine") == 1
+
+    meta["tensorrt"] = "10.0.1"  # as if built before a JetPack upgrade
+    (art / "model.engine.json").write_text(json.dumps(meta))
+    r = _build_engine_sh(art, fake)
+    assert r.returncode == 0 and "built with TensorRT 10.0.1, this device has 10.3.0" in r.stderr
+    assert "built model.engine" in r.stdout and trtexec_calls(log, "--saveEngine") == 2
+
+    r = _build_engine_sh(art, fake, FAKE_GPU_CC="7.2")  # the same card moved to a Xavier: another GPU
+    assert r.returncode == 0 and "built for sm 8.7, this device's GPU is sm 7.2" in r.stderr
+    assert trtexec_calls(log, "--saveEngine") == 3
+
+    (art / "model.engine.json").unlink()  # an engine nobody can vouch for
+    r = _build_engine_sh(art, fake)
+    assert "no model.engine.json says" in r.stderr and trtexec_calls(log, "--saveEngine") == 4
+
+    r = _build_engine_sh(art, fake, "--force")
+    assert r.returncode == 0 and trtexec_calls(log, "--saveEngine") == 5
+
+    # A device whose TensorRT takes other build flags: refused, saying what to do; nothing built.
+    r = _build_engine_sh(art, fake, FAKE_TRT_VERSION="8601")
+    assert r.returncode == 4 and "made for TensorRT 10.3 and this device has TensorRT 8.6.1" in r.stderr
+    assert 'runtimes.tensorrt: "8.6"' in r.stderr and trtexec_calls(log, "--saveEngine") == 5
+
+
+def test_build_engine_sh_engine_cache(tmp_path: Path) -> None:
+    art = _tiny_artifact(tmp_path)
+    log, cache = tmp_path / "trtexec.log", tmp_path / "cache" / "sha-fp16"
+    fake = write_fake_nvidia_tools(tmp_path / "fakebin", log)
+    pristine = Path(shutil.copytree(art, tmp_path / "pristine"))  # the package as it arrives on the device
+    r = _build_engine_sh(art, fake, "--cache", str(cache))
+    assert r.returncode == 0 and "built model.engine" in r.stdout, r.stderr
+    assert (cache / "model.engine").read_bytes() == (art / "model.engine").read_bytes()
+    assert json.loads((cache / "model.engine.json").read_text())["tensorrt"] == "10.3.0"
+    fresh = Path(shutil.copytree(pristine, tmp_path / "fresh"))  # the next measurement's copy: no engine
+    r = _build_engine_sh(fresh, fake, "--cache", str(cache))
+    assert r.returncode == 0 and "reused the engine cached in" in r.stdout, r.stderr
+    assert (fresh / "model.engine").exists() and trtexec_calls(log, "--saveEngine") == 1
+    # After a TensorRT upgrade the cached engine no longer loads: rebuilt, and the cache replaced.
+    r = _build_engine_sh(Path(shutil.copytree(pristine, tmp_path / "upgraded")), fake, "--cache", str(cache),
+                         FAKE_TRT_VERSION="100301")
+    assert r.returncode == 0 and "this device has 10.3.1" in r.stderr and trtexec_calls(log, "--saveEngine") == 2
+    assert json.loads((cache / "model.engine.json").read_text())["tensorrt"] == "10.3.1"
+
+
+def test_nano_fp16_says_why_not_int8(tmp_path: Path) -> None:
+    art = TRT.export(ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w"),
+                     ArtifactPlan("tensorrt", "fp16", options=TRT.plan_options(load_target("jetson-nano"))), None,
+                     _mk(tmp_path / "a"))
+    assert any("no INT8 for TensorRT" in n and "sm 5.3" in n and "--precision fp16" in n for n in art.notes)
+    # (the console line is checked through the CLI in test_build_for_jetson_orin_nano_int8_and_nano_fp16)
+
+
+def _nano_int8(tmp_path: Path) -> str:
+    r = run_cli("build", _conv_model(tmp_path / "m.onnx"), "--target", "jetson-nano", "--precision", "int8",
+                "--calib", tmp_path, "--out", tmp_path / "x")
+    assert r.code == 2 and not (tmp_path / "x").exists()
+    return r.error_line()
+
+
+def test_nano_int8_is_refused_with_the_reason(tmp_path: Path) -> None:
+    line = _nano_int8(tmp_path)
+    assert "does not support int8" in line and "sm_53" in line
+
+
+def test_nano_int8_refusal_says_what_to_run_instead(tmp_path: Path) -> None:
+    assert "--precision fp16" in _nano_int8(tmp_path)
+
+
+def test_int8_qdq_has_no_stray_opsets_and_reports_samples_used(tmp_path: Path) -> None:
+    m = onnx.load(_conv_model(tmp_path / "m.onnx"))
+    m.opset_import.extend([onnx.helper.make_opsetid("org.pytorch.aten", 1),
+                           onnx.helper.make_opsetid("ai.onnx.training", 1)])  # a converter's leftovers
+    onnx.save(m, tmp_path / "stray.onnx")
+    spec = ingest(str(tmp_path / "stray.onnx"), tmp_path / "w")
+    assert {o.domain for o in spec.load().opset_import} >= {"org.pytorch.aten", "ai.onnx.training"}
+    plan = ArtifactPlan("tensorrt", "int8", QuantizationSettings(samples=300, symmetric_activations=True),
+                        options=TRT.plan_options(load_target("jetson-orin-nano")))
+    art = TRT.export(spec, plan, _calib(48), _mk(tmp_path / "a"))
+    q = onnx.load(art.entry_path)
+    assert {o.domain for o in q.opset_import} <= {"", "ai.onnx"} | {n.domain for n in q.graph.node}
+    assert {"org.pytorch.aten", "ai.onnx.training"} <= set(art.details["stripped_opsets"])
+    assert art.details["calibration_samples"] == 48 and art.details["calibration_samples_requested"] == 300
+    assert any("48 samples available (300 requested)" in n for n in art.notes)
+    # a domain a node uses stays
+    m.graph.node.append(onnx.helper.make_node("Gelu", ["y"], ["z"], domain="com.microsoft"))
+    m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    assert strip_unused_opsets(m) == ["org.pytorch.aten", "ai.onnx.training"]
+    assert [o.domain for o in m.opset_import] == ["", "com.microsoft"]

@@ -34,6 +34,7 @@ from edgekit.backends import tensorrt_build as trt_build
 from edgekit.backends.base import Artifact, Backend, OpIssue
 from edgekit.backends.onnxruntime import OnnxRuntimeBackend, OrtSession, _Reader
 from edgekit.compress.fp16_range import fp16_unsafe_nodes
+from edgekit.console import note
 from edgekit.errors import BadInput, EdgekitError
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def trtexec_command(settings: EngineSettings, precision: str, keep_fp32: list[st
                else f"--workspace={settings.workspace_mb}")
     if precision == "int8":
         if not int8_supported(settings):
-            raise BadInput(f"GPU sm_{settings.compute_capability} has no INT8 in TensorRT: build fp16")
+            raise BadInput(no_int8_reason(settings))
         # TensorRT 10: the Q/DQ graph carries FP16 outside the quantized regions; 8.x: FP16 fallback flag.
         cmd += ["--stronglyTyped"] if major >= 10 else ["--int8", "--fp16"]
     elif precision == "fp16":
@@ -148,8 +149,10 @@ def trtexec_command(settings: EngineSettings, precision: str, keep_fp32: list[st
 
 
 def build_script(settings: EngineSettings, precision: str, keep_fp32: list[str]) -> str:
-    """build_engine.sh: builds model.engine once on the device (Python API when tensorrt imports,
-    else trtexec), and refuses a cached engine made by another TensorRT version."""
+    """build_engine.sh: builds model.engine on the device (Python API when tensorrt imports, else trtexec).
+    An engine already there, or in the engine cache given with --cache DIR, is reused only when its
+    model.engine.json matches engine.json and the device's actual TensorRT version and GPU
+    (build_engine.py --decide); a device whose TensorRT takes other build flags is refused (exit 4)."""
     try:
         trtexec = " ".join(shlex.quote(c) for c in trtexec_command(settings, precision, keep_fp32))
         fallback = f'"$TRTEXEC" {trtexec.replace("trtexec ", "", 1)}'
@@ -168,20 +171,59 @@ def build_script(settings: EngineSettings, precision: str, keep_fp32: list[str])
 # Builds the TensorRT engine for this package on the device (edgekit, {precision}).
 # Engines are tied to the GPU and the TensorRT version: expected TensorRT {settings.tensorrt}
 # (JetPack {settings.jetpack or '-'}), GPU {settings.gpu or '-'} (sm {settings.compute_capability or '-'}).
+# model.engine (or the engine in --cache DIR) is reused only when its model.engine.json matches
+# engine.json and this device's TensorRT and GPU; otherwise it is rebuilt, and stored in DIR.
+#   sh build_engine.sh [--force] [--cache DIR]      (PYTHON, TRTEXEC: the interpreter and trtexec to use)
 set -eu
 cd "$(dirname "$0")"
-if [ -f model.engine ] && [ -f model.engine.json ] && [ "${{1:-}}" != "--force" ]; then
-  echo "model.engine exists (see model.engine.json); pass --force to rebuild"; exit 0
+FORCE=
+CACHE=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --force) FORCE=1 ;;
+    --cache) [ $# -ge 2 ] || {{ echo "build_engine.sh: --cache needs a folder" >&2; exit 2; }}; CACHE=$2; shift ;;
+    *) echo "usage: sh build_engine.sh [--force] [--cache DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY=${{PYTHON:-python3}}
+command -v "$PY" >/dev/null 2>&1 || PY=
+TRTEXEC=${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}
+[ -x "$TRTEXEC" ] || TRTEXEC=
+set -- --want engine.json --onnx model.onnx --engine model.engine
+[ -z "$TRTEXEC" ] || set -- "$@" --trtexec "$TRTEXEC"
+ACTION=build
+if [ -n "$PY" ]; then
+  if [ -n "$CACHE" ] && [ -z "$FORCE" ]; then
+    ACTION=$("$PY" build_engine.py --decide "$@" --cache "$CACHE")  # exit 4: this device cannot build it
+  else
+    ACTION=$("$PY" build_engine.py --decide "$@" ${{FORCE:+--force}})
+  fi
+elif [ -f model.engine ]; then
+  echo "no python3 to compare model.engine.json with this device: rebuilding" >&2
 fi
-if python3 -c "import tensorrt" 2>/dev/null; then
-  exec python3 build_engine.py {py}
+case "$ACTION" in
+  reuse) echo "edgekit-engine: reused model.engine"; exit 0 ;;
+  cached) echo "edgekit-engine: reused the engine cached in $CACHE"; exit 0 ;;
+esac
+rm -f model.engine model.engine.json
+if [ -n "$PY" ] && "$PY" -c "import tensorrt" 2>/dev/null; then
+  "$PY" build_engine.py {py}
+else
+  if [ -z "$TRTEXEC" ]; then
+    echo "neither python3 'import tensorrt' nor trtexec found: install TensorRT (JetPack on Jetson)" >&2; exit 3
+  fi
+  {fallback}
+  if [ -n "$PY" ]; then
+    "$PY" build_engine.py --write-meta "$@"
+  else
+    echo '{{"built_by": "trtexec", "precision": "{precision}"}}' > model.engine.json
+  fi
 fi
-TRTEXEC=$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)
-if [ ! -x "$TRTEXEC" ]; then
-  echo "neither python3 'import tensorrt' nor trtexec found: install TensorRT (JetPack on Jetson)" >&2; exit 3
+if [ -n "$CACHE" ] && [ -n "$PY" ]; then
+  "$PY" build_engine.py --store "$CACHE" --engine model.engine --onnx model.onnx
 fi
-{fallback}
-echo '{{"built_by": "trtexec", "precision": "{precision}"}}' > model.engine.json
+echo "edgekit-engine: built model.engine"
 """
 
 
@@ -237,13 +279,50 @@ def parse_trtexec(text: str) -> TrtexecSummary:
 # ---------------------------------------------------------------- the backend
 
 
-def gpu_here() -> str | None:
-    """None when a TensorRT engine can be built and timed on this machine, else why not."""
-    if trt_build.tensorrt_version() is None:
+# load() gives ONNX Runtime on the CPU (the Q/DQ or FP16-simulated ONNX, for verification); edgekit has
+# no in-process TensorRT engine session, so nothing timed through load() is a TensorRT latency.
+ENGINE_SESSION = False
+
+
+def local_engine_blocker(local_trt: str | None, local_gpu: dict[str, Any] | None,
+                         settings: EngineSettings) -> str | None:
+    """None when an engine built on this machine runs on the target: this GPU's compute capability and
+    this TensorRT's major.minor are the target's. Else why not (the device then builds its own)."""
+    if local_trt is None:
         return "no TensorRT here: " + trt_build.GPU_REQUIRED
-    if trt_build.gpu_facts() is None:
+    if local_gpu is None:
         return "no NVIDIA GPU here: " + trt_build.GPU_REQUIRED
+    name, have = local_gpu.get("name") or "this GPU", local_gpu.get("compute_capability")
+    if not settings.compute_capability:
+        return "the target names no GPU compute capability to compare this GPU with"
+    if not have:
+        return f"cannot tell the compute capability of {name} here"
+    if trt_build.version_tuple(have)[:2] != trt_build.version_tuple(settings.compute_capability)[:2]:
+        return (f"{name} here is sm {have}, the target's GPU is sm {settings.compute_capability}: "
+                "an engine built here would not run there")
+    if trt_build.version_tuple(local_trt)[:2] != settings.major_minor:
+        return (f"TensorRT here is {local_trt}, the target has TensorRT {settings.tensorrt}: "
+                "an engine built here would not load there")
     return None
+
+
+def timing_blocker(local_trt: str | None, local_gpu: dict[str, Any] | None,
+                   engine_session: bool = ENGINE_SESSION) -> str | None:
+    """None only when this process can time a TensorRT engine with TensorRT itself; else why the
+    latency is the cost model's estimate (never ONNX Runtime's CPU time labelled as TensorRT)."""
+    if local_trt is None:
+        return "no TensorRT here: " + trt_build.GPU_REQUIRED
+    if local_gpu is None:
+        return "no NVIDIA GPU here: " + trt_build.GPU_REQUIRED
+    if not engine_session:
+        return ("edgekit times TensorRT engines with trtexec on the device, not in the build's timing process "
+                "(which runs ONNX Runtime on the CPU)")
+    return None
+
+
+def _local_facts() -> tuple[str | None, dict[str, Any] | None]:
+    trt = trt_build.tensorrt_version()
+    return trt, (trt_build.gpu_facts() if trt else None)  # no nvidia-smi call where TensorRT is absent
 
 
 @register
@@ -260,7 +339,7 @@ class TensorRTBackend(Backend):
         return v
 
     def measure_here(self) -> str | None:
-        return gpu_here()
+        return timing_blocker(*_local_facts())
 
     def plan_options(self, target: Target, requests: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"engine": EngineSettings.for_target(target, (requests or {}).get("dla_core")).to_dict()}
@@ -288,15 +367,24 @@ class TensorRTBackend(Backend):
             keep = sorted(set(plan.keep_fp32) | {r.node for r in risks})
             notes += [f"{r.node} ({r.op_type}) kept in FP32 by precision constraints: {r.reason}" for r in risks]
             details["keep_fp32"] = keep
+            if not int8_supported(settings):  # the plan's reason is in the manifest; say it where it is seen too
+                why = no_int8_reason(settings)
+                note(why)
+                notes.append(why)
         elif plan.precision == "int8":
             if not int8_supported(settings):
-                raise BadInput(f"GPU sm_{settings.compute_capability} has no INT8 in TensorRT: build fp16")
+                raise BadInput(no_int8_reason(settings))
             if calibration is None or len(calibration) == 0:
                 raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
             details.update(_qdq_for_tensorrt(spec, plan, calibration, out, fp16_outside=settings.strongly_typed))
             notes.append("explicit quantization (Q/DQ); " + ("strongly typed: FP16 outside the Q/DQ regions"
                                                              if settings.strongly_typed
                                                              else "--int8 --fp16: FP16 outside the Q/DQ regions"))
+            used, wanted = details["calibration_samples"], details["calibration_samples_requested"]
+            if used < wanted:
+                notes.append(f"INT8 calibrated on the {used} samples available ({wanted} requested)")
+            if details["stripped_opsets"]:
+                notes.append(f"unused opset imports removed: {', '.join(details['stripped_opsets'])}")
         else:
             raise BadInput(f"{self.name} cannot build precision {plan.precision}")
         (root / "build_engine.sh").write_text(build_script(settings, plan.precision, keep))
@@ -307,7 +395,7 @@ class TensorRTBackend(Backend):
         except TrtexecCannot as e:
             details["trtexec"] = None
             notes.append(str(e))
-        reason = gpu_here()
+        reason = local_engine_blocker(*_local_facts(), settings)
         if reason is None:
             meta = trt_build.build_engine(out, root / "model.engine", plan.precision, settings.workspace_mb,
                                           plan.precision == "int8" and settings.strongly_typed, keep,
@@ -315,9 +403,11 @@ class TensorRTBackend(Backend):
             details["engine_built"] = meta
         else:
             details["engine_built"] = None
-            notes.append(f"engine not built here ({reason.split(':')[0]}): build_engine.sh builds it on the device "
-                         f"(TensorRT {settings.tensorrt}, sm {settings.compute_capability or '?'}) on first use")
-        (root / "engine.json").write_text(_engine_json(settings, plan.precision, keep, details))
+            details["engine_not_built"] = reason
+            notes.append(f"engine not built here ({reason.split(': ')[0]}): build_engine.sh builds it on the "
+                         f"device (TensorRT {settings.tensorrt}, sm {settings.compute_capability or '?'}) on first "
+                         "use")
+        (root / "engine.json").write_text(_engine_json(settings, plan.precision, keep, details, out))
         files = sorted(p.name for p in root.iterdir() if p.is_file())
         return Artifact(self.name, plan.precision, str(root), files, "model.onnx", details, notes)
 
@@ -337,17 +427,51 @@ class TensorRTBackend(Backend):
         return session
 
 
-def _engine_json(settings: EngineSettings, precision: str, keep: list[str], details: dict[str, Any]) -> str:
+def _engine_json(settings: EngineSettings, precision: str, keep: list[str], details: dict[str, Any],
+                 onnx_file: Path) -> str:
     import json
 
     return json.dumps({
         "tied_to": {"tensorrt": settings.tensorrt, "compute_capability": settings.compute_capability,
                     "gpu": settings.gpu, "jetpack": settings.jetpack},
         "note": "a TensorRT engine runs only with this TensorRT version on this GPU architecture; "
-                "build_engine.sh builds it on the device",
+                "build_engine.sh builds it on the device, or reuses one whose model.engine.json matches 'build' "
+                "and the device's TensorRT and GPU",
+        # What an engine must have been built with to be reused (build_engine.py --decide compares these).
+        "build": {"precision": precision, "keep_fp32": sorted(keep), "dla_core": settings.dla_core,
+                  "strongly_typed": precision == "int8" and settings.strongly_typed,
+                  "onnx_sha256": trt_build.file_sha256(onnx_file)},
         "precision": precision, "keep_fp32": keep, "trtexec": details["trtexec"],
-        "built_here": details.get("engine_built"),
+        "built_here": details.get("engine_built"), "not_built_here": details.get("engine_not_built"),
     }, indent=1) + "\n"
+
+
+def no_int8_reason(settings: EngineSettings) -> str:
+    return (f"no INT8 for TensorRT on {settings.gpu or 'this GPU'} (sm {settings.compute_capability}): "
+            "TensorRT has none below sm 6.1, so FP16 is the fastest there (--precision fp16)")
+
+
+def strip_unused_opsets(model: onnx.ModelProto) -> list[str]:
+    """Drop opset imports no node uses (converters leave e.g. org.pytorch.aten, ai.onnx.training, and the
+    quantizer com.microsoft): TensorRT's parser has no business with them. Returns the removed domains."""
+    used: set[str] = set()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for n in graph.node:
+            used.add(n.domain or "")
+            for a in n.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(g)
+
+    walk(model.graph)
+    for f in model.functions:
+        used.add(f.domain)
+        used |= {n.domain or "" for n in f.node}
+    keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    removed = [o.domain for o in model.opset_import if o.domain not in ("", "ai.onnx") and o.domain not in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return removed
 
 
 def tensorrt_qdq_nodes(model: onnx.ModelProto) -> list[str]:
@@ -391,9 +515,12 @@ def _qdq_for_tensorrt(spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset,
         result = onnx.load(str(qdq))
     if fp16_outside:
         result = _float_regions_to_fp16(result)
+    stripped = strip_unused_opsets(result)
     onnx.save(result, str(out))
+    used = sum(int(next(iter(b.values())).shape[0]) for b in batches)  # what calibrated, not what was asked
     return {"quantizer": "onnxruntime.quantization.quantize_static (TensorRT rules)", "format": "QDQ",
-            "calibration": q.method, "calibration_samples": len(batches) * max(1, spec.inputs[0].shape[0]),
+            "calibration": q.method, "calibration_samples": used, "calibration_samples_requested": q.samples,
+            "stripped_opsets": stripped,
             "per_channel": True, "activations": "int8 symmetric per-tensor", "weights": "int8 symmetric per-channel",
             "quantized_nodes": len(wanted), "excluded_nodes": list(q.exclude_nodes),
             "float_regions": "fp16" if fp16_outside else "fp32 (builder --fp16 lowers them)"}

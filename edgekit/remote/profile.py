@@ -21,6 +21,7 @@ from typing import Any
 
 from edgekit import __version__
 from edgekit.console import err, note
+from edgekit.costmodel import cost_features
 from edgekit.devices import (
     CONNECT_TIMEOUT_S,
     RUNNER,
@@ -37,6 +38,7 @@ from edgekit.devices import (
 from edgekit.errors import BackendUnavailable, BadInput, EdgekitError
 from edgekit.package import render_report, validate_manifest, write_json
 
+ENGINE_BUILD_S = 1200.0  # a TensorRT engine build on the device, at most (Jetson Nano: minutes)
 REMOTE_NAME = "edgekit-runner.py"  # `pkill -f edgekit-runner` on the device stops a measurement
 _REMOTE_DIR = re.compile(r"^/[A-Za-z0-9._/-]*/edgekit-[A-Za-z0-9]{6,}$")
 
@@ -51,11 +53,12 @@ class RemoteSettings:
     timeout: float | None = None  # the measuring step; None: estimated from the above and the artifacts
     connect_timeout: float = CONNECT_TIMEOUT_S
 
-    def run_timeout(self, artifacts: int) -> float:
+    def run_timeout(self, artifacts: int, engine_builds: int = 0) -> float:
         if self.timeout:
             return self.timeout
-        # Loading (an OpenVINO compile, a TensorRT engine build) and slow devices: generous, but bounded.
-        return 60 + artifacts * (120 + 3 * self.seconds)
+        # Loading (an OpenVINO compile) and slow devices: generous, but bounded; a TensorRT engine the
+        # device must build gets ENGINE_BUILD_S more (minutes on a Jetson Nano).
+        return 60 + artifacts * (120 + 3 * self.seconds) + engine_builds * ENGINE_BUILD_S
 
 
 def profiles_root() -> Path:
@@ -112,7 +115,7 @@ def profile_package(package_dir: str | Path, device: Device, settings: RemoteSet
             raise BackendUnavailable(missing)
     if manifest["target"] != device.target:
         note(f"package built for {manifest['target']}, device {device.name} is a {device.target}")
-    out = run_remote(package, device, arts, settings)
+    out = run_remote(package, device, arts, settings, engines_to_build(arts, facts))
     latencies = _latencies(device, out)
     record(package, manifest, device, arts, latencies, out, facts, settings)
     failed = out.get("errors") or {}
@@ -123,7 +126,21 @@ def profile_package(package_dir: str | Path, device: Device, settings: RemoteSet
     return latencies
 
 
-def run_remote(package: Path, device: Device, arts: list[dict[str, Any]], settings: RemoteSettings) -> dict[str, Any]:
+def engines_to_build(arts: list[dict[str, Any]], facts: dict[str, Any]) -> int:
+    """TensorRT artifacts whose engine the device's engine cache (as the probe listed it) does not hold:
+    the measuring step may have to build them first."""
+    cached = set((facts.get("engine_cache") or {}).get("entries") or [])
+    count = 0
+    for a in arts:
+        if a["backend"] != "tensorrt":
+            continue
+        sha = next((f["sha256"] for f in a["files"] if f["path"] == a.get("entry")), None)
+        count += f"{sha}-{a['precision']}" not in cached
+    return count
+
+
+def run_remote(package: Path, device: Device, arts: list[dict[str, Any]], settings: RemoteSettings,
+               engine_builds: int = 0) -> dict[str, Any]:
     """Copy, run, and always clean up. Returns the runner's JSON."""
     ct = settings.connect_timeout
     # The runner arrives on stdin with the mkdir: one connection, nothing staged on this machine.
@@ -141,8 +158,9 @@ def run_remote(package: Path, device: Device, arts: list[dict[str, Any]], settin
         size = sum(f.stat().st_size for s in sources for f in ([s] if s.is_file() else s.rglob("*")) if f.is_file())
         note(f"copy {size / 1e6:.1f} MB to {device.name}:{remote_dir}")
         scp_to(device, sources, remote_dir, timeout=60 + size / 250e3, connect_timeout=ct)  # >= 250 kB/s
-        timeout = settings.run_timeout(len(arts))
-        note(f"measure {', '.join(a['key'] for a in arts)} on {device.name} (at most {timeout:g} s)")
+        timeout = settings.run_timeout(len(arts), engine_builds)
+        builds = f", with {engine_builds} TensorRT engine build(s)" if engine_builds and not settings.timeout else ""
+        note(f"measure {', '.join(a['key'] for a in arts)} on {device.name} (at most {timeout:g} s{builds})")
         res = ssh(device, _wrapper(device, remote_dir, arts, settings, timeout), f"measuring on device {device.name}",
                   timeout, connect_timeout=ct, check=False)
         return _runner_result(device, res, timeout)
@@ -153,7 +171,8 @@ def run_remote(package: Path, device: Device, arts: list[dict[str, Any]], settin
 def _wrapper(device: Device, remote_dir: str, arts: list[dict[str, Any]], settings: RemoteSettings,
              timeout: float) -> str:
     """A POSIX sh script: run the runner in the folder, remove the folder on any exit or signal."""
-    args = ["--package", ".", "--seconds", f"{settings.seconds:g}", "--min-runs", str(settings.min_runs),
+    # The folder's absolute path: the runner and build_engine.sh change directories.
+    args = ["--package", remote_dir, "--seconds", f"{settings.seconds:g}", "--min-runs", str(settings.min_runs),
             "--max-runs", str(settings.max_runs), "--warmup", str(settings.warmup_runs),
             "--deadline", f"{timeout + 10:g}"]  # a backstop for a lost connection; this side's timeout comes first
     if settings.threads:
@@ -264,8 +283,11 @@ def record(package: Path, manifest: dict[str, Any], device: Device, arts: list[d
             "latency_ms": lat,
             "host_latency_ms": a.get("latency_ms"),
             "load_s": (out.get("results") or {}).get(a["key"], {}).get("load_s"),
+            "engine": (out.get("results") or {}).get(a["key"], {}).get("engine"),  # TensorRT: reused/cached/built
             "runtime": {"python": out.get("python"), **(out.get("runtimes") or {})},
             "device_facts": {"cpu": facts.get("cpu"), "gpu": facts.get("gpu"), "platform": facts.get("platform")},
+            # What the cost model needs to fit this target to the measurement (edgekit/costmodel.py).
+            "cost_features": cost_features(manifest["layers"]) if manifest.get("layers") else None,
             "settings": {"seconds": settings.seconds, "min_runs": settings.min_runs,
                          "warmup_runs": settings.warmup_runs, "threads": settings.threads},
         })

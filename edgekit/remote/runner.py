@@ -7,6 +7,10 @@ and runs it there with the device's Python. It must run on old device images as 
 runtimes (onnxruntime, ncnn, openvino, numpy; trtexec for TensorRT) imported only when needed.
 tests/test_devices.py parses it with feature_version=(3, 6).
 
+TensorRT engines are kept in a per-device cache, $EDGEKIT_ENGINE_CACHE or ~/.cache/edgekit/engines
+($XDG_CACHE_HOME honoured), one folder per ONNX sha256 and precision: the package's build_engine.sh
+reuses one there when its model.engine.json matches the package and the device, else builds and stores it.
+
   python3 runner.py --probe                      facts about the device, as one JSON line
   python3 runner.py --package DIR [--artifact KEY ...] [--seconds S] [--min-runs N] [--threads T]
                                                  measurements, as one JSON line on stdout
@@ -17,10 +21,12 @@ Exit status: 0 measured (per-artifact errors are in "errors"), 3 could not measu
 
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +35,11 @@ import time
 
 RUNNER_VERSION = 1
 RUNTIMES = ("numpy", "onnxruntime", "openvino", "ncnn", "tensorrt")
-BACKEND_MODULE = {"onnxruntime": "onnxruntime", "ncnn": "ncnn", "openvino": "openvino"}
+# Python modules each backend's artifacts need here (edgekit.devices.missing_runtime asks the same).
+# TensorRT needs none: trtexec builds and times the engine, build_engine.py is standard library.
+BACKEND_NEEDS = {"onnxruntime": ("onnxruntime", "numpy"), "ort-mobile": ("onnxruntime", "numpy"),
+                 "ncnn": ("ncnn", "numpy"), "openvino": ("openvino", "numpy"), "tensorrt": ()}
+ENGINE_REFUSED = 4  # build_engine.sh: this device's TensorRT cannot build the package's engine
 TRTEXEC_DIRS = ("/usr/src/tensorrt/bin", "/usr/local/tensorrt/bin", "/opt/tensorrt/bin")
 # CPU flags that decide which kernels run (x86 SIMD, ARM fp16 arithmetic and dot product).
 NOTABLE_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
@@ -96,6 +106,48 @@ def trtexec_path():
         if os.access(p, os.X_OK):
             return p
     return None
+
+
+def engine_cache_root():
+    """Where built TensorRT engines are kept between measurements (an engine build takes minutes on a
+    Jetson Nano, and the measuring folder is removed after every run)."""
+    if os.environ.get("EDGEKIT_ENGINE_CACHE"):
+        return os.environ["EDGEKIT_ENGINE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "edgekit", "engines")
+
+
+def engine_cache_listing(limit=500):
+    """The cache's complete entries (ONNX-SHA256-PRECISION), for the host's timeout estimate."""
+    root = engine_cache_root()
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        names = []
+    done = [n for n in names if os.path.isfile(os.path.join(root, n, "model.engine.json"))]
+    return {"dir": root, "entries": done[:limit]}
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensorrt_version_from(text):
+    """TensorRT's version in trtexec's output ("TensorRT version: 10.3.0", or the banner's v100300)."""
+    m = re.search(r"TensorRT version: (\d+(?:\.\d+)+)", text)
+    if m:
+        return m.group(1)
+    m = re.search(r"\[TensorRT v(\d+)\]", text)
+    if not m:
+        return None
+    code = int(m.group(1))
+    if code >= 10000:
+        return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+    return f"{code // 1000}.{code // 100 % 10}.{code % 100}"
 
 
 def usable_cores():
@@ -191,6 +243,7 @@ def probe():
         "platform": platform.platform(),
         "runtimes": dict((m, runtime_info(m)) for m in RUNTIMES),
         "trtexec": trtexec_path(),
+        "engine_cache": engine_cache_listing(),
         "cpu": cpu_facts(),
         "gpu": gpu_facts(),
         "conditions": conditions(),
@@ -255,6 +308,10 @@ def load_onnxruntime(package, art, inputs, threads):
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # ORT-format files (ort-mobile) carry saved runtime optimizations the app replays via config entries.
+    for key, value in sorted(((art.get("details") or {}).get("runtime_options") or {}).items()):
+        if hasattr(so, "add_session_config_entry") and "." in key:
+            so.add_session_config_entry(key, str(value))
     path = os.path.join(package, art["entry"])
     try:
         session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -325,40 +382,64 @@ def load_openvino(package, art, inputs, threads):
     return lambda: request.infer(feed)
 
 
-LOADERS = {"onnxruntime": load_onnxruntime, "ncnn": load_ncnn, "openvino": load_openvino}
+LOADERS = {"onnxruntime": load_onnxruntime, "ort-mobile": load_onnxruntime, "ncnn": load_ncnn,
+           "openvino": load_openvino}
 
 
 def time_tensorrt(package, art, args, deadline_at):
-    """Build the engine with the package's build_engine.sh when none is cached, then time it with trtexec."""
+    """Get an engine (the package's, the device's engine cache, or built by the package's build_engine.sh,
+    which decides), then time it with trtexec."""
     exe = trtexec_path()
     if not exe:
         raise RunnerError("trtexec not found (on PATH or in /usr/src/tensorrt/bin): install TensorRT (JetPack on "
                           "Jetson) and put trtexec on PATH", missing="trtexec")
-    folder = os.path.join(package, os.path.dirname(art["entry"]))
+    # Absolute paths throughout: build_engine.sh runs with its own folder as the working directory.
+    folder = os.path.abspath(os.path.join(package, os.path.dirname(art["entry"])))
+    onnx = os.path.abspath(os.path.join(package, art["entry"]))
     left = max(10, int(deadline_at - time.time())) if deadline_at else 3600
 
     def engines():
-        return sorted(glob.glob(os.path.join(folder, "*.engine")) + glob.glob(os.path.join(folder, "*.plan")))
+        main = os.path.join(folder, "model.engine")
+        return [main] if os.path.exists(main) else sorted(glob.glob(os.path.join(folder, "*.engine"))
+                                                          + glob.glob(os.path.join(folder, "*.plan")))
 
-    if not engines():
-        scripts = [p for p in (os.path.join(folder, "build_engine.sh"), os.path.join(package, "build_engine.sh"))
-                   if os.path.exists(p)]
-        env = dict(os.environ, TRTEXEC=exe, PATH=os.path.dirname(exe) + os.pathsep + os.environ.get("PATH", ""))
-        if scripts:
-            argv, cwd = ["sh", scripts[0]], os.path.dirname(scripts[0])
-        else:
-            flag = {"fp16": ["--fp16"], "int8": ["--int8"]}.get(art["precision"], [])
-            argv = [exe, "--onnx=" + os.path.join(folder, "model.onnx"),
-                    "--saveEngine=" + os.path.join(folder, "model.engine"), *flag]
-            cwd = folder
+    cache = os.path.join(engine_cache_root(), file_sha256(onnx) + "-" + art["precision"]) \
+        if os.path.exists(onnx) else None
+    scripts = [p for p in (os.path.join(folder, "build_engine.sh"), os.path.join(os.path.abspath(package),
+                                                                                 "build_engine.sh"))
+               if os.path.exists(p)]
+    env = dict(os.environ, TRTEXEC=exe, PYTHON=sys.executable,
+               PATH=os.path.dirname(exe) + os.pathsep + os.environ.get("PATH", ""))
+    engine = {"source": "package", "cache": cache}
+    t0 = time.time()
+    argv = None
+    if scripts:  # it compares any engine there (or cached) with the package and this device, else builds
+        argv = ["sh", scripts[0]] + (["--cache", cache] if cache else [])
+    elif not engines():
+        flag = {"fp16": ["--fp16"], "int8": ["--int8"]}.get(art["precision"], [])
+        argv = [exe, "--onnx=" + onnx, "--saveEngine=" + os.path.join(folder, "model.engine"), *flag]
+    if argv:
         try:
-            p = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, universal_newlines=True, timeout=left)
+            p = subprocess.run(argv, cwd=os.path.dirname(argv[1]) if scripts else folder, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               universal_newlines=True, timeout=left)
         except subprocess.TimeoutExpired:
             raise RunnerError(f"building the TensorRT engine did not finish in {left} s") from None
+        lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+        if p.returncode == ENGINE_REFUSED:
+            raise RunnerError("this device cannot build the package's TensorRT engine: "
+                              + (lines[-1] if lines else "no output"))
         if p.returncode != 0 or not engines():
-            tail = [ln for ln in p.stdout.splitlines() if ln.strip()][-1:] or ["no output"]
-            raise RunnerError(f"building the TensorRT engine failed (exit {p.returncode}): {tail[0]}")
+            raise RunnerError("building the TensorRT engine failed (exit {}): {}".format(
+                p.returncode, lines[-1] if lines else "no output"))
+        said = [ln for ln in lines if ln.startswith("edgekit-engine:")]
+        if said:
+            engine["source"] = "cache" if "cached" in said[-1] else "package" if "reused" in said[-1] else "built"
+        else:  # trtexec run directly, or an older package's script that does not say
+            engine["source"] = "unknown" if scripts else "built"
+        engine["log"] = lines[-20:]
+    engine["seconds"] = round(time.time() - t0, 3)
+    left = max(10, int(deadline_at - time.time())) if deadline_at else 3600
     times_json = os.path.join(folder, "edgekit-times.json")
     argv = [exe, "--loadEngine=" + engines()[0], f"--warmUp={max(200, args.warmup * 20)}",
             f"--duration={max(1, math.ceil(args.seconds))}", f"--iterations={args.min_runs}",
@@ -378,6 +459,8 @@ def time_tensorrt(package, art, args, deadline_at):
         raise RunnerError("trtexec reported no timings")
     result = summary(ms, 1)
     result["trtexec_output"] = p.stdout[-12000:]  # its performance summary, parsed on the host
+    result["tensorrt"] = tensorrt_version_from(p.stdout)
+    result["engine"] = engine
     return result
 
 
@@ -386,6 +469,7 @@ def time_tensorrt(package, art, args, deadline_at):
 
 def measure(args):
     deadline_at = time.time() + args.deadline if args.deadline else None
+    args.package = os.path.abspath(args.package)
     with open(os.path.join(args.package, "manifest.json")) as f:
         manifest = json.load(f)
     arts = manifest.get("artifacts") or []
@@ -397,8 +481,7 @@ def measure(args):
     python = "{}.{}".format(*sys.version_info[:2])
     needed = []
     for k in keys:
-        module = BACKEND_MODULE.get(by_key[k]["backend"])
-        needed += [m for m in (module, "numpy") if m and m not in needed]
+        needed += [m for m in BACKEND_NEEDS.get(by_key[k]["backend"], ()) if m not in needed]
     for m in needed:
         info = runtime_info(m)
         if not info["version"]:
@@ -413,6 +496,8 @@ def measure(args):
         try:
             if art["backend"] == "tensorrt":
                 result["results"][k] = time_tensorrt(args.package, art, args, deadline_at)
+                if result["results"][k].get("tensorrt"):
+                    result["runtimes"]["tensorrt"] = result["results"][k]["tensorrt"]
                 continue
             if art["backend"] not in LOADERS:
                 raise RunnerError("the runner cannot run " + art["backend"] + " artifacts")

@@ -4,7 +4,10 @@ The reference's intermediate tensors come from ONNX Runtime on the canonical FP3
 topological order. The backend's come from its own runtime (Session.run_intermediates), in its
 execution order. They are matched by name where the converter kept ONNX tensor names (ONNX Runtime,
 OpenVINO), else by order and shape (NCNN renames and fuses: Conv+ReLU gives one tensor), and compared
-in topological order; the first matched tensor below the agreement threshold names the culprit.
+in topological order; the first matched tensor below the cosine or SNR threshold, with a clear drop
+from its inputs, names the culprit. For a rejected artifact where no tensor crosses a threshold (the
+output failed on another figure, or error built up slowly), the layer that adds the most error is
+named instead, marked so.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import onnx
 
 from edgekit.backends.base import Artifact
 from edgekit.ingest import ModelSpec
+from edgekit.verify import Thresholds
 
 LOOKAHEAD = 6  # reference tensors a renamed backend tensor may skip (fused ops produce no tensor)
+SNR_CAP_DB = 200.0
 
 
 @dataclass
@@ -38,23 +43,32 @@ class LayerAgreement:
 class Localisation:
     backend: str
     precision: str
-    threshold: float
+    threshold: float  # cosine
     compared: int
-    first_divergence: dict[str, Any] | None  # node, op_type, figures, neighbours
+    # node, op_type, figures, neighbours, criterion ("threshold" | "most added error")
+    first_divergence: dict[str, Any] | None
     layers: list[LayerAgreement] = field(default_factory=list)
+    snr_threshold: float | None = None  # None: localised on cosine alone
+    worst: dict[str, Any] | None = None  # the layer adding the most error, whether or not it crosses
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def _criteria(self) -> str:
+        snr = f", SNR >= {self.snr_threshold} dB" if self.snr_threshold is not None else ""
+        return f"cosine >= {self.threshold}{snr}"
+
     def summary(self) -> str:
         d = self.first_divergence
         if d is None:
-            return (f"{self.backend} {self.precision}: all {self.compared} matched tensors agree "
-                    f"(cosine >= {self.threshold})")
+            return f"{self.backend} {self.precision}: all {self.compared} matched tensors agree ({self._criteria()})"
         seen = f" (observed at {d['observed_at']}, fused with it)" if d.get("observed_at") else ""
-        return (f"{self.backend} {self.precision}: first diverging layer {d['node']} ({d['op_type']}){seen}: cosine "
-                f"{d['cosine']:.4f}, SNR {d['snr_db']:.1f} dB, max |err| {d['max_abs_error']:.4g}; inputs from "
-                f"{', '.join(d['inputs_from']) or 'the model input'}; feeds {', '.join(d['feeds']) or 'the output'}")
+        what = ("first diverging layer" if d.get("criterion") != MOST_ADDED_ERROR else
+                f"no matched tensor crosses the thresholds ({self._criteria()}); the layer adding the most error is")
+        return (f"{self.backend} {self.precision}: {what} {d['node']} ({d['op_type']}){seen}: cosine "
+                f"{d['cosine']:.4f}, SNR {d['snr_db']:.1f} dB (inputs {d['input_snr_db']:.1f} dB), max |err| "
+                f"{d['max_abs_error']:.4g}; inputs from {', '.join(d['inputs_from']) or 'the model input'}; "
+                f"feeds {', '.join(d['feeds']) or 'the output'}")
 
 
 def reference_intermediates(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -65,23 +79,38 @@ def reference_intermediates(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> tu
 
 
 def localise(spec: ModelSpec, artifact: Artifact, session: Any, feeds: dict[str, np.ndarray],
-             threshold: float = 0.99) -> Localisation:
-    """session.run_intermediates(feeds) gives [(names, array)] in the backend's execution order."""
+             threshold: float | Thresholds = 0.99, name_worst: bool = True) -> Localisation:
+    """session.run_intermediates(feeds) gives [(names, array)] in the backend's execution order.
+
+    threshold: a cosine alone, or the verification Thresholds (the artifact's precision's cosine, and
+    SNR): a layer diverges where a figure the output failed on first fails, with a clear drop.
+    name_worst: the artifact was rejected, so when no layer crosses a threshold, first_divergence names
+    the layer that adds the most error (`edgekit debug` on a possibly healthy artifact passes False)."""
+    if isinstance(threshold, Thresholds):
+        cosine, snr = threshold.cosine_for(artifact.precision), threshold.min_snr_db
+    else:
+        cosine, snr = threshold, None
     model = spec.load()
     ref, order = reference_intermediates(spec, feeds)
     got = session.run_intermediates(feeds)
     producer = {out: n for n in model.graph.node for out in n.output}
     layers = _match(ref, order, got, producer)
     compared = {la.tensor: la for la in layers}
-    first = next((la for la in layers if _breaks(la, compared, producer, threshold)), None)
-    return Localisation(artifact.backend, artifact.precision, threshold, len(layers),
-                        _describe(first, model, producer, compared) if first else None, layers)
+    first = next((la for la in layers if _breaks(la, compared, producer, cosine, snr)), None)
+    worst = max(layers, key=lambda la: _added_error(la, compared, producer), default=None)
+    loc = Localisation(artifact.backend, artifact.precision, cosine, len(layers),
+                       _describe(first, model, producer, compared, "threshold") if first else None, layers, snr,
+                       _describe(worst, model, producer, compared, MOST_ADDED_ERROR) if worst else None)
+    if loc.first_divergence is None and name_worst:
+        loc.first_divergence = loc.worst
+    return loc
 
 
-# A layer breaks agreement when its output is below the threshold AND its SNR drops by at least this
+# A layer breaks agreement when its output is below a threshold AND its SNR drops by at least this
 # much from its inputs'. INT8 error accumulates ~0.5-2 dB per layer; an edited or mis-converted layer
 # drops tens of dB at once.
 BREAK_DB = 3.0
+MOST_ADDED_ERROR = "most added error"
 
 
 def _compared_inputs(tensor: str, compared: dict[str, LayerAgreement], producer: dict[str, onnx.NodeProto],
@@ -101,13 +130,24 @@ def _compared_inputs(tensor: str, compared: dict[str, LayerAgreement], producer:
 
 
 def _breaks(la: LayerAgreement, compared: dict[str, LayerAgreement], producer: dict[str, onnx.NodeProto],
-            threshold: float) -> bool:
-    """Agreement breaks here: below the threshold with a clear drop from its inputs. (INT8 error
+            threshold: float, snr_threshold: float | None) -> bool:
+    """Agreement breaks here: below a threshold with a clear drop from its inputs. (INT8 error
     accumulates slowly through a network; that drift alone names no culprit.)"""
-    if la.cosine >= threshold:
+    if la.cosine >= threshold and (snr_threshold is None or la.snr_db >= snr_threshold):
         return False
+    return la.snr_db <= _input_snr(la, compared, producer) - BREAK_DB
+
+
+def _input_snr(la: LayerAgreement, compared: dict[str, LayerAgreement], producer: dict[str, onnx.NodeProto]) -> float:
+    """The SNR of the noisiest compared input (the model input is exact: the cap)."""
     inputs = _compared_inputs(la.tensor, compared, producer)
-    return not inputs or la.snr_db <= min(i.snr_db for i in inputs) - BREAK_DB
+    return min((i.snr_db for i in inputs), default=SNR_CAP_DB)
+
+
+def _added_error(la: LayerAgreement, compared: dict[str, LayerAgreement], producer: dict[str, onnx.NodeProto]) -> float:
+    """Relative error power this layer adds to what came in (1/SNR out - 1/SNR in, linear): a first
+    layer going from exact input to 35 dB adds less than a later one going from 35 to 25 dB."""
+    return 10 ** (-la.snr_db / 10) - 10 ** (-_input_snr(la, compared, producer) / 10)
 
 
 def _match(ref: dict[str, np.ndarray], order: list[str], got: list[tuple[list[str], np.ndarray]],
@@ -140,8 +180,15 @@ def _row(tensor: str, producer: dict[str, onnx.NodeProto], backend_tensor: str, 
          out: np.ndarray) -> LayerAgreement:
     node = producer.get(tensor)
     r, o = ref.astype(np.float64).ravel(), out.astype(np.float64).reshape(-1)
+    if not np.isfinite(o).all():  # FP16 overflow: NaN would compare false with every threshold
+        return LayerAgreement(tensor, node.name if node else tensor, node.op_type if node else "Input",
+                              backend_tensor, how, -1.0, -SNR_CAP_DB, 1e30)
     noise = float(((r - o) ** 2).sum())
-    snr = min(200.0, 10 * np.log10(float((r**2).sum()) / noise)) if noise > 0 else 200.0
+    signal = float((r**2).sum())
+    if noise == 0:
+        snr = SNR_CAP_DB
+    else:  # capped both ways: JSON has no infinity
+        snr = float(np.clip(10 * np.log10(signal / noise), -SNR_CAP_DB, SNR_CAP_DB)) if signal > 0 else -SNR_CAP_DB
     return LayerAgreement(tensor, node.name if node else tensor, node.op_type if node else "Input", backend_tensor,
                           how, round(_cosine(r, o), 6), round(float(snr), 2), float(np.abs(r - o).max()))
 
@@ -158,7 +205,7 @@ WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def _describe(row: LayerAgreement, model: onnx.ModelProto, producer: dict[str, onnx.NodeProto],
-              compared: dict[str, LayerAgreement]) -> dict[str, Any]:
+              compared: dict[str, LayerAgreement], criterion: str) -> dict[str, Any]:
     """The culprit: the node that produced the first broken tensor, or, when the backend fused a
     weighted op into it (Conv+ReLU), that weighted op: an activation has no weights to be wrong."""
     fused: list[onnx.NodeProto] = []
@@ -169,7 +216,8 @@ def _describe(row: LayerAgreement, model: onnx.ModelProto, producer: dict[str, o
         culprit = next((n for n in fused if n.op_type in WEIGHTED_OPS), node)
     inputs_from = [producer[i].name for i in (culprit.input if culprit else []) if i in producer]
     feeds = [n.name for n in model.graph.node if culprit and set(culprit.output) & set(n.input)]
-    described = {**asdict(row), "inputs_from": inputs_from, "feeds": feeds}
+    described = {**asdict(row), "inputs_from": inputs_from, "feeds": feeds, "criterion": criterion,
+                 "input_snr_db": round(_input_snr(row, compared, producer), 2)}
     if culprit is not node and culprit is not None:
         described.update(node=culprit.name, op_type=culprit.op_type, observed_at=row.node,
                          fused_with=[n.name for n in fused if n is not culprit] + [row.node])
@@ -178,8 +226,11 @@ def _describe(row: LayerAgreement, model: onnx.ModelProto, producer: dict[str, o
 
 def run_debug(model: str, target: str, backend: str, precision: str, package: str | None, calib: str | None,
               val: str | None, preprocess: str | None, input_shapes: list[str], weights: str | None,
-              samples: int, threshold: float, out: str | None) -> tuple[Localisation, Path]:
-    """`edgekit debug`: localise on a package's artifact, or on one built here for the purpose."""
+              samples: int, threshold: float, out: str | None,
+              snr_threshold: float | None = None) -> tuple[Localisation, Path]:
+    """`edgekit debug`: localise on a package's artifact, or on one built here for the purpose. The
+    artifact may be healthy: a divergence is named only where a tensor crosses a threshold (cosine,
+    and SNR when snr_threshold is given); the layer adding the most error is reported either way."""
     import json
     import tempfile
 
@@ -187,9 +238,9 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
     from edgekit.data import Preprocess, prepare_data
     from edgekit.errors import BadInput
     from edgekit.ingest import ingest, parse_input_shapes
-    from edgekit.package import write_json
+    from edgekit.manifest import write_json
     from edgekit.pipeline import resolve_backends, resolve_precisions
-    from edgekit.plan import default_plan
+    from edgekit.plans import default_plan
     from edgekit.targets import load_target
 
     t = load_target(target)
@@ -216,20 +267,26 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
             artifact = chosen.export(spec, ap, data.calibration, folder)
         session = backends.get(backend).load(artifact, 1)
         feeds_list = data.validation.batches(spec)[:samples]
-        locs = [localise(spec, artifact, session, feeds, threshold) for feeds in feeds_list]
+        criteria: float | Thresholds = threshold if snr_threshold is None else Thresholds(
+            min_cosine=threshold, min_snr_db=snr_threshold, min_cosine_fp16=threshold)
+        locs = [localise(spec, artifact, session, feeds, criteria, name_worst=False) for feeds in feeds_list]
     # The sample whose divergence comes earliest in the graph is the one to show.
     order = {la.tensor: i for i, la in enumerate(locs[0].layers)}
     loc = min(locs, key=lambda lc: order.get(lc.first_divergence["tensor"], 1 << 30) if lc.first_divergence
               else 1 << 31)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "layers.json", loc.to_dict())
-    (out_dir / "debug.md").write_text(_markdown(loc))
+    (out_dir / "report.md").write_text(_markdown(loc))
     return loc, out_dir
 
 
 def _markdown(loc: Localisation) -> str:
-    lines = [f"# {loc.backend} {loc.precision}: layer-by-layer agreement with FP32", "", loc.summary(), "",
-             "| node | op | matched by | cosine | SNR dB | max abs err |", "|---|---|---|---|---|---|"]
+    lines = [f"# {loc.backend} {loc.precision}: layer-by-layer agreement with FP32", "", loc.summary(), ""]
+    w = loc.worst
+    if w is not None and loc.first_divergence is not w:
+        lines += [f"Layer adding the most error: {w['node']} ({w['op_type']}), SNR {w['snr_db']:.1f} dB from "
+                  f"{w['input_snr_db']:.1f} dB at its inputs.", ""]
+    lines += ["| node | op | matched by | cosine | SNR dB | max abs err |", "|---|---|---|---|---|---|"]
     lines += [f"| {la.node} | {la.op_type} | {la.matched_by} | {la.cosine:.5f} | {la.snr_db:.1f} | "
               f"{la.max_abs_error:.4g} |" for la in loc.layers]
     return "\n".join(lines) + "\n"

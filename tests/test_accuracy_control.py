@@ -7,7 +7,7 @@ from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS
 from edgekit import backends
 from edgekit.data import Preprocess, prepare_data
 from edgekit.ingest import ingest
-from edgekit.plan import ArtifactPlan, QuantizationSettings
+from edgekit.plans import ArtifactPlan, QuantizationSettings
 from edgekit.verify import Thresholds, compare, run_all
 
 

@@ -4,12 +4,14 @@ from pathlib import Path
 
 import onnx
 import openvino as ov
+import pytest
 from onnx import helper
 from test_backend_onnxruntime import _calib, _conv_model, _mk
 
 from edgekit import backends
+from edgekit.errors import BadInput
 from edgekit.ingest import ingest
-from edgekit.plan import ArtifactPlan, QuantizationSettings
+from edgekit.plans import ArtifactPlan, QuantizationSettings
 from edgekit.verify import Thresholds, compare, run_all
 
 
@@ -64,3 +66,48 @@ def test_unsupported_op_is_named(tmp_path: Path) -> None:
     m.opset_import.append(helper.make_opsetid("com.vendor", 1))
     issues = backends.get("openvino").unsupported_nodes(m)
     assert [(i.op_type, i.node, i.backend) for i in issues] == [("MagicNMS", "vendor_nms", "openvino")]
+
+
+def _quantized_inputs(xml: Path) -> dict[str, int]:
+    """Per Convolution op: how many of its inputs a FakeQuantize feeds (NNCF quantizes activations so)."""
+    ops = [op for op in ov.Core().read_model(xml).get_ordered_ops() if op.get_type_name() == "Convolution"]
+    return {op.get_friendly_name(): sum(i.get_source_output().get_node().get_type_name() == "FakeQuantize"
+                                        for i in op.inputs()) for op in ops}
+
+
+def test_int8_ignored_scope_names_are_checked(tmp_path: Path) -> None:
+    """`project` produces the model output, so OpenVINO names its op `y`: a name pattern alone missed it
+    (quantized, yet recorded as excluded). A misspelled name is an error naming it."""
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    ovb = backends.get("openvino")
+    plain = ovb.export(spec, ArtifactPlan("openvino", "int8", QuantizationSettings(samples=32)), _calib(32),
+                       _mk(tmp_path / "a"))
+    assert _quantized_inputs(plain.entry_path) == {"tiny_conv": 1, "y": 1}
+    plan = ArtifactPlan("openvino", "int8", QuantizationSettings(samples=32, exclude_nodes=["project"]))
+    art = ovb.export(spec, plan, _calib(32), _mk(tmp_path / "b"))
+    assert _quantized_inputs(art.entry_path) == {"tiny_conv": 1, "y": 0}  # the named conv stayed float
+    assert art.details["excluded_nodes"] == ["project"] and art.details["ignored_ops"] == ["y"]
+    typo = ArtifactPlan("openvino", "int8", QuantizationSettings(samples=32, exclude_nodes=["projekt"]))
+    with pytest.raises(BadInput, match="'projekt'"):
+        ovb.export(spec, typo, _calib(32), _mk(tmp_path / "c"))
+
+
+def test_latency_hint_and_threads_are_recorded(tmp_path: Path) -> None:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    ovb = backends.get("openvino")
+    art = ovb.export(spec, ArtifactPlan("openvino", "fp32"), None, _mk(tmp_path / "a"))
+    assert art.details["runtime_config"]["PERFORMANCE_HINT"] == "LATENCY"
+    ovb.load(art, 2)  # as verification loads it, with the build's threads: what OpenVINO applied
+    assert art.details["runtime_config"] == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2,
+                                             "INFERENCE_PRECISION_HINT": "f32"}
+
+
+def test_fp16_keep_fp32_names_are_checked(tmp_path: Path) -> None:
+    spec = ingest(str(_conv_model(tmp_path / "m.onnx")), tmp_path / "w")
+    ovb = backends.get("openvino")
+    art = ovb.export(spec, ArtifactPlan("openvino", "fp16", keep_fp32=["project"]), None, _mk(tmp_path / "a"))
+    consts = {op.get_friendly_name(): op.get_element_type().get_type_name()
+              for op in ov.Core().read_model(art.entry_path).get_ordered_ops() if op.get_type_name() == "Constant"}
+    assert consts["w2"] == "f32" and consts["w1_compressed"] == "f16" and art.details["keep_fp32"] == ["project"]
+    with pytest.raises(BadInput, match="'projekt'"):
+        ovb.export(spec, ArtifactPlan("openvino", "fp16", keep_fp32=["projekt"]), None, _mk(tmp_path / "b"))

@@ -86,18 +86,82 @@ def test_healthy_artifact_has_no_divergence(defects_data: Path, tmp_path: Path) 
     assert loc["first_divergence"] is None and loc["compared"] >= 20
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime"])
-def test_rejected_build_names_a_layer_and_writes_the_table(backend: str, mobilenet_opset11: Path,
-                                                           mobilenet_npz: Path, tmp_path: Path) -> None:
+# A 1x1 projection conv of the mobile model, and the depthwise conv that feeds it (through hardswish and SE).
+HOSTILE = "/blocks/blocks.1/body/body.7/Conv"
+DEAD_FROM = "/blocks/blocks.1/body/body.3/Conv"
+
+
+def _int8_hostile(src: Path, out: Path) -> Path:
+    """The mobile model with one conv edited to be hostile to INT8: input channel 0 of HOSTILE is dead
+    (the depthwise conv before it gets weights 0 and bias -10: hardswish gives exactly 0), and HOSTILE's
+    weights on that channel are 300x its largest. FP32 never sees them; INT8's per-output-channel weight
+    scale rounds every useful weight of HOSTILE to zero, in every backend."""
+    model = onnx.load(src)
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+
+    def edit(name: str, change) -> None:
+        init = inits[name]
+        data = numpy_helper.to_array(init).copy()
+        change(data)
+        init.CopyFrom(numpy_helper.from_array(data, name))
+
+    def dead(w: np.ndarray) -> None:
+        w[0] = 0.0
+
+    def off(b: np.ndarray) -> None:
+        b[0] = -10.0
+
+    def hostile(w: np.ndarray) -> None:
+        w[:, 0] = 300 * np.abs(w).max()
+
+    edit(nodes[DEAD_FROM].input[1], dead)
+    edit(nodes[DEAD_FROM].input[2], off)
+    edit(nodes[HOSTILE].input[1], hostile)
+    onnx.save(model, out)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "ncnn"])
+def test_rejected_build_names_the_edited_layer(backend: str, mobilenet_opset11: Path, mobilenet_npz: Path,
+                                               tmp_path: Path) -> None:
+    src = _int8_hostile(mobilenet_opset11, tmp_path / "hostile.onnx")
     out = tmp_path / "pkg"
-    r = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--backend", backend, "--precision", "int8",
-                "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--min-snr-db", "150",
+    r = run_cli("build", src, "--target", "host-cpu", "--backend", backend, "--precision", "int8",
+                "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--out", out, *FAST)
+    assert r.code == 1, r.stderr
+    (a,) = read_manifest(tmp_path / "pkg.rejected")["artifacts"]
+    v = a["verification"]
+    assert not v["passed"] and v["centred_cosine_min"] < 0.9, v  # the retries did not rescue it either
+    assert v["diverging_layer"]["node"] == HOSTILE, v["diverging_layer"]
+    assert v["diverging_layer"]["criterion"] == "threshold" and v["diverging_layer"]["cosine"] < 0.9
+    table = json.loads((tmp_path / "pkg.rejected" / "debug" / f"{backend}-int8.json").read_text())
+    assert table["first_divergence"]["node"] == HOSTILE and table["compared"] > 10
+    before = [la for la in table["layers"] if la["node"] == DEAD_FROM]
+    assert before and before[0]["cosine"] > 0.99  # the layer feeding it still agrees
+    assert f"first diverging layer {HOSTILE}" in r.stderr + r.stdout
+
+
+def test_rejection_on_snr_alone_still_names_a_layer(mobilenet_opset11: Path, mobilenet_npz: Path,
+                                                    tmp_path: Path) -> None:
+    """A healthy INT8 build rejected on an impossible SNR: the build names a layer (one crossing the
+    thresholds, else the one adding the most error), never 'all matched tensors agree'."""
+    out = tmp_path / "pkg"
+    r = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--backend", "onnxruntime", "--precision",
+                "int8", "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--min-snr-db", "150",
                 "--out", out, *FAST)
     assert r.code == 1
-    m = read_manifest(tmp_path / "pkg.rejected")
-    table = json.loads((tmp_path / "pkg.rejected" / "debug" / f"{backend}-int8.json").read_text())
+    v = read_manifest(tmp_path / "pkg.rejected")["artifacts"][0]["verification"]
+    table = json.loads((tmp_path / "pkg.rejected" / "debug" / "onnxruntime-int8.json").read_text())
     assert table["compared"] > 10 and len(table["layers"]) == table["compared"]
-    assert "diverging_layer" in m["artifacts"][0]["verification"]
+    d = v["diverging_layer"]
+    assert d is not None and d["node"] == table["first_divergence"]["node"], d
+    if d["criterion"] == "most added error":  # no tensor crossed: the worst one is named
+        assert table["worst"]["node"] == d["node"]
+    nodes = {n.name: n.op_type for n in onnx.load(mobilenet_opset11).graph.node}
+    assert nodes.get(d["node"]) == d["op_type"] and d["criterion"] in ("threshold", "most added error")
+    assert d["snr_db"] < d["input_snr_db"]  # it adds error to what it received
+    assert "all matched tensors agree" not in r.stderr + r.stdout
 
 
 def test_ncnn_edited_bin_is_blamed_on_the_edited_layer(defects_data: Path, tmp_path: Path) -> None:
@@ -114,4 +178,17 @@ def test_ncnn_edited_bin_is_blamed_on_the_edited_layer(defects_data: Path, tmp_p
     assert r.code == 1, r.stderr
     loc = json.loads((tmp_path / "dbg" / "layers.json").read_text())
     assert loc["first_divergence"]["node"] == EDITED
+    assert f"first diverging layer {EDITED}" in (tmp_path / "dbg" / "report.md").read_text()  # as the README says
     assert {la["matched_by"] for la in loc["layers"]} == {"order+shape"}  # ncnn renames every blob
+
+
+def test_non_finite_layer_outputs_are_named() -> None:
+    """An FP16 overflow gives inf/NaN: it must break agreement there, not compare false with everything."""
+    from edgekit.debug import _row
+
+    ref = np.linspace(-1, 1, 64)
+    bad = ref.copy()
+    bad[3] = np.inf
+    row = _row("t", {}, "t", "name", ref, bad)
+    assert row.cosine == -1.0 and row.snr_db == -200.0
+    assert json.loads(json.dumps(row.__dict__))["max_abs_error"] == 1e30  # valid JSON, no NaN/Infinity

@@ -12,13 +12,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.data import Dataset
 from edgekit.ingest import ModelSpec, ingest
-from edgekit.plan import QuantizationSettings
+from edgekit.plans import QuantizationSettings
 from edgekit.sensitivity import layer_sensitivity, mixed_precision
 from edgekit.verify import Thresholds
 
 C = 16
 # Tight enough that uniform INT8 of the hostile model fails clearly, loose enough for a healthy INT8.
-STRICT = Thresholds(min_cosine=0.995, min_snr_db=20.0, min_top1_agreement=0.85, max_accuracy_drop=10.0)
+# The model pools noise into logits that vary ~6% across samples, so the mean-centred cosine is held to
+# what such outputs can reach rather than to min_cosine - 0.01.
+STRICT = Thresholds(min_cosine=0.995, min_snr_db=20.0, min_top1_agreement=0.85, max_accuracy_drop=10.0,
+                    min_centred_cosine=0.95)
 
 
 def _w(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

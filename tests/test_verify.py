@@ -43,3 +43,58 @@ def test_identical_outputs_are_finite() -> None:
     x = np.ones((3, 5))
     v = compare([x], [x], ["y"], None, Thresholds())
     assert v.cosine_min == pytest.approx(1.0) and v.snr_db_min == 200.0 and v.passed
+
+
+def test_mean_centred_cosine_is_not_fooled_by_a_constant_offset() -> None:
+    """Detector-style scores: ~0.5 everywhere, the input-dependent part small. Plain cosine and SNR are
+    dominated by the constant; the mean-centred cosine sees what is left of the part that matters."""
+    rng = np.random.default_rng(0)
+    varying = rng.standard_normal((64, 3, 12, 12)) * 0.02
+    ref = 0.5 + varying
+    noisy = ref + rng.standard_normal(ref.shape) * 0.02  # error as large as the input-dependent part
+    constant = np.broadcast_to(ref.mean(axis=0), ref.shape)  # ignores its input entirely
+    for out, centred in ((noisy, 0.71), (constant, 0.0)):
+        v = compare([ref], [out], ["scores"], None, Thresholds())
+        assert v.cosine_min > 0.998 and v.snr_db_min > 25  # what plain figures say: fine
+        assert v.centred_cosine_min == pytest.approx(centred, abs=0.03)
+        assert v.centred_snr_db_min < 1 and not v.passed
+        assert v.failures == [f"mean-centred cosine {v.centred_cosine_min:.4f} < 0.98"]
+    good = ref + rng.standard_normal(ref.shape) * 0.001
+    v = compare([ref], [good], ["scores"], None, Thresholds())
+    assert v.passed and v.centred_cosine_min > 0.998 and v.centred_snr_db_min == pytest.approx(26, abs=0.5)
+
+
+def test_fp16_artifacts_are_held_to_their_own_cosine() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((50, 64))
+    out = ref + rng.standard_normal(ref.shape) * 0.07  # cosine ~0.9976
+    assert compare([ref], [out], ["y"], None, Thresholds(), "int8").passed
+    v = compare([ref], [out], ["y"], None, Thresholds(), "fp16")
+    assert not v.passed and v.precision == "fp16"
+    assert v.failures == [f"cosine {v.cosine_min:.4f} < 0.999",
+                          f"mean-centred cosine {v.centred_cosine_min:.4f} < 0.999"]
+    assert compare([ref], [out], ["y"], None, Thresholds(min_cosine_fp16=0.99), "fp16").passed
+
+
+def test_input_independent_output_has_no_centred_figures() -> None:
+    anchors = np.tile(np.linspace(0, 1, 40), (10, 1))  # the same for every sample
+    v = compare([anchors], [anchors + 1e-4], ["anchors"], None, Thresholds())
+    assert v.outputs[0].centred_cosine is None and v.centred_cosine_min is None and v.passed
+
+
+def test_nan_outputs_fail() -> None:
+    ref = np.random.default_rng(0).standard_normal((8, 3, 4, 4))
+    out = ref.copy()
+    out[0, 0, 0, 0] = np.nan
+    v = compare([ref], [out], ["boxes"], None, Thresholds())
+    assert not v.passed and v.cosine_min == -1.0 and "output boxes has 1 NaN/inf values" in v.failures
+
+
+def test_centred_threshold_follows_min_cosine_unless_set() -> None:
+    rng = np.random.default_rng(0)
+    ref = 5.0 + rng.standard_normal((40, 4, 4)) * 0.1
+    out = ref + rng.standard_normal(ref.shape) * 0.03  # centred cosine ~0.96, plain ~0.99998
+    assert Thresholds().to_dict()["min_centred_cosine"] == 0.98
+    assert not compare([ref], [out], ["y"], None, Thresholds()).passed
+    assert compare([ref], [out], ["y"], None, Thresholds(min_cosine=0.9)).passed  # loosened by hand: 0.89
+    assert not compare([ref], [out], ["y"], None, Thresholds(min_cosine=0.9, min_centred_cosine=0.97)).passed

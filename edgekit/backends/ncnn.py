@@ -3,6 +3,7 @@ edgekit's Python ports of ncnn2table and ncnn2int8 (ncnn_int8.py), run with the 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import tempfile
@@ -16,15 +17,20 @@ from onnx import numpy_helper
 
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
-from edgekit.compress.fp16_range import fp16_unsafe_nodes, same_weights
+from edgekit.compress.fp16_range import fp16_range_problem, same_weights_any_layout
 from edgekit.errors import BadInput, EdgekitError
 
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plan import ArtifactPlan
+    from edgekit.plans import ArtifactPlan, QuantizationSettings
 
 PNNX_TIMEOUT_S = 600
+# Layer param 31 is ncnn's per-layer feature mask: bit 0 turns fp16 arithmetic off, bit 1 fp16 storage
+# (net.cpp get_masked_option). FP32 storage alone is not enough: with use_fp16_storage the runtime
+# casts FP32-stored weights to fp16 at load time (x86 InnerProduct, ARM convolutions).
+FEATMASK = 31
+NO_FP16 = 0b11
 PNNX_MAX_IR_VERSION = 13  # pnnx 20261020 loads ONNX through ONNX Runtime 1.30; the canonical opset 17 needs IR 8
 
 # ONNX ops that pnnx converts to ncnn layers (pnnx's onnx frontend + pass_ncnn). Shape arithmetic
@@ -135,8 +141,8 @@ class NcnnBackend(Backend):
         details: dict[str, Any] = {"converter": "pnnx", "storage": "fp32"}
         notes: list[str] = []
         if plan.precision == "fp16":
-            keep, notes = self._fp16_storage(spec, plan, param, bin_)
-            details.update(storage="fp16", keep_fp32=keep)
+            kept, notes = self._fp16_storage(spec, plan, param, bin_)
+            details.update(storage="fp16", keep_fp32=sorted(kept), keep_fp32_reasons=kept)
         elif plan.precision == "int8":
             if calibration is None or len(calibration) == 0:
                 raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
@@ -150,6 +156,14 @@ class NcnnBackend(Backend):
         details.update(input_blobs=inputs, output_blobs=outputs, output_shapes=[o.shape for o in spec.outputs])
         files = [p.name for p in sorted(root.iterdir()) if p.is_file()]
         return Artifact(self.name, plan.precision, str(root), files, param.name, details, notes)
+
+    def int8_retries(self, q: QuantizationSettings) -> list[tuple[str, QuantizationSettings]]:
+        """What the build tries when INT8 is rejected. ncnn has no 7-bit weights (reduce_range would
+        rebuild the same artifact); the other calibration method can help: KL clips rare outliers that
+        set a minmax scale, minmax keeps a tail that KL clipped."""
+        if q.method == "minmax":
+            return [("entropy (KL) calibration", dataclasses.replace(q, method="entropy"))]
+        return [("minmax calibration", dataclasses.replace(q, method="minmax"))]
 
     def load(self, artifact: Artifact, threads: int) -> NcnnSession:
         d = artifact.details
@@ -185,22 +199,38 @@ class NcnnBackend(Backend):
             shutil.copyfile(out_bin, bin_)
 
     @staticmethod
-    def _fp16_storage(spec: ModelSpec, plan: ArtifactPlan, param: Path, bin_: Path) -> tuple[list[str], list[str]]:
-        """FP16 storage for every weight blob except the layers whose weights leave the FP16 range or that
-        the plan keeps in FP32 (matched to ncnn layers by their weight values: pnnx renames layers)."""
+    def _fp16_storage(spec: ModelSpec, plan: ArtifactPlan, param: Path, bin_: Path) -> tuple[dict[str, str], list[str]]:
+        """FP16 storage for every weighted layer except those whose stored weights leave the FP16 range
+        (checked on the ncnn blobs themselves: pnnx transposes and folds weights, so the ONNX values
+        need not be what is stored) and those the plan keeps in FP32. Returns {ncnn layer: why}."""
         from edgekit.backends.ncnn_format import NcnnModel, set_storage
 
         model = NcnnModel.load(param, bin_)
         onnx_model = spec.load()
-        risks = fp16_unsafe_nodes(onnx_model)
-        inits = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer}
-        keep = _layers_holding(model, [inits[r.weight] for r in risks if r.weight in inits]
-                               + _node_weights(onnx_model, plan.keep_fp32))
+        kept: dict[str, str] = {}
         for layer in model.layers:
-            if layer.name in model.weights and layer.name not in keep:
+            for i, blob in enumerate(model.weights.get(layer.name, [])):
+                what = layer.name if i == 0 else f"{layer.name} (blob {i})"
+                why = fp16_range_problem(blob.data, what) if blob.tagged else None
+                if why:
+                    kept[layer.name] = why
+                    break
+        for node, layers in _layers_for_nodes(model, onnx_model, plan.keep_fp32, "keep in FP32").items():
+            for name in layers:
+                kept.setdefault(name, f"ONNX node {node} is kept in FP32 by the plan (--exclude-node)")
+        origin = _onnx_origin(model, onnx_model, kept)
+        notes = []
+        for layer in model.layers:
+            if layer.name not in model.weights:
+                continue
+            if layer.name in kept:
+                layer.set(FEATMASK, layer.int(FEATMASK) | NO_FP16)
+                notes.append(f"ncnn layer {layer.name} ({layer.type}{origin.get(layer.name, '')}) kept in FP32 "
+                             f"storage and compute (featmask): {kept[layer.name]}")
+            else:
                 set_storage(model, layer.name, "fp16")
         model.save(param, bin_)
-        return sorted(keep), [f"{r.node} ({r.op_type}) kept in FP32 storage: {r.reason}" for r in risks]
+        return kept, notes
 
     def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, param: Path, bin_: Path,
               root: Path) -> dict[str, Any]:
@@ -212,7 +242,9 @@ class NcnnBackend(Backend):
         method = {"minmax": "minmax", "entropy": "kl", "percentile": "kl"}[q.method]
         inputs, _ = _io_blobs(param)
         batches = [dict(zip(inputs, b.values())) for b in calibration.batches(spec)[: q.samples]]
-        exclude = _layers_holding(NcnnModel.load(param, bin_), _node_weights(spec.load(), q.exclude_nodes))
+        named = _layers_for_nodes(NcnnModel.load(param, bin_), spec.load(), q.exclude_nodes, "keep in float",
+                                  weightless_ok=True)
+        exclude = {layer for layers in named.values() for layer in layers}
         table = ncnn_int8.calibration_table(param, bin_, batches, method=method, exclude=exclude)
         ncnn_int8.write_table(root / "model.table", table)
         fp32_param, fp32_bin = root / "fp32.param", root / "fp32.bin"
@@ -221,22 +253,62 @@ class NcnnBackend(Backend):
         quantized = ncnn_int8.quantize_model(fp32_param, fp32_bin, table, param, bin_)
         fp32_param.unlink()
         fp32_bin.unlink()
+        weights = "8-bit per output channel (6-bit for 3x3 stride-1 convolutions: int8 Winograd)"
+        if q.reduce_range:
+            weights += "; reduce_range does not apply to ncnn"
         return {"quantizer": "edgekit ncnn2table + ncnn2int8 (Python ports)", "calibration": method,
+                "weights": weights,
                 "calibration_samples": len(batches), "table": "model.table", "storage": "int8 weights",
                 "int8_layers": len(quantized), "kept_float": sorted(exclude),
                 "runtime_options": {"use_int8_inference": True}}
 
 
-def _node_weights(onnx_model: onnx.ModelProto, nodes: list[str]) -> list[np.ndarray]:
-    names = set(nodes)
+def _weight_of(onnx_model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray | None:
+    """A node's weight: its largest initializer input (biases are small, and an all-zero bias would
+    match every other zero bias)."""
     inits = {i.name: i for i in onnx_model.graph.initializer}
-    return [numpy_helper.to_array(inits[x]) for n in onnx_model.graph.node if n.name in names
-            for x in n.input if x in inits]
-
-
-def _layers_holding(model: Any, arrays: list[np.ndarray]) -> set[str]:
-    """The ncnn layers that hold any of these ONNX weights. pnnx renames layers, so they are found by
-    value (pnnx stores weights unchanged when fp16=0; a BatchNorm is already folded in the canonical ONNX)."""
+    arrays = [numpy_helper.to_array(inits[x]) for x in node.input if x in inits]
     arrays = [a for a in arrays if a.size > 1]
-    return {layer.name for layer in model.layers
-            if any(same_weights(b.data, a) for b in model.weights.get(layer.name, []) for a in arrays)}
+    return max(arrays, key=lambda a: a.size) if arrays else None
+
+
+def _layers_for_nodes(model: Any, onnx_model: onnx.ModelProto, nodes: list[str], purpose: str,
+                      weightless_ok: bool = False) -> dict[str, list[str]]:
+    """The ncnn layers holding each named ONNX node's weights, found by value in any layout (pnnx renames
+    layers and transposes weights). A name that matches nothing is an error, never a silent no-op.
+    weightless_ok: a node without weights needs nothing (ncnn's INT8 leaves those layers in float)."""
+    if not nodes:
+        return {}
+    by_name = {n.name: n for n in onnx_model.graph.node}
+    unknown = [n for n in nodes if n not in by_name]
+    if unknown:
+        raise BadInput(f"ncnn: no node named {', '.join(map(repr, unknown))} in the model to {purpose} "
+                       "(names as `edgekit inspect` lists them)")
+    found: dict[str, list[str]] = {}
+    for name in dict.fromkeys(nodes):
+        weight = _weight_of(onnx_model, by_name[name])
+        if weight is None:
+            if weightless_ok:
+                continue
+            raise EdgekitError(f"ncnn: cannot {purpose} node {name} ({by_name[name].op_type}): it has no weights "
+                               "to find its ncnn layer by; build ncnn fp32 for this model")
+        layers = [layer.name for layer in model.layers
+                  if any(same_weights_any_layout(b.data, weight) for b in model.weights.get(layer.name, []))]
+        if not layers:
+            raise EdgekitError(f"ncnn: cannot {purpose} node {name} ({by_name[name].op_type}): no ncnn layer holds "
+                               "its weights (pnnx fused or rewrote them)")
+        found[name] = layers
+    return found
+
+
+def _onnx_origin(model: Any, onnx_model: onnx.ModelProto, layers: dict[str, str]) -> dict[str, str]:
+    """', ONNX node X' for each of these ncnn layers whose weights an ONNX node holds (for the notes)."""
+    if not layers:
+        return {}
+    weights = [(n, w) for n in onnx_model.graph.node if (w := _weight_of(onnx_model, n)) is not None]
+    origin = {}
+    for name in layers:
+        blobs = model.weights.get(name, [])
+        node = next((n for n, w in weights if blobs and same_weights_any_layout(blobs[0].data, w)), None)
+        origin[name] = f", ONNX node {node.name}" if node is not None else ", weights folded by pnnx"
+    return origin

@@ -21,11 +21,9 @@ from edgekit.errors import BadInput, EdgekitError
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plan import ArtifactPlan
+    from edgekit.plans import ArtifactPlan
 
 DEVICE = "CPU"
-# The rt_info key of ov::DisableFP16Compression: a constant carrying it stays FP32 on save.
-DISABLE_FP16 = "disable_fp16_compression_0"
 
 
 class OvSession:
@@ -38,6 +36,9 @@ class OvSession:
                        "INFERENCE_PRECISION_HINT": precision_hint}
         self.model = core.read_model(str(xml))
         self.compiled = core.compile_model(self.model, DEVICE, self.config)
+        # What OpenVINO applied (it may adjust a hint), recorded with the artifact.
+        self.applied = {key: _plain(self.compiled.get_property(key))
+                        for key in ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT")}
         self.request = self.compiled.create_infer_request()
         self.outputs = list(self.compiled.outputs)
 
@@ -63,6 +64,13 @@ class OvSession:
         return sorted(entries, key=lambda e: min(rank.get(n, 1 << 30) for n in e[0]))
 
 
+def _plain(value: Any) -> str | int:
+    """A compiled-model property as JSON: ints stay, ov.Type as its short name (f32), the rest as text."""
+    if isinstance(value, int):
+        return value
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
 # Ops whose outputs are weights, shapes or re-encodings, not activations to compare.
 _NOT_ACTIVATIONS = {"Parameter", "Constant", "Result", "Convert", "ShapeOf", "FakeQuantize"}
 
@@ -74,6 +82,7 @@ class OpenVinoBackend(Backend):
     requires = ("openvino", "nncf")
     install_hint = "pip install 'edgekit[openvino]'"
     accuracy_control = True  # nncf.quantize_with_accuracy_control
+    int8_reduce_range = True  # NNCF overflow_fix, for x86 without VNNI
 
     def versions(self) -> dict[str, str]:
         return {d: metadata.version(d) for d in ("openvino", "nncf")}
@@ -112,8 +121,9 @@ class OpenVinoBackend(Backend):
         details: dict[str, Any] = {"converter": "openvino.convert_model", "device": DEVICE}
         notes: list[str] = []
         compress = False
+        kept_constants: dict[str, np.ndarray] = {}
         if plan.precision == "fp16":
-            keep, notes = self._keep_fp32(spec, plan, model)
+            keep, notes, kept_constants = self._keep_fp32(spec, plan, model)
             details["keep_fp32"] = keep
             compress = True
         elif plan.precision == "int8":
@@ -125,26 +135,38 @@ class OpenVinoBackend(Backend):
             raise BadInput(f"{self.name} cannot build precision {plan.precision}")
         # FP32 and INT8 artifacts compute in f32 where not quantized (no silent bf16 on AMX/AVX512_BF16 CPUs).
         details["inference_precision_hint"] = "f32"
+        # INFERENCE_NUM_THREADS is the build's thread count, filled in when the artifact is loaded.
+        details["runtime_config"] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         details["weights"] = "fp16 (compressed)" if compress else "fp32"
         ov.save_model(model, str(root / "model.xml"), compress_to_fp16=compress)
+        if kept_constants:
+            _restore_fp32(root / "model.xml", kept_constants)
         return Artifact(self.name, plan.precision, str(root), ["model.xml", "model.bin"], "model.xml", details, notes)
 
     def load(self, artifact: Artifact, threads: int) -> OvSession:
-        return OvSession(artifact.entry_path, threads, artifact.details.get("inference_precision_hint", "f32"))
+        session = OvSession(artifact.entry_path, threads, artifact.details.get("inference_precision_hint", "f32"))
+        # Verification loads it with the build's threads before the manifest is written: that is recorded.
+        artifact.details["runtime_config"] = session.applied
+        return session
 
     # ------------------------------------------------------------ precisions
 
     @staticmethod
-    def _keep_fp32(spec: ModelSpec, plan: ArtifactPlan, model: Any) -> tuple[list[str], list[str]]:
-        """Mark the weights of layers outside the FP16 range (and those a plan names) to stay FP32."""
+    def _keep_fp32(spec: ModelSpec, plan: ArtifactPlan, model: Any) -> tuple[list[str], list[str], dict[str, Any]]:
+        """The weight constants of layers outside the FP16 range (and of those a plan names) that must stay
+        FP32: {friendly name: FP32 values}, put back after compression (_restore_fp32)."""
         import openvino as ov
 
         onnx_model = spec.load()
         risks = fp16_unsafe_nodes(onnx_model)
         named = set(plan.keep_fp32)
+        unknown = sorted(named - {n.name for n in onnx_model.graph.node})
+        if unknown:  # else silently compressed while recorded as kept
+            raise BadInput(f"openvino: no node named {', '.join(map(repr, unknown))} in the model to keep in FP32 "
+                           "(names as `edgekit inspect` lists them)")
         names = {r.weight for r in risks} | {i for n in onnx_model.graph.node if n.name in named for i in n.input[1:2]}
         wanted = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer if i.name in names}
-        found = set()
+        found: dict[str, np.ndarray] = {}
         for op in model.get_ordered_ops():
             if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f32:
                 continue
@@ -152,13 +174,12 @@ class OpenVinoBackend(Backend):
             hit = op.get_friendly_name() if op.get_friendly_name() in wanted else next(
                 (n for n, w in wanted.items() if same_weights(op.get_data(), w)), None)
             if hit:
-                op.get_rt_info()[DISABLE_FP16] = ""
-                found.add(hit)
-        missing = set(wanted) - found
+                found[hit] = np.array(op.get_data(), dtype=np.float32)
+        missing = set(wanted) - set(found)
         if missing:
             raise EdgekitError(f"openvino: cannot find weight constant(s) {', '.join(sorted(missing))} to keep in FP32")
         keep = sorted({r.node for r in risks} | named)
-        return keep, [f"{r.node} ({r.op_type}) kept in FP32: {r.reason}" for r in risks]
+        return keep, [f"{r.node} ({r.op_type}) kept in FP32: {r.reason}" for r in risks], found
 
     def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, model: Any) -> tuple[Any, dict]:
         import nncf
@@ -183,10 +204,9 @@ class OpenVinoBackend(Backend):
             kwargs["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
         if q.model_type == "transformer":
             kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-        if q.exclude_nodes:
-            # OpenVINO names ops after the ONNX node, sometimes with a suffix (".../WithoutBiases").
-            kwargs["ignored_scope"] = nncf.IgnoredScope(
-                patterns=[re.escape(n) + "($|/.*)" for n in q.exclude_nodes], validate=False)
+        ignored_ops = _ignored_ops(spec, model, q.exclude_nodes) if q.exclude_nodes else []
+        if ignored_ops:
+            kwargs["ignored_scope"] = nncf.IgnoredScope(names=ignored_ops)  # validated: NNCF must find each
         method = "nncf.quantize"
         try:
             if q.accuracy_control:
@@ -206,6 +226,7 @@ class OpenVinoBackend(Backend):
             "fast_bias_correction": q.fast_bias_correction,
             "model_type": q.model_type,
             "excluded_nodes": list(q.exclude_nodes),
+            "ignored_ops": ignored_ops,
         }
 
     @staticmethod
@@ -229,3 +250,58 @@ class OpenVinoBackend(Backend):
         return nncf.quantize_with_accuracy_control(
             model, dataset, nncf.Dataset(items, lambda item: item[0]), validate, max_drop=max_drop,
             drop_type=nncf.DropType.ABSOLUTE, **{k: v for k, v in kwargs.items() if k != "fast_bias_correction"})
+
+
+def _ignored_ops(spec: ModelSpec, model: Any, nodes: list[str]) -> list[str]:
+    """The IR ops that NNCF must leave in float for these ONNX nodes, each node checked to have some: a
+    misspelled name would otherwise be quantized and still recorded as excluded. OpenVINO names an op
+    after its ONNX node (a biased Conv: "NODE/WithoutBiases" + an Add "NODE"), except an op producing a
+    model output, which takes the output's name: ops are matched by name and by output tensor."""
+    by_name = {n.name: n for n in spec.load().graph.node}
+    unknown = [n for n in nodes if n not in by_name]
+    if unknown:
+        raise BadInput(f"openvino: no node named {', '.join(map(repr, unknown))} in the model to keep in float "
+                       "(names as `edgekit inspect` lists them)")
+    ops = [op for op in model.get_ordered_ops() if op.get_type_name() not in ("Parameter", "Constant", "Result")]
+    found: dict[str, list[str]] = {}
+    for node in dict.fromkeys(nodes):
+        pattern, outputs = re.compile(re.escape(node) + "($|/.*)"), set(by_name[node].output)
+        found[node] = [op.get_friendly_name() for op in ops if pattern.match(op.get_friendly_name())
+                       or any(outputs & out.get_names() for out in op.outputs())]
+    missing = [n for n, hits in found.items() if not hits]
+    if missing:
+        raise EdgekitError(f"openvino: node(s) {', '.join(missing)} have no op in the converted IR "
+                           "(OpenVINO fused them away), so they cannot be kept in float")
+    return [op for hits in found.values() for op in hits]
+
+
+def _restore_fp32(xml: Path, constants: dict[str, np.ndarray]) -> None:
+    """Put FP32 weights back where compression made them FP16 (constant -> Convert). The rt_info mark
+    (DisableFP16Compression) cannot be set from Python: a string key is ignored on save, so a node a
+    plan keeps in FP32 was compressed anyway. Out-of-range constants OpenVINO already leaves FP32."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    model = ov.Core().read_model(str(xml))
+    todo = dict(constants)
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f16:
+            continue
+        half = np.array(op.get_data(), dtype=np.float32)
+        same = [n for n, w in todo.items() if w.shape == half.shape]
+        # OpenVINO names it NAME_compressed; else by value, as compression rounded it.
+        name = next((n for n in same if op.get_friendly_name() == f"{n}_compressed"), None) or next(
+            (n for n in same if np.array_equal(todo[n].astype(np.float16).astype(np.float32), half)), None)
+        if name is None:
+            continue
+        full = ops.constant(todo.pop(name))
+        full.set_friendly_name(name)
+        for convert in [t.get_node() for t in op.output(0).get_target_inputs()]:
+            for target in list(convert.output(0).get_target_inputs()):
+                target.replace_source_output(full.output(0))
+    if len(todo) < len(constants):  # something was compressed: write the patched IR in place
+        tmp = xml.with_name("restored.xml")
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        del model
+        tmp.replace(xml)
+        tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))

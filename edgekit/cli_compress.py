@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from edgekit.console import out
+from edgekit.console import emit, out
 from edgekit.errors import BadInput
 
 IMPORTANCE_CHOICES = ["l1", "l2", "bn", "taylor", "random"]
@@ -32,7 +32,8 @@ def add_compress_options(p: argparse.ArgumentParser, build: bool) -> None:
     g.add_argument("--layer-ratio", action="append", default=[], metavar="MODULE=RATIO",
                    help="a torch module's own pruning ratio (repeatable)")
     g.add_argument("--train", help="training data (image folder or .npz; labels optional) for fine-tuning, "
-                   "distillation and Taylor importance")
+                   "distillation and Taylor importance" + (" (default for --distill and Taylor: the --calib images, "
+                                                           "unlabelled)" if build else ""))
     g.add_argument("--epochs", type=int, default=15)
     g.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
     g.add_argument("--temperature", type=float, default=4.0)
@@ -68,11 +69,16 @@ def compress_options(args: argparse.Namespace, distill: bool, precision: str = "
             name = ""
         if not sep or not name:
             raise BadInput(f"--layer-ratio '{item}' is not MODULE=RATIO")
+    train, from_calibration = args.train, False
+    if not train and (distill or args.importance == "taylor") and getattr(args, "calib", None):
+        # Most factory users have images and no labelled training set: the calibration images serve,
+        # unlabelled (the stage leaves out any that are also validation samples).
+        train, from_calibration = args.calib, True
     return CompressOptions(
         prune=args.prune, importance=args.importance, global_ranking=args.global_ranking, steps=args.prune_steps,
         precision=precision, round_to=args.round_to, ignored_layers=args.keep_layer, distill=distill,
-        low_rank_energy=args.low_rank, layer_ratios=ratios,
-        finetune=bool(args.train) and not distill, train=args.train, epochs=args.epochs,
+        low_rank_energy=args.low_rank, layer_ratios=ratios, train_from_calibration=from_calibration,
+        finetune=bool(args.train) and not distill, train=train, epochs=args.epochs,
         time_budget_s=args.time_budget, temperature=args.temperature, alpha=args.alpha,
         relation_weight=args.relation_weight, hint_layers=hints, augment=args.augment,
         finetune_baseline=not args.no_finetune_baseline, seed=args.seed, checkpoint=args.checkpoint)
@@ -82,11 +88,14 @@ def add_parsers(sub: Any, model_args: Any) -> None:
     p = sub.add_parser("prune", help="remove channels (Torch-Pruning), aligned to the target; writes a model")
     model_args(p)
     p.add_argument("--target", required=True)
-    p.add_argument("--precision", default="fp32", help="round channels to the target's multiple for this")
+    p.add_argument("--precision", default="fp32",
+                   help="the precisions you will build (comma list, or 'all'): channels are rounded to a multiple "
+                   "all of them like on the target")
     p.add_argument("--val", help="labelled data to report accuracy before/after")
     p.add_argument("--preprocess")
     p.add_argument("--out", required=True, help="folder for model.onnx, pruned.pt, compress.json")
     p.add_argument("--force", action="store_true")
+    _timing_args(p)
     add_compress_options(p, build=False)
     d = sub.add_parser("distill", help="train a (pruned) student from the original model; writes a model")
     d.add_argument("student", help="the student ONNX (e.g. OUT/model.onnx of `edgekit prune`)")
@@ -98,7 +107,15 @@ def add_parsers(sub: Any, model_args: Any) -> None:
     d.add_argument("--preprocess")
     d.add_argument("--out", required=True)
     d.add_argument("--force", action="store_true")
+    _timing_args(d)
     add_compress_options(d, build=False)
+
+
+def _timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile-seconds", type=float, default=3.0,
+                   help="timed seconds per model (original and result, ONNX Runtime FP32 on this machine)")
+    p.add_argument("--min-runs", type=int, default=50)
+    p.add_argument("--threads", type=int, help="runtime threads (default: this machine's cores)")
 
 
 def _load(path: str | None, spec: Any, preprocess: Any, what: str) -> Any:
@@ -129,7 +146,15 @@ def _print(report: dict[str, Any], out_dir: Path) -> None:
         pr = report["prune"]
         out.print(f"MACs {pr['macs_before'] / 1e6:.1f}M -> {pr['macs_after'] / 1e6:.1f}M ({pr['macs_ratio']:.0%}), "
                   f"params {pr['params_before']:,} -> {pr['params_after']:,}; channels rounded to "
-                  f"{pr['round_to']} ({pr['round_to_reason']})")
+                  f"{pr['round_to']} ({pr['round_to_reason']})", markup=False)
+    for entry in report.get("prune_steps", []):
+        from edgekit.compress.stage import report_line
+
+        out.print(f"pruning step {entry['step']}: {report_line(entry)}")
+    if "speedup_fp32" in report:
+        before, after = report["latency_before_ms"], report["latency_after_ms"]
+        out.print(f"ONNX Runtime FP32 on this machine, interleaved, {after['threads']} threads: p50 "
+                  f"{before['p50']:.3f} -> {after['p50']:.3f} ms ({report['speedup_fp32']:.2f}x)")
     out.print(f"wrote {out_dir}/model.onnx (report: compress.json)")
 
 
@@ -177,10 +202,41 @@ def _run(args: argparse.Namespace, teacher: str | None, distill: bool) -> int:
         work = Path(tmp) / "out"
         work.mkdir()
         result = compress(spec, target, opts, train, val, work, student=student)
+        result.report |= _host_latency(spec, result.onnx_path, val, Path(tmp) / "timing", args)
         _finish(work, out_dir, args.force)
     _print(result.report, out_dir)
     (out_dir / "compress.json").write_text(json.dumps(result.report, indent=1) + "\n")
+    emit({"ok": True, "model": str(out_dir / "model.onnx"), "report": result.report})
     return 0
 
 
 VERBS = {"prune": cmd_prune, "distill": cmd_distill}
+
+
+def _host_latency(original: Any, compressed_onnx: str, val: Any, work: Path,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """The original and the compressed model in ONNX Runtime FP32 on this machine, timed side by side
+    (interleaved, one fresh process, the same threads), as `edgekit build` times them."""
+    from edgekit import backends
+    from edgekit.ingest import ingest
+    from edgekit.plans import ArtifactPlan
+    from edgekit.targets import detect_host
+    from edgekit.timing import ProfileSettings, time_artifacts
+
+    compressed = ingest(compressed_onnx, work / "compressed")
+    ort = backends.get_installed("onnxruntime")
+    artifacts = {}
+    for key, spec in (("original", original), ("compressed", compressed)):
+        folder = work / f"ort-{key}"
+        folder.mkdir(parents=True)
+        artifacts[key] = ort.export(spec, ArtifactPlan("onnxruntime", "fp32"), None, folder)
+    threads = args.threads or detect_host()["cpu"]["cores"]
+    feeds = val.batches(compressed)[:1]
+    if not feeds:
+        raise BadInput("no validation sample to time the models on")
+    settings = ProfileSettings(seconds=args.profile_seconds, min_runs=args.min_runs)
+    lat = time_artifacts(artifacts, feeds[0], settings, threads)
+    before, after = lat["original"], lat["compressed"]
+    return {"latency_before_ms": before.to_dict(), "latency_after_ms": after.to_dict(),
+            "speedup_fp32": round(before.p50 / after.p50, 4),
+            "latency_method": "ONNX Runtime FP32 on this machine, original and result interleaved in one process"}

@@ -156,3 +156,224 @@ def test_low_rank_factorisation_keeps_outputs_and_shrinks_layers(tmp_path: Path)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-3, rtol=1e-3)
     _onnx_agrees(model, x[:1], tmp_path / "lr.onnx")
+
+
+def test_global_ranking_gives_each_layer_its_own_ratio() -> None:
+    """Uniform pruning removes the same share of every layer; global ranking compares channels across
+    layers (BatchNorm scales here, as network slimming does), so the layers lose different shares
+    while the network as a whole still loses about half its channels."""
+    def ratios(global_ranking: bool) -> tuple[list[float], float]:
+        report = prune(_bundled(), torch.zeros(1, 3, 96, 96),
+                       PruneSettings(ratio=0.5, importance="bn", global_ranking=global_ranking))
+        convs = [la for la in report.layers if la.kind == "conv"]
+        total = sum(la.channels_after for la in convs) / sum(la.channels_before for la in convs)
+        return [la.channels_after / la.channels_before for la in convs], total
+
+    (uniform, uniform_total), (ranked, ranked_total) = ratios(False), ratios(True)
+    assert max(uniform) == min(uniform) == 0.5
+    assert max(ranked) - min(ranked) >= 0.1, ranked
+    assert uniform_total == 0.5 and ranked_total == pytest.approx(0.5, abs=0.05)
+
+
+def test_taylor_ranking_leaves_batchnorm_statistics_alone() -> None:
+    """Taylor importance needs gradients, not a training step: the kept channels' BatchNorm running
+    statistics must come out exactly as they went in (a train-mode pass would move them)."""
+    from models import mobilenet_like
+
+    model = mobilenet_like().eval()
+    before = {n: (m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked))
+              for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    x = torch.randn(16, 3, 64, 64)
+    prune(model, x[:1], PruneSettings(ratio=0.5, importance="taylor", steps=2),
+          loss_batches=[(x[:8], torch.arange(8)), (x[8:], torch.arange(8))], loss_fn=nn.functional.cross_entropy)
+    pruned = 0
+    for n, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            mean, var, tracked = before[n]
+            assert int(m.num_batches_tracked) == tracked
+            assert bool(torch.isin(m.running_mean, mean).all()) and bool(torch.isin(m.running_var, var).all()), n
+            pruned += len(m.running_mean) < len(mean)
+    assert pruned >= 4
+
+
+def test_kd_loss_t_squared_keeps_the_gradient_scale() -> None:
+    """Softened KL's gradient shrinks as 1/T^2 (Hinton et al.); kd_loss multiplies by T^2, so its
+    gradient keeps one scale across temperatures while the bare KL's falls fourfold from T=4 to T=8."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(64, 10, generator=g) * 0.5, torch.randn(64, 10, generator=g) * 0.5
+
+    def grad_norm(loss_of: object, t: float) -> float:
+        s = student.clone().requires_grad_(True)
+        loss_of(s, t).backward()  # type: ignore[operator]
+        return float(s.grad.norm())
+
+    def bare(s: torch.Tensor, t: float) -> torch.Tensor:
+        return nn.functional.kl_div(nn.functional.log_softmax(s / t, 1), nn.functional.softmax(teacher / t, 1),
+                                    reduction="batchmean")
+
+    def scaled(s: torch.Tensor, t: float) -> torch.Tensor:
+        return kd_loss(s, teacher, t)
+
+    assert grad_norm(scaled, 8.0) / grad_norm(scaled, 4.0) == pytest.approx(1.0, abs=0.05)
+    assert grad_norm(bare, 4.0) / grad_norm(bare, 8.0) == pytest.approx(4.0, rel=0.05)
+    assert grad_norm(scaled, 4.0) / grad_norm(bare, 4.0) == pytest.approx(16.0, rel=1e-4)
+
+
+def _trained_tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    teacher = _Tiny()
+    x, y = _toy_data(256, 0)
+    xv, yv = _toy_data(96, 1)
+    train_student(teacher, None, x, y, xv, yv, DistillSettings(epochs=3, labels_only=True, augment="none"))
+    return teacher, x, y, xv, yv
+
+
+def test_early_stop_time_budget_and_determinism() -> None:
+    teacher, x, y, xv, yv = _trained_tiny()
+    # A student already equal to the teacher cannot beat 100% agreement: patience ends the run early
+    # and the starting weights (the best) are kept.
+    student = copy.deepcopy(teacher)
+    run = train_student(student, teacher, x, None, xv, None, DistillSettings(epochs=10, patience=2, augment="none"))
+    assert run.epochs_run == 2 and run.stopped == "no better teacher_agreement for 2 epochs" and run.best_epoch == 0
+    for k, v in teacher.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[k], v, rtol=0, atol=0)
+    # A time budget shorter than one epoch stops after the first.
+    run = train_student(copy.deepcopy(teacher), None, x, y, xv, yv,
+                        DistillSettings(epochs=20, time_budget_s=1e-3, labels_only=True))
+    assert run.epochs_run == 1 and run.stopped == "time budget 0.001 s"
+
+    # The same seed gives the same weights; another seed other weights (shuffles, flips).
+    def trained(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        student = _Tiny(width=8)  # from scratch: training surely moves it past its start
+        run = train_student(student, teacher, x, y, xv, yv, DistillSettings(epochs=2, seed=seed, lr=1e-2, batch=32))
+        assert run.best_epoch > 0
+        return student.state_dict()
+
+    a, b, c = trained(3), trained(3), trained(4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+class _Hidden(nn.Module):
+    """Features -> a hidden Linear -> classes: a hint on a Linear layer."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.hidden = nn.Linear(width, 64)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.hidden(self.features(x))))
+
+
+class _FullyConv(nn.Module):
+    """A classifier without any Linear layer (1x1 conv head, global pool): RKD has no classifier input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 3, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.body(x)), 1)
+
+
+@pytest.mark.parametrize("factory,settings", [
+    (_Hidden, {"hint_layers": [["hidden", "hidden"]]}),  # a Linear adapter, 32 -> 64 features
+    (_FullyConv, {"relation_weight": 5.0}),  # RKD on the pooled outputs
+])
+def test_linear_hints_and_rkd_without_linear_layers_train(factory: type, settings: dict) -> None:
+    torch.manual_seed(0)
+    teacher = factory().eval()
+    x, _ = _toy_data(128, 0)
+    xv, _ = _toy_data(64, 1)
+    student = copy.deepcopy(teacher)
+    prune(student, x[:1], PruneSettings(ratio=0.5))
+
+    def losses(extra: dict) -> list[float]:
+        s = copy.deepcopy(student)
+        run = train_student(s, teacher, x, None, xv, None, DistillSettings(epochs=2, augment="none", **extra))
+        return [h["loss"] for h in run.history]
+
+    plain, with_term = losses({}), losses(settings)
+    assert all(np.isfinite(with_term)) and with_term[0] > plain[0]  # the extra term is there, and trains
+
+
+def test_compress_fine_tunes_between_pruning_steps_on_a_class_balanced_taylor_sample(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Iterative Taylor pruning through the stage: the ranking sees every class (labels arrive sorted
+    by class, as from an image folder), and each step but the last is followed by a short hard-label
+    fine-tune whose accuracy the report keeps."""
+    from models import export_dynamic, tiny_resnet
+
+    import edgekit.compress.prune as prune_module
+    from edgekit.compress.stage import CompressOptions, compress
+    from edgekit.data import Dataset
+    from edgekit.ingest import ingest
+    from edgekit.targets import load_target
+
+    model = tiny_resnet()
+    spec = ingest(str(export_dynamic(model, tmp_path / "res.onnx", opset=17, size=32)), tmp_path / "ingest",
+                  {"images": [1, 3, 32, 32]})
+    # Five classes a small network learns in a few steps: one channel's mean raised or lowered.
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 5, (400,), generator=g)
+    x = torch.randn(400, 3, 32, 32, generator=g) * 0.5
+    x[torch.arange(400), y % 3] += torch.where(y < 3, 1.0, -1.0)[:, None, None]
+    order = torch.argsort(y[:320], stable=True)  # the training part sorted by class, as an image folder loads
+    train = Dataset({"images": x[order].numpy()}, y[order].numpy())
+    val = Dataset({"images": x[320:].numpy()}, y[320:].numpy())
+    seen: list[torch.Tensor] = []
+    real_prune = prune_module.prune
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.extend(b[1] for b in args[3])  # type: ignore[index, union-attr]
+        return real_prune(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prune_module, "prune", spy)
+    opts = CompressOptions(prune=0.5, importance="taylor", steps=2, epochs=8, round_to=8, augment="none")
+    (tmp_path / "out").mkdir()
+    report = compress(spec, load_target("host-cpu"), opts, train, val, tmp_path / "out").report
+    assert len(seen) == 4 and all(len(torch.unique(b)) == 5 for b in seen)  # every batch holds every class
+    first, last = report["prune_steps"]
+    assert first["finetune"] == "hard labels" and first["epochs"] == 2  # 25% of 8 epochs, one gap
+    assert first["finetuned"] > first["pruned"]  # the fine-tune recovered accuracy before the next ranking
+    assert "finetuned" not in last and last["macs"] < first["macs"]
+    assert last["pruned"] == report["accuracy"]["pruned"]
+    assert report["prune"]["macs_ratio"] < 0.45
+
+
+def test_importance_sample_spans_the_classes() -> None:
+    from edgekit.compress.stage import importance_sample
+
+    labels = torch.arange(4).repeat_interleave(500)  # sorted by class, as an image folder loads
+    pick = importance_sample(labels, 2000, 128, seed=0)
+    assert torch.bincount(labels[pick], minlength=4).tolist() == [32, 32, 32, 32]
+    assert all(len(torch.unique(labels[pick[i:i + 32]])) == 4 for i in range(0, 128, 32))
+    unlabelled = importance_sample(None, 2000, 128, seed=0)
+    assert len(set(unlabelled.tolist())) == 128 and int(unlabelled.max()) > 500  # shuffled, not the first 128
+    assert torch.equal(unlabelled, importance_sample(None, 2000, 128, seed=0))
+
+
+def test_onnx_path_prunes_exactly_like_the_batchnorm_folded_pytorch_source(tmp_path: Path) -> None:
+    """The bundled ONNX has BatchNorm folded into its convs. Converted to torch and pruned, it must
+    behave exactly as the PyTorch source with BatchNorm folded the same way (torch.fx fuse): same
+    weights, same coupled groups, same channels kept. (Magnitude ranking on folded weights keeps other
+    channels than on conv + BatchNorm, which is why the accuracy right after pruning differs from
+    the PyTorch path's; the converter adds nothing to that.)"""
+    from torch.fx.experimental.optimization import fuse
+
+    from edgekit.compress.onnx_to_torch import onnx_to_torch
+    from edgekit.ingest import ingest
+
+    spec = ingest(str(REPO / "examples" / "defects" / "defectnet.onnx"), tmp_path / "ingest", {})
+    converted, folded = onnx_to_torch(spec.load()), fuse(_bundled())
+    x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    reports = [prune(m, x[:1], PruneSettings(ratio=0.5, importance="l1", round_to=16)) for m in (converted, folded)]
+    # Layer names and order differ (ONNX node names, node order); the widths and the work do not.
+    widths = [sorted(la.channels_after for la in r.layers) for r in reports]
+    assert widths[0] == widths[1] and reports[0].macs_after == reports[1].macs_after
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), folded(x), atol=1e-4, rtol=1e-4)

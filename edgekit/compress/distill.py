@@ -5,9 +5,10 @@ Losses, combined with weights:
   with the hard-label cross-entropy (weight 1 - alpha) when labels exist. Without labels (what most
   factory users have) it is pure distillation from the teacher's outputs.
 - feature hints: MSE between chosen intermediate layers, the student's mapped to the teacher's width by
-  a trained 1x1 adapter (FitNets).
+  a trained adapter (FitNets): a 1x1 conv for feature maps, a Linear for vectors.
 - relation (RKD): pairwise distances and angles between the samples' embeddings (the classifier's
-  input), so the student keeps the teacher's geometry, not only its answers.
+  input; without a Linear layer the last global pool's output, else the model's outputs), so the
+  student keeps the teacher's geometry, not only its answers.
 
 The loop has an epoch and a time budget, early stopping on the validation metric (accuracy with
 labels, else top-1 agreement with the teacher), a seed for determinism, and a checkpoint to resume.
@@ -93,18 +94,21 @@ def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tens
 
 
 class _Capture:
-    """Forward hooks keeping named modules' outputs (hints) or the classifier's input (embeddings)."""
+    """Forward hooks keeping named modules' outputs (hints) and the embedding RKD compares: the input
+    of a classifier Linear, or the output of a pool (`embed_of` = (module name, "input" | "output"))."""
 
-    def __init__(self, model: nn.Module, names: list[str], embed_of: str | None) -> None:
+    def __init__(self, model: nn.Module, names: list[str], embed_of: tuple[str, str] | None) -> None:
         modules = dict(model.named_modules())
-        missing = [n for n in names + ([embed_of] if embed_of else []) if n not in modules]
+        missing = [n for n in names if n not in modules]
         if missing:
             raise BadInput(f"no layer named {missing[0]} (names as in model.named_modules())")
         self.out: dict[str, torch.Tensor] = {}
         self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in names]
-        if embed_of:
-            self.handles.append(modules[embed_of].register_forward_pre_hook(
+        if embed_of and embed_of[1] == "input":
+            self.handles.append(modules[embed_of[0]].register_forward_pre_hook(
                 lambda m, args: self.out.__setitem__("__embedding__", args[0])))
+        elif embed_of:
+            self.handles.append(modules[embed_of[0]].register_forward_hook(self._keep("__embedding__")))
 
     def _keep(self, name: str) -> Any:
         return lambda m, args, output: self.out.__setitem__(name, output)
@@ -114,9 +118,28 @@ class _Capture:
             h.remove()
 
 
-def _last_linear(model: nn.Module) -> str | None:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return names[-1] if names else None
+def _embedding_of(model: nn.Module) -> tuple[str, str] | None:
+    """Where RKD reads a sample's embedding: the last Linear's input (the classifier's features), else
+    the last global pool's output (a fully convolutional classifier), else None: the model's outputs."""
+    modules = list(model.named_modules())
+    linear = [n for n, m in modules if isinstance(m, nn.Linear)]
+    if linear:
+        return linear[-1], "input"
+    pools = [n for n, m in modules if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))]
+    return (pools[-1], "output") if pools else None
+
+
+def _adapter(student_out: torch.Tensor, teacher_out: torch.Tensor, where: str) -> nn.Module:
+    """Maps a student feature to the teacher's width: 1x1 conv for feature maps, Linear for vectors."""
+    cs, ct = student_out.shape[1], teacher_out.shape[1]
+    if student_out.shape[2:] != teacher_out.shape[2:]:
+        raise BadInput(f"--hint {where}: the student's {list(student_out.shape[1:])} and the teacher's "
+                       f"{list(teacher_out.shape[1:])} differ beyond the channels; pick layers at the same resolution")
+    if student_out.dim() == 2:
+        return nn.Linear(cs, ct, bias=False)
+    if student_out.dim() == 4:
+        return nn.Conv2d(cs, ct, 1, bias=False)
+    raise BadInput(f"--hint {where}: rank-{student_out.dim()} features are not supported (use a conv or Linear layer)")
 
 
 def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -164,17 +187,17 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
     if use_hints or use_rkd:
         s_names = [p[0] for p in settings.hint_layers] if use_hints else []
         t_names = [p[1] for p in settings.hint_layers] if use_hints else []
-        s_cap = _Capture(student, s_names, _last_linear(student) if use_rkd else None)
-        t_cap = _Capture(teacher, t_names, _last_linear(teacher) if use_rkd else None)
-        if use_hints:  # 1x1 adapters sized on one probe batch
+        s_cap = _Capture(student, s_names, _embedding_of(student) if use_rkd else None)
+        t_cap = _Capture(teacher, t_names, _embedding_of(teacher) if use_rkd else None)
+        if use_hints:  # adapters sized on one probe batch
             with torch.no_grad():
                 student.eval()
                 teacher.eval()
                 student(x[:2])
                 teacher(x[:2])
             for s_name, t_name in settings.hint_layers:
-                cs, ct = s_cap.out[s_name].shape[1], t_cap.out[t_name].shape[1]
-                adapters[s_name.replace(".", "_")] = nn.Conv2d(cs, ct, 1, bias=False)
+                adapters[s_name.replace(".", "_")] = _adapter(s_cap.out[s_name], t_cap.out[t_name],
+                                                              f"{s_name}:{t_name}")
     params = list(student.parameters()) + list(adapters.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = (len(x) + settings.batch - 1) // settings.batch
@@ -225,9 +248,9 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
                         for s_name, t_name in settings.hint_layers:
                             mapped = adapters[s_name.replace(".", "_")](s_cap.out[s_name])
                             loss = loss + settings.hint_weight * F.mse_loss(mapped, t_cap.out[t_name])
-                    if use_rkd:
-                        loss = loss + settings.relation_weight * rkd_loss(s_cap.out["__embedding__"],
-                                                                          t_cap.out["__embedding__"])
+                    if use_rkd:  # no embedding layer found: the outputs themselves
+                        loss = loss + settings.relation_weight * rkd_loss(s_cap.out.get("__embedding__", out),
+                                                                          t_cap.out.get("__embedding__", t_out))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -246,7 +269,8 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
                             "epochs": settings.epochs,
                             "history": history, "best": best, "best_epoch": best_epoch, "best_state": best_state,
                             "generator": gen.get_state()}, checkpoint)
-            if epoch + 1 - best_epoch >= settings.patience and best_epoch > 0:
+            # Counted from the start too: a run that never beats the starting model stops (and keeps it).
+            if epoch + 1 - best_epoch >= settings.patience:
                 stopped = f"no better {metric_name} for {settings.patience} epochs"
                 break
             if settings.time_budget_s is not None and time.perf_counter() - t0 > settings.time_budget_s:

@@ -134,15 +134,12 @@ def prune(model: nn.Module, example: torch.Tensor, settings: PruneSettings,
         max_pruning_ratio=settings.max_layer_ratio, iterative_steps=settings.steps,
         ignored_layers=[modules[n] for n in ignored_names], round_to=settings.round_to,
     )
+    batches = list(loss_batches) if loss_batches is not None else None  # reused at every step
     for step in range(settings.steps):
         if settings.importance == "taylor":
-            if loss_batches is None or loss_fn is None:
+            if batches is None or loss_fn is None:
                 raise BadInput("Taylor importance needs data with a loss: pass --train (or --calib) data")
-            model.zero_grad()
-            model.train()
-            for x, y in loss_batches:
-                loss_fn(model(x), y).backward()  # gradients accumulate over the batches
-            model.eval()
+            _taylor_gradients(model, batches, loss_fn)
         pruner.step()
         model.zero_grad(set_to_none=True)
         if between_steps is not None:
@@ -155,6 +152,22 @@ def prune(model: nn.Module, example: torch.Tensor, settings: PruneSettings,
               for n, (kind, c0, p0) in before.items() if n in after]
     recorded = asdict(settings) | {"ignored_layers": ignored_names}
     return PruneReport(recorded, int(macs0), int(macs1), int(params0), int(params1), layers)
+
+
+def _taylor_gradients(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]],
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
+    """Accumulate the loss gradients Taylor importance reads, leaving the model as it was: in eval
+    mode (a train-mode pass moves BatchNorm's running statistics, so ranking would change the model),
+    and every buffer restored in case some layer writes one even in eval mode."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.zero_grad()
+    model.eval()
+    with torch.enable_grad():
+        for x, y in batches:
+            loss_fn(model(x), y).backward()  # gradients accumulate over the batches
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
 
 
 _SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",

@@ -1,10 +1,12 @@
-"""Benchmark: the bundled DefectNet on this CPU, every backend and precision. Writes
-bench/results/defectnet-host-cpu.json.
+"""Benchmark: the bundled DefectNet on this CPU, every backend and precision, and the planner's choice.
+Writes bench/results/defectnet-host-cpu.json.
 
 Every figure is a ratio measured side by side in one interleaved run (these machines are shared and
 noisy): edgekit's artifacts vs FP32 ONNX Runtime, and vs what a user gets from each library's defaults
 (onnxruntime.quantization.quantize_static, nncf.quantize + openvino.save_model, pnnx with its default
-fp16 storage), all verified on the same held-out images.
+fp16 storage), all verified on the same held-out images. The planner's choice (`edgekit build` with no
+precision: plan first, then build what it chose) is timed in the same run against uniform FP32, uniform
+INT8 and the libraries' defaults.
 
     .venv/bin/python bench/bench_defectnet.py [--seconds 5]
 """
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.data import Preprocess, prepare_data
     from edgekit.ingest import ingest
     from edgekit.pipeline import BuildOptions, build
-    from edgekit.profile import ProfileSettings, time_artifacts
+    from edgekit.timing import ProfileSettings, time_artifacts
     from edgekit.verify import Thresholds, compare, run_all
     from edgekit.zoo.defects_data import generate
 
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             profile=ProfileSettings(seconds=0.2, min_runs=10), memory=False,
         ))
         manifest = result.manifest
+        planned = build(BuildOptions(
+            model=str(model), target="host-cpu", out=str(Path(tmp) / "planned"),
+            calib=str(data_dir / "calib"), val=str(data_dir / "val"), preprocess=str(preprocess),
+            profile=ProfileSettings(seconds=0.5, min_runs=20), memory=False,
+        ))
+        (choice,) = planned.manifest["artifacts"]
         spec = ingest(str(model), Path(tmp) / "work")
         data = prepare_data(spec, str(data_dir / "calib"), str(data_dir / "val"), Preprocess.from_file(preprocess))
         assert data.calibration is not None
@@ -103,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                 for a in manifest["artifacts"]}
         defaults = _library_defaults(spec, data.calibration.batches(spec), Path(tmp))
         arts |= defaults
+        arts["planner-choice"] = Artifact(choice["backend"], choice["precision"],
+                                          str(planned.path / Path(choice["entry"]).parent),
+                                          [Path(f["path"]).name for f in choice["files"]], Path(choice["entry"]).name,
+                                          choice["details"])
         val = data.validation.batches(spec)
         labels = data.validation.batch_labels(spec)
         names = [o.name for o in spec.outputs]
@@ -146,6 +158,20 @@ def main(argv: list[str] | None = None) -> int:
             }
             for mine, theirs in [("onnxruntime-int8", "ort-default-int8"), ("openvino-int8", "nncf-default-int8"),
                                  ("ncnn-fp16", "pnnx-default-fp16")]
+        },
+        "planner": {
+            "choice": choice["key"],
+            "reason": planned.manifest["plan_reasons"][-1],
+            "candidates": len(planned.manifest.get("candidates", [])),
+            "vs": {
+                other: {
+                    "speedup": round(lat[other].p50 / lat["planner-choice"].p50, 4),
+                    "bytes_ratio": round(sizes["planner-choice"] / sizes[other], 4),
+                    "accuracy_points": round((quality["planner-choice"].accuracy - quality[other].accuracy) * 100, 3),
+                }
+                for other in ("onnxruntime-fp32", "onnxruntime-int8", "openvino-int8", "ncnn-int8",
+                              "ort-default-int8", "nncf-default-int8")
+            },
         },
     }
     out = Path(args.out)

@@ -42,7 +42,7 @@ from typing import IO, Any
 import jsonschema
 
 from edgekit.errors import BadInput, VerificationFailed
-from edgekit.package import Staging, validate_manifest
+from edgekit.manifest import Staging, validate_manifest
 
 CHECKSUMS = "CHECKSUMS.sha256"
 MANIFEST = "manifest.json"

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import tempfile
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
@@ -19,7 +21,7 @@ from rich.table import Table
 from edgekit import __version__, backends, cli_compress, cli_devices
 from edgekit.cli_args import model_args, model_of
 from edgekit.console import emit, emitted, err, is_json, json_mode, out
-from edgekit.errors import EXIT_BAD_INPUT, EXIT_TOOL, EdgekitError
+from edgekit.errors import EXIT_BAD_INPUT, EXIT_TOOL, BadInput, EdgekitError
 from edgekit.verify import Thresholds
 
 
@@ -45,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="ingest, quantize, export, verify, profile and package a model")
     model_args(b)
-    b.add_argument("--target", required=True, help="a name from `edgekit targets` or a target YAML file")
+    b.add_argument("--target", required=True, help="a name from `edgekit targets` or a target YAML file; "
+                   "a comma list builds each (DIR/TARGET with --out) and prints one table across them")
     b.add_argument("--backend", help="a backend, a comma list, or 'all' (every backend of the target usable here); "
                    "default: the target's first usable backend")
     b.add_argument("--precision", default="auto",
@@ -60,15 +63,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep this node in float when quantizing (repeatable)")
     d = Thresholds()
     b.add_argument("--min-cosine", type=float, default=d.min_cosine)
+    b.add_argument("--min-cosine-fp16", type=float, default=d.min_cosine_fp16,
+                   help="FP16 artifacts: a float conversion must agree more closely (default 0.999)")
+    b.add_argument("--min-centred-cosine", type=float, help="cosine after removing each output's mean over the "
+                   "samples, which a constant offset cannot fool (default: --min-cosine - 0.01)")
     b.add_argument("--min-snr-db", type=float, default=d.min_snr_db)
     b.add_argument("--min-top1-agreement", type=float, default=d.min_top1_agreement)
-    b.add_argument("--max-accuracy-drop", type=float, default=d.max_accuracy_drop, help="percentage points")
+    b.add_argument("--max-accuracy-drop", type=float, help="percentage points (default: the plan's budget with "
+                   f"--plan, else {d.max_accuracy_drop})")
     b.add_argument("--profile-seconds", type=float, default=3.0, help="timed seconds per artifact, at least")
     b.add_argument("--min-runs", type=int, default=50)
     b.add_argument("--threads", type=int, help="runtime threads (default: the target's cores)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     b.add_argument("--out", help="package folder (default: build/MODEL-TARGET)")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.add_argument("--no-cache", action="store_true", help="rebuild every stage (default: reuse the stages "
+                   "whose inputs are unchanged, from $EDGEKIT_HOME/cache/build)")
+    b.add_argument("--remeasure", action="store_true", help="time the artifacts again even when the cache "
+                   "holds a measurement of the very same artifacts on this host")
     b.add_argument("--plan", help="plan.yaml from `edgekit plan`: build exactly what it says")
     b.add_argument("--dla-core", type=int, help="TensorRT targets with a DLA: build for this DLA core "
                    "(FP16/INT8; layers the DLA lacks fall back to the GPU)")
@@ -85,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--preprocess")
     g.add_argument("--samples", type=int, default=4, help="validation samples to compare (default 4)")
     g.add_argument("--min-cosine", type=float, default=d.min_cosine, help="per-layer agreement threshold")
-    g.add_argument("--out", help="folder for layers.json and debug.md (default build/debug-MODEL-BACKEND-PRECISION)")
+    g.add_argument("--out", help="folder for layers.json and report.md (default build/debug-MODEL-BACKEND-PRECISION)")
     cli_compress.add_compress_options(b, build=True)
     for name in VERB_MODULES:
         importlib.import_module(name).add_parsers(sub, model_args)
@@ -94,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Each module provides add_parsers(sub, model_args) and VERBS = {verb: cmd(args) -> exit code}.
-VERB_MODULES = ("edgekit.cli_devices", "edgekit.cli_compress", "edgekit.cli_plan")
+VERB_MODULES = ("edgekit.cli_devices", "edgekit.cli_compress", "edgekit.cli_plan", "edgekit.cli_package",
+                "edgekit.cli_report", "edgekit.cli_compare")
 
 
 def _add_json_flag(sub: argparse._SubParsersAction) -> None:
@@ -144,8 +157,11 @@ def _run(args: argparse.Namespace) -> tuple[int, str | None]:
 
 
 def _first_precision(precision: str) -> str:
-    first = precision.split(",")[0]
-    return first if first in ("fp32", "fp16", "int8") else "int8"  # auto/all: align for the lowest
+    """The precisions pruning aligns channels for: every one that will be built (the stage rounds to the
+    least common multiple of the target's multiples for them), not only the first listed; auto/all
+    become 'all', every precision the target runs."""
+    wanted = [p.strip() for p in precision.split(",") if p.strip()]
+    return "all" if not wanted or {"auto", "all"} & set(wanted) else ",".join(wanted)
 
 
 # ---------------------------------------------------------------- targets
@@ -159,6 +175,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
             raise EdgekitError("usage: edgekit targets show NAME")
         t = load_target(args.name)
         out.print(yaml.safe_dump(t.to_dict(), sort_keys=False), end="", markup=False)
+        emit(t.to_dict())
         return 0
     table = Table(title="edgekit targets")
     for col in ("name", "kind", "backends", "precisions", "peak TOPS (fp32/fp16/int8)", "memory", "bandwidth"):
@@ -168,6 +185,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
         table.add_row(t.name, t.kind, ", ".join(t.backends), ", ".join(t.precisions), peaks,
                       f"{t.memory['size_gb']:g} GB", f"{t.memory['bandwidth_gbps']:g} GB/s")
     out.print(table)
+    emit({"targets": [t.to_dict() for t in load_all()]})
     return 0
 
 
@@ -202,12 +220,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                f"{100 * c.macs / spec.macs:.1f}" if spec.macs else "–")
         layers.add_row("[bold]total", "", "", f"[bold]{spec.params:,}", f"[bold]{spec.macs:,}", "100")
         out.print(layers)
-        out.print(_op_support_table(spec, target.backends if target else backends.names(),
-                                    target.name if target else None))
+        table, support = _op_support_table(spec, target.backends if target else backends.names(),
+                                           target.name if target else None)
+        out.print(table)
+        emit({**{k: v for k, v in spec.to_dict(layers=True).items() if k != "onnx_path"}, "op_support": support})
     return 0
 
 
-def _op_support_table(spec: Any, backend_names: list[str], target: str | None) -> Table:
+def _op_support_table(spec: Any, backend_names: list[str], target: str | None
+                      ) -> tuple[Table, dict[str, dict[str, str]]]:
     model = spec.load()
     table = Table(title="op support" + (f" on {target}" if target else ""))
     table.add_column("op")
@@ -226,45 +247,60 @@ def _op_support_table(spec: Any, backend_names: list[str], target: str | None) -
             verdicts[name] = dict.fromkeys(spec.op_counts, "[yellow]not installed")
     for op, count in sorted(spec.op_counts.items()):
         table.add_row(op, str(count), *[verdicts[n].get(op, "[dim]backend not in edgekit yet") for n in backend_names])
-    return table
+    plain = {n: {op: v.split("]", 1)[-1] for op, v in verdicts[n].items()} for n in backend_names}
+    return table, plain
 
 
 # ---------------------------------------------------------------- build
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from edgekit.package import artifact_rows
-    from edgekit.pipeline import BuildOptions, build
-    from edgekit.profile import ProfileSettings
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    if len(targets) > 1:
+        return _build_many(args, targets)
+    device = cli_devices.resolve_build_device(args)  # --device: an unknown name fails before the build
+    from edgekit.pipeline import build
+
+    result = build(_build_options(args, args.target, args.out))
+    _print_build(result)
+    code = result.exit_code
+    # Hook (devices over SSH): with --device, measure the committed package there -> device_latency_ms.
+    if device is not None:
+        code = cli_devices.profile_built_package(args, device, result)
+        result.manifest = json.loads((result.path / "manifest.json").read_text())
+    emit(_build_payload(result, code))
+    return code
+
+
+def _build_options(args: argparse.Namespace, target: str, out_dir: str | None) -> Any:
+    from edgekit.pipeline import BuildOptions
+    from edgekit.timing import ProfileSettings
 
     precisions = None if args.precision == "auto" else [p.strip() for p in args.precision.split(",") if p.strip()]
-    opts = BuildOptions(
-        model=model_of(args),
-        target=args.target,
-        out=args.out,
-        backend=args.backend,
-        precisions=precisions,
-        calib=args.calib,
-        val=args.val,
-        preprocess=args.preprocess,
-        input_shapes=args.input_shape,
-        weights=args.weights,
-        calib_method=args.calib_method,
-        calib_samples=args.calib_samples,
-        val_samples=args.val_samples,
-        exclude_nodes=args.exclude_node,
-        thresholds=Thresholds(args.min_cosine, args.min_snr_db, args.min_top1_agreement, args.max_accuracy_drop),
-        profile=ProfileSettings(seconds=args.profile_seconds, min_runs=args.min_runs),
-        threads=args.threads,
-        memory=not args.no_memory,
-        force=args.force,
-        dla_core=args.dla_core,
-        plan=args.plan,
+    return BuildOptions(
+        model=model_of(args), target=target, out=out_dir, backend=args.backend, precisions=precisions,
+        calib=args.calib, val=args.val, preprocess=args.preprocess, input_shapes=args.input_shape,
+        weights=args.weights, calib_method=args.calib_method, calib_samples=args.calib_samples,
+        val_samples=args.val_samples, exclude_nodes=args.exclude_node,
+        thresholds=Thresholds(min_cosine=args.min_cosine, min_snr_db=args.min_snr_db,
+                              min_top1_agreement=args.min_top1_agreement, max_accuracy_drop=_max_drop(args),
+                              min_cosine_fp16=args.min_cosine_fp16, min_centred_cosine=args.min_centred_cosine),
+        profile=ProfileSettings(seconds=args.profile_seconds, min_runs=args.min_runs), threads=args.threads,
+        memory=not args.no_memory, force=args.force, dla_core=args.dla_core, plan=args.plan, train=args.train,
+        device=args.device, cache=not args.no_cache, remeasure=args.remeasure,
         compress=cli_compress.compress_options(args, args.distill, _first_precision(args.precision))
         if args.prune or args.distill or args.low_rank else None,
     )
-    device = cli_devices.resolve_build_device(args)  # --device: an unknown name fails before the build
-    result = build(opts)
+
+
+def _build_payload(result: Any, code: int) -> dict[str, Any]:
+    return {"ok": code == 0, "exit_code": code, "passed": result.manifest["passed"], "package": str(result.path),
+            "manifest": result.manifest}
+
+
+def _print_build(result: Any) -> None:
+    from edgekit.manifest import artifact_rows
+
     m = result.manifest
     table = Table(title=f"{m['target']}: {m['source']['path']}")
     rows = artifact_rows(m)
@@ -281,6 +317,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     out.print(f"ONNX Runtime FP32 reference p50 {ref['p50']:.3f} ms ({ref['where']}, {ref['threads']} threads, "
               f"{ref['runs']} interleaved runs). Speedup vs the same backend's FP32; size vs its FP32 (else vs "
               "the source); accuracy in %; est. = cost-model estimate for the target, not a measurement.")
+    for reason in m["plan_reasons"]:
+        if reason.startswith(("no INT8 for", "left out", "the plan prunes")) or "builds no" in reason:
+            out.print(f"[dim]·[/dim] {reason}", soft_wrap=True)
+    if m.get("cache", {}).get("reused"):
+        reused = m["cache"]["reused"]
+        out.print(f"[dim]·[/dim] {len(reused)} stages reused from the build cache ({', '.join(reused[:4])}"
+                  f"{', …' if len(reused) > 4 else ''}): --no-cache rebuilds everything, --remeasure times again",
+                  soft_wrap=True)
     for f in m.get("failed_artifacts", []):
         err.print(f"[red]not built[/red] {f['key']}: {f['error']}", soft_wrap=True)
     for a in m["artifacts"]:
@@ -288,10 +332,59 @@ def cmd_build(args: argparse.Namespace) -> int:
             err.print(f"[red]rejected[/red] {a['backend']} {a['precision']}: "
                       + "; ".join(a["verification"]["failures"]))
     out.print(f"{'package' if m['passed'] else 'REJECTED build (not a package)'}: {result.path}")
-    # Hook (devices over SSH): with --device, measure the committed package there -> device_latency_ms.
-    if device is not None:
-        return cli_devices.profile_built_package(args, device, result)
-    return result.exit_code
+
+
+def _build_many(args: argparse.Namespace, targets: list[str]) -> int:
+    """One build per target (DIR/TARGET with --out), then one table across them. A target that cannot be
+    built (bad input for it, a tool failure) is reported in the table; the others still build."""
+    from edgekit.manifest import artifact_rows
+    from edgekit.pipeline import build
+
+    if args.device:
+        raise BadInput("--device measures one target's package: build several targets without it, then "
+                       "`edgekit profile DIR/TARGET --device NAME`")
+    results: list[dict[str, Any]] = []
+    for name in targets:
+        out_dir = str(Path(args.out) / name) if args.out else None
+        out.print(f"[bold]== {name}[/bold]")
+        try:
+            r = build(_build_options(args, name, out_dir))
+        except EdgekitError as e:
+            err.print(f"edgekit: error: {name}: {e}", markup=False, soft_wrap=True)
+            results.append({"target": name, "ok": False, "exit_code": e.exit_code, "error": str(e)})
+            continue
+        _print_build(r)
+        results.append({"target": name, **_build_payload(r, r.exit_code), "rows": artifact_rows(r.manifest)})
+    table = Table(title=f"{len(targets)} targets: {model_of(args)}")
+    cols = ["target", "backend", "precision", "bytes", "p50 ms", "p99 ms", "speedup", "accuracy", "cosine", "verdict"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("target", "backend", "precision", "verdict") else "right")
+    for r in results:
+        if "rows" not in r:
+            table.add_row(r["target"], "–", "–", "–", "–", "–", "–", "–", "–", f"not built: {r['error']}",
+                          style="red")
+        for row in r.get("rows", []):
+            table.add_row(r["target"], *[row[c] for c in cols[1:]], style="" if row["verdict"] == "ok" else "red")
+    out.print(table)
+    out.print("Latencies marked est. are cost-model estimates for that device; the others were measured on "
+              "this host. Measure a package on its device with `edgekit profile DIR --device NAME`.")
+    code = max(r["exit_code"] for r in results)
+    emit({"ok": code == 0, "exit_code": code, "targets": [{k: v for k, v in r.items() if k != "rows"}
+                                                          for r in results]})
+    return code
+
+
+def _max_drop(args: argparse.Namespace) -> float:
+    """--max-accuracy-drop, else the budget the plan was made under, else the default."""
+    if args.max_accuracy_drop is not None:
+        return args.max_accuracy_drop
+    if args.plan:
+        from edgekit.plans import Plan
+
+        budget = Plan.load(args.plan).budgets.get("max_accuracy_drop")
+        if budget is not None:
+            return float(budget)
+    return Thresholds().max_accuracy_drop
 
 
 def cmd_debug(args: argparse.Namespace) -> int:
@@ -314,7 +407,9 @@ def cmd_debug(args: argparse.Namespace) -> int:
     out.print(table)
     out.print(loc.summary(), markup=False)
     out.print(f"per-layer table: {out_dir / 'layers.json'}")
-    return 1 if loc.first_divergence else 0
+    code = 1 if loc.first_divergence else 0
+    emit({"ok": code == 0, "exit_code": code, "out": str(out_dir), **loc.to_dict()})
+    return code
 
 
 if __name__ == "__main__":

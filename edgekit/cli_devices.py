@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
-from edgekit.console import err, out
+from edgekit.console import emit, err, out
 from edgekit.errors import EdgekitError
 
 
@@ -54,13 +55,16 @@ def cmd_devices(args: argparse.Namespace) -> int:
                                  args.accept_new, args.python, args.force)
         out.print(f"added {dev.name}: {dev.url} ({dev.target}) to {devices.devices_file()}; "
                   f"check it with: edgekit devices check {dev.name}", markup=False)
+        emit({"ok": True, "added": _device_dict(dev), "file": str(devices.devices_file())})
         return 0
     if args.action == "remove":
         dev = devices.remove_device(args.name)
         out.print(f"removed {dev.name} ({dev.url}) from {devices.devices_file()}", markup=False)
+        emit({"ok": True, "removed": _device_dict(dev), "file": str(devices.devices_file())})
         return 0
     if args.action == "list":
         found = devices.load_devices()
+        emit({"devices": [_device_dict(d) for d in found.values()], "file": str(devices.devices_file())})
         if not found:
             out.print("no devices yet; add one with: edgekit devices add NAME ssh://user@host --target TARGET",
                       markup=False)
@@ -109,7 +113,15 @@ def _check(dev: Any) -> int:
     for k, v in rows:
         table.add_row(k, v)
     out.print(table)
+    emit({"ok": True, "device": _device_dict(dev), "facts": facts,
+          "backends": {k[len("runs "):]: Text.from_markup(v).plain for k, v in rows if k.startswith("runs ")}})
     return 0
+
+
+def _device_dict(dev: Any) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(dev) if is_dataclass(dev) else dict(vars(dev))
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -121,6 +133,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                               warmup_runs=args.warmup, threads=args.threads, timeout=args.timeout)
     latencies = profile_package(args.package, dev, settings, args.artifact)
     print_device_table(Path(args.package), dev, latencies)
+    emit({"ok": True, "device": dev.name, "where": dev.where, "latencies": latencies})
     return 0
 
 

@@ -152,7 +152,9 @@ def render_report(manifest: dict[str, Any]) -> str:
                   + ("passed" if v["passed"] else "**rejected**: " + "; ".join(v["failures"]))]
         d = v.get("diverging_layer")
         if d:
-            lines.append(f"  - First diverging layer: `{d['node']}` ({d['op_type']}), cosine {d['cosine']:.4f}, "
+            label = "Layer adding the most error" if d.get("criterion") == "most added error" \
+                else "First diverging layer"
+            lines.append(f"  - {label}: `{d['node']}` ({d['op_type']}), cosine {d['cosine']:.4f}, "
                          f"SNR {d['snr_db']:.1f} dB; inputs from {', '.join(d['inputs_from']) or 'the model input'}; "
                          f"per-layer table in `debug/{a['key']}.json`")
         for o in v["outputs"]:
@@ -168,6 +170,7 @@ def render_report(manifest: dict[str, Any]) -> str:
                 lines.append(f"- {k}: {val}")
         lines += [f"- Note: {n}" for n in a.get("notes", [])]
         lines.append("")
+    lines += _planner_section(manifest)
     lines += _compression_section(manifest.get("compression"))
     if manifest["source"].get("notes"):
         lines += ["## What ingest did", ""] + [f"- {n}" for n in manifest["source"]["notes"]] + [""]
@@ -179,22 +182,55 @@ def render_report(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _planner_section(manifest: dict[str, Any]) -> list[str]:
+    """The planner's candidates and how well the cost model estimated them."""
+    cands = manifest.get("candidates")
+    if not cands:
+        return []
+    lines = ["## Planner", "",
+             "| candidate | pruned | float nodes | est. ms | measured ms | bytes | accuracy | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in cands:
+        lines.append(f"| {'**' + c['key'] + '** (chosen)' if c.get('chosen') else c['key']} | "
+                     f"{_fmt(c.get('prune_ratio') or None, '.0%')} | {c.get('float_nodes', 0)} | "
+                     f"{_fmt(c.get('estimated_ms'), '.3f')} | {_fmt(c.get('measured_ms'), '.3f')} | {c['bytes']:,} | "
+                     f"{_fmt(None if c.get('accuracy') is None else c['accuracy'] * 100, '.2f')} | {c['verdict']} |")
+    cm = manifest.get("cost_model") or {}
+    if cm.get("mape_percent") is not None:
+        lines += ["", f"Cost model: mean absolute percentage error {cm['mape_percent']}% against the "
+                      f"{cm['compared']} candidates measured on the target."]
+    elif cm:
+        lines += ["", "Cost model: nothing could be measured on the target here; latencies are its estimates."]
+    fit = cm.get("fit") or {}
+    if fit.get("points"):
+        lines.append(f"It was fitted to {fit['points']} measurements of the target ({', '.join(fit['sources'])}) "
+                     f"and reproduces them within {fit['fit_mape_percent']}% on average.")
+    return [*lines, ""]
+
+
 def _compression_section(c: dict[str, Any] | None) -> list[str]:
     """Accuracy after each compression stage (so what distillation adds is visible), size and speed."""
     if not c:
         return []
+    # Signed (+0.25 is a gain); "+ 0.0" keeps a zero change from printing as "-0".
+    change = round(-c["accuracy_drop_points"], 3) + 0.0
     lines = ["## Compression", "", f"| stage | {c['metric']} |", "|---|---|"]
     lines += [f"| {stage} | {value:.2%} |" for stage, value in c["accuracy"].items()]
     lines += ["", f"- MACs {c['macs_before'] / 1e6:.1f}M -> {c['macs_after'] / 1e6:.1f}M ({c['macs_ratio']:.0%}), "
               f"parameters {c['params_before']:,} -> {c['params_after']:,}",
               f"- ONNX Runtime FP32, same interleaved rounds: {c['latency_before_ms']['p50']:.3f} -> "
               f"{c['latency_after_ms']['p50']:.3f} ms p50 ({c['speedup_fp32']:.2f}x)",
-              f"- Accuracy change vs the original: -{c['accuracy_drop_points']} points "
+              f"- Accuracy change vs the original: {change:+g} points "
               f"({'within' if c['passed'] else 'OVER'} the budget)"]
     pr = c.get("prune")
     if pr:
         lines.append(f"- Pruning: {pr['settings']['importance']} importance, ratio {pr['settings']['ratio']}, "
                      f"channels rounded to {pr['round_to']} ({pr['round_to_reason']})")
+        for step in c.get("prune_steps", []):  # iterative pruning: what each step left, and the fine-tune after it
+            after = (f", {step['finetuned']:.2%} after {step['epochs']} epochs of {step['finetune']}"
+                     if "finetuned" in step else "")
+            lines.append(f"  - step {step['step']}: {step['macs'] / 1e6:.1f}M MACs, {step['pruned']:.2%} "
+                         f"after pruning{after}")
         lines += ["", "| layer | channels | parameters | MACs |", "|---|---|---|---|"]
         lines += [f"| `{la['name']}` | {la['channels_before']} -> {la['channels_after']} | "
                   f"{la['params_before']:,} -> {la['params_after']:,} | "

@@ -28,10 +28,10 @@ from edgekit.costmodel import estimate_latency
 from edgekit.data import DataSplit, Preprocess, prepare_data
 from edgekit.errors import EXIT_FAILED, EXIT_OK, BadInput, EdgekitError, UnsupportedOp
 from edgekit.ingest import ModelSpec, ingest, parse_input_shapes
-from edgekit.package import MANIFEST_SCHEMA_ID, Staging, file_records, render_report, validate_manifest, write_json
-from edgekit.plan import ArtifactPlan, Plan, default_plan
-from edgekit.profile import Latency, ProfileSettings, peak_memory_mb, time_artifacts
+from edgekit.manifest import MANIFEST_SCHEMA_ID, Staging, file_records, render_report, validate_manifest, write_json
+from edgekit.plans import ArtifactPlan, Plan, default_plan
 from edgekit.targets import Target, detect_host, load_target
+from edgekit.timing import Latency, ProfileSettings, peak_memory_mb, time_artifacts
 from edgekit.verify import Thresholds, Verification, compare, run_all
 
 REFERENCE_BACKEND = "onnxruntime"  # runs the canonical FP32 ONNX: the yardstick for every artifact
@@ -61,6 +61,13 @@ class BuildOptions:
     dla_core: int | None = None  # TensorRT: build for this DLA core (GPU fallback on)
     compress: CompressOptions | None = None  # pruning / distillation before quantization
     plan: str | None = None  # plan.yaml from `edgekit plan`: applied exactly instead of the default rules
+    # Without a plan and with no precision asked for (auto), the planner chooses backend and precision
+    # first (`edgekit plan`); False keeps the target's default rules (the lowest precision it runs).
+    auto_plan: bool = True
+    train: str | None = None  # training data for a plan that prunes and distills (overrides the plan's)
+    device: str | None = None  # the planner measures its candidates on this device (`edgekit devices`)
+    cache: bool = True  # reuse finished stages whose inputs are unchanged (edgekit/cache.py)
+    remeasure: bool = False  # time again even when the cache holds a measurement of the same artifacts here
 
 
 @dataclass
@@ -105,14 +112,17 @@ def resolve_backends(target: Target, requested: str | None, reasons: list[str]) 
 
 
 def resolve_precisions(target: Target, backend: Backend, requested: list[str] | None, has_calib: bool,
-                       reasons: list[str]) -> list[str]:
+                       reasons: list[str], several: bool = False) -> list[str]:
+    """The precisions to build with `backend`. With several backends, a precision one of them cannot
+    build is left out for that backend (the reason kept) instead of failing the whole build."""
     usable = [p for p in ("fp32", "fp16", "int8") if target.supports(p) and p in backend.precisions]
-    if requested in (None, [], ["auto"]):
-        pick = next((p for p in ("int8", "fp16", "fp32") if p in usable and (p != "int8" or has_calib)), "fp32")
-        if "int8" not in usable:
-            why = next((n for n in target.notes if "INT8" in n or "int8" in n), "the target lists no int8")
+    automatic = requested in (None, [], ["auto"], ["all"])
+    if automatic and not target.supports("int8"):  # said once per build
+        why = next((n for n in target.notes if "INT8" in n or "int8" in n), "the target lists no int8")
+        if not any(r.startswith(f"no INT8 for {target.name}") for r in reasons):
             reasons.append(f"no INT8 for {target.name}: {why}")
-        return [pick]
+    if requested in (None, [], ["auto"]):
+        return [next((p for p in ("int8", "fp16", "fp32") if p in usable and (p != "int8" or has_calib)), "fp32")]
     if requested == ["all"]:
         return [p for p in usable if p != "int8" or has_calib]
     for p in requested:
@@ -120,13 +130,17 @@ def resolve_precisions(target: Target, backend: Backend, requested: list[str] | 
             raise BadInput(f"unknown precision '{p}'; use fp32, fp16, int8, all or auto")
         if not target.supports(p):
             why = next((n for n in target.notes if p.upper() in n or p in n), "")
+            instead = next((q for q in ("fp16", "fp32") if target.supports(q)), "fp32")
             raise BadInput(f"target {target.name} does not support {p}" + (f" ({why})" if why else "")
-                           + f"; it supports {', '.join(target.precisions)}")
-        if p not in backend.precisions:
-            raise BadInput(f"backend {backend.name} cannot build {p}")
+                           + f"; it supports {', '.join(target.precisions)}: use --precision {instead}")
+        if p not in backend.precisions and not several:
+            raise BadInput(f"backend {backend.name} cannot build {p} (it builds {', '.join(backend.precisions)})")
     if "int8" in requested and not has_calib:
         raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
-    return list(dict.fromkeys(requested))
+    skipped = [p for p in requested if p not in backend.precisions]
+    if skipped:
+        reasons.append(f"{backend.name} builds no {', '.join(skipped)}: left out for it")
+    return [p for p in dict.fromkeys(requested) if p in backend.precisions]
 
 
 def check_ops(spec: ModelSpec, chosen: list[Backend], explicit: bool, reasons: list[str]) -> list[Backend]:
@@ -151,6 +165,8 @@ def check_ops(spec: ModelSpec, chosen: list[Backend], explicit: bool, reasons: l
 
 
 def build(opts: BuildOptions) -> BuildResult:
+    if opts.plan is None and opts.auto_plan and opts.precisions in (None, [], ["auto"]) and opts.backend != "all":
+        return _build_planned(opts)
     target = load_target(opts.target)
     out = Path(opts.out or f"build/{Path(opts.model.split(':')[-1]).stem}-{target.name}")
     staging = Staging(out, force=opts.force)  # refuses an existing DIR before any work
@@ -166,34 +182,46 @@ def build(opts: BuildOptions) -> BuildResult:
         reasons += [f"plan {opts.plan} applied as written", *given_plan.reasons]
     else:
         chosen = resolve_backends(target, opts.backend, reasons)
-        precisions = {b.name: resolve_precisions(target, b, opts.precisions, bool(opts.calib), reasons)
+        several = len(chosen) > 1
+        precisions = {b.name: resolve_precisions(target, b, opts.precisions, bool(opts.calib), reasons, several)
                       for b in chosen}
+        chosen = [b for b in chosen if precisions[b.name]]
+        if not chosen:
+            raise BadInput(f"none of the backends builds {', '.join(opts.precisions or [])}")
     threads = opts.threads or (target.cpu["cores"] if target.is_host else detect_host()["cpu"]["cores"])
 
+    stages = _Stages(opts)
     with tempfile.TemporaryDirectory(prefix="edgekit-work-") as work, staging:
         note(f"ingest {opts.model}")
-        spec = ingest(opts.model, work, parse_input_shapes(opts.input_shapes), opts.weights)
+        spec = stages.ingest(opts.model, Path(work), parse_input_shapes(opts.input_shapes), opts.weights)
         for n in spec.notes:
             note(n)
         explicit = bool(opts.backend) and opts.backend != "all"
         chosen = check_ops(spec, chosen, explicit, reasons)
         data = prepare_data(spec, opts.calib, opts.val, preprocess, opts.calib_samples, opts.val_samples)
         note(data.note)
+        if given_plan is not None and given_plan.model_sha256 != spec.sha256:
+            raise BadInput(f"plan {opts.plan} was made for another model (sha256 {given_plan.model_sha256[:12]}, "
+                           f"this one is {spec.sha256[:12]}): run `edgekit plan` for this model")
         original, compression = None, None
         wanted = opts.compress
+        if wanted is None and given_plan is not None and given_plan.compress:
+            wanted = CompressOptions(**given_plan.compress)
+            wanted.train = opts.train or wanted.train
+            reasons.append("the plan prunes and distills the model first (its compress settings)")
         if wanted is not None and (wanted.prune or wanted.distill or wanted.low_rank_energy):
             original = spec
-            spec, compression = _compress(spec, target, opts, preprocess, data, Path(work))
+            spec, compression = _compress(spec, target, wanted, preprocess, data, Path(work), stages)
         plan = Plan(target=target.name, model_sha256=spec.sha256, artifacts=[], reasons=reasons)
         if given_plan is not None:
-            if given_plan.model_sha256 != spec.sha256:
-                raise BadInput(f"plan {opts.plan} was made for another model (sha256 {given_plan.model_sha256[:12]}, "
-                               f"this one is {spec.sha256[:12]}): run `edgekit plan` for this model")
+            plan.model_sha256, plan.compress = given_plan.model_sha256, given_plan.compress
             plan.artifacts = [dataclasses.replace(ap, options=dict(ap.options)) for ap in given_plan.artifacts]
-            plan.budgets, plan.candidates, plan.cost_model = (given_plan.budgets, given_plan.candidates,
-                                                              given_plan.cost_model)
+            plan.budgets, plan.candidates, plan.cost_model, plan.sensitivity = (
+                given_plan.budgets, given_plan.candidates, given_plan.cost_model, given_plan.sensitivity)
         for b in chosen if given_plan is None else []:
-            sub = default_plan(spec, target, b.name, precisions[b.name], opts.calib_method, opts.calib_samples,
+            # The samples the calibration really has (fewer than asked when the folder is small).
+            samples = min(opts.calib_samples, len(data.calibration)) if data.calibration else opts.calib_samples
+            sub = default_plan(spec, target, b.name, precisions[b.name], opts.calib_method, samples,
                                opts.exclude_nodes, {"dla_core": opts.dla_core})
             plan.artifacts += sub.artifacts
         for ap in plan.artifacts:
@@ -201,15 +229,16 @@ def build(opts: BuildOptions) -> BuildResult:
 
         # FP32 on ONNX Runtime (the verification yardstick) and on each chosen backend (its speedup base).
         ref_backends = [REFERENCE_BACKEND, *[c.name for c in chosen if c.name != REFERENCE_BACKEND]]
-        references = {name: _export(spec, ArtifactPlan(name, "fp32", options=backends.get(name).plan_options(target)),
-                                    data, Path(work) / f"ref-{name}")
+        references = {name: stages.export(spec, ArtifactPlan(name, "fp32",
+                                                             options=backends.get(name).plan_options(target)),
+                                          data, Path(work) / f"ref-{name}")
                       for name in ref_backends}
-        verifier = _Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads)
+        verifier = _Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads, stages)
         artifacts, verifications, failed, built = [], {}, [], []
         for ap in plan.artifacts:
             folder = staging.path / f"{ap.backend}-{ap.precision}"
             try:
-                art = _export(spec, ap, data, folder)
+                art = stages.export(spec, ap, data, folder)
             except BadInput:
                 raise
             except EdgekitError as e:  # one converter failing must not lose the others: recorded, build rejected
@@ -224,7 +253,7 @@ def build(opts: BuildOptions) -> BuildResult:
             if not v.passed and ap.precision == "int8":
                 art, v = _retry_int8(spec, ap, art, v, data, staging.path, verifier, work)
             if not v.passed:
-                _localise_into(spec, art, v, data, staging.path, threads, opts.thresholds.min_cosine)
+                _localise_into(spec, art, v, data, staging.path, threads, opts.thresholds)
             artifacts.append(art)
             verifications[art.key] = v
 
@@ -233,28 +262,33 @@ def build(opts: BuildOptions) -> BuildResult:
         # Measured where the backend runs here; otherwise the cost model's estimate, marked as one.
         candidates = {f"reference:{k}": a for k, a in references.items()} | {a.key: a for a in artifacts}
         if original is not None:  # the uncompressed model, timed in the same rounds: the pruning speedup
-            candidates["original:fp32"] = _export(original, ArtifactPlan(REFERENCE_BACKEND, "fp32"), data,
-                                                  Path(work) / "original-fp32")
+            candidates["original:fp32"] = stages.export(original, ArtifactPlan(REFERENCE_BACKEND, "fp32"), data,
+                                                        Path(work) / "original-fp32")
         estimated = {k: a for k, a in candidates.items() if backends.get(a.backend).measure_here() is not None}
         timed = {k: a for k, a in candidates.items() if k not in estimated}
-        with progress() as bar:
-            bar.add_task("profiling (interleaved, own process)", total=None)
-            latencies = time_artifacts(timed, data.validation.batches(spec)[0], opts.profile, threads)
+        latencies = stages.timing(timed, data.validation.batches(spec)[0], opts.profile, threads)
         latencies |= {k: estimate_latency(spec, target, a.precision, backend=a.backend) for k, a in estimated.items()}
         for a in artifacts:
             if a.key in estimated:
                 a.notes.append(f"latency is a cost-model estimate for {target.name} "
                                f"({backends.get(a.backend).measure_here()}); measure it on the device with "
                                "`edgekit profile PACKAGE --device NAME`")
-        memory = {a.key: peak_memory_mb(a, threads, data.validation.batches(spec)[0])
+        memory = {a.key: stages.memory(a, threads, data.validation.batches(spec)[0])
                   if opts.memory and a.key not in estimated else None for a in artifacts}
         manifest = _manifest(opts, target, spec, preprocess, data, plan, chosen, artifacts, verifications,
                              latencies, memory)
+        manifest["layers"] = _layers(spec, target, artifacts, plan, references[REFERENCE_BACKEND], data, threads,
+                                     stages)
+        if plan.candidates:
+            manifest["candidates"] = plan.candidates
+            manifest["cost_model"] = plan.cost_model
         if compression is not None:
             _record_compression(manifest, compression, original, spec, latencies, opts.thresholds)
         if failed:
             manifest["failed_artifacts"] = failed
             manifest["passed"] = False
+        manifest["cache"] = {"enabled": stages.cache.enabled, "reused": list(dict.fromkeys(stages.cache.reused)),
+                             "dir": str(stages.cache.root)}
         plan.save(staging.path / "plan.yaml")
         if preprocess:
             (staging.path / "preprocess.yaml").write_text(yaml.safe_dump(preprocess.to_dict(), sort_keys=False))
@@ -263,9 +297,26 @@ def build(opts: BuildOptions) -> BuildResult:
         validate_manifest(manifest)
         write_json(staging.path / "manifest.json", manifest)
         (staging.path / "report.md").write_text(render_report(manifest))
+        from edgekit.report_html import render_html  # the HTML report beside report.md, rejected builds too
+
+        (staging.path / "report.html").write_text(render_html(manifest, staging.path), encoding="utf-8")
         # Never leave a package that looks valid: a rejected build goes beside DIR, named so.
         path = staging.commit(out if manifest["passed"] else out.with_name(out.name + ".rejected"))
     return BuildResult(manifest, path, EXIT_OK if manifest["passed"] else EXIT_FAILED)
+
+
+def _layers(spec: ModelSpec, target: Target, artifacts: list[Artifact], plan: Plan, reference: Artifact,
+            data: DataSplit, threads: int, stages: _Stages) -> list[dict[str, Any]]:
+    """The per-layer table; ONNX Runtime's profiler times each node of the FP32 reference on this host."""
+    from edgekit.layer_table import layer_table
+
+    try:
+        node_ms = stages.node_times(reference, data.validation.batches(spec)[0], threads)
+    except Exception as e:  # a per-layer profile is a nicety of the report, never a reason to fail a build
+        note(f"per-layer timing skipped: {type(e).__name__}: {e}")
+        node_ms = None
+    sensitivity = plan.sensitivity.get(artifacts[0].backend) if plan.sensitivity and artifacts else None
+    return layer_table(spec, target, artifacts, plan.artifacts, node_ms, sensitivity)
 
 
 def _load_plan(path: str, target: Target) -> Plan:
@@ -282,26 +333,47 @@ def _load_plan(path: str, target: Target) -> Plan:
     return plan
 
 
-def _compress(spec: ModelSpec, target: Target, opts: BuildOptions, preprocess: Preprocess | None, data: DataSplit,
-              work: Path) -> tuple[ModelSpec, dict[str, Any]]:
+def _build_planned(opts: BuildOptions) -> BuildResult:
+    """`edgekit build` without a plan or a precision: plan first (every candidate built, verified and
+    timed), then build exactly what the plan chose; the package keeps the candidates for the report."""
+    from edgekit.planner import Budgets, plan_model
+
+    if opts.out:
+        Staging(opts.out, force=opts.force)  # an existing --out is refused before the planner's work
+    with tempfile.TemporaryDirectory(prefix="edgekit-autoplan-") as tmp:
+        plan_path = Path(tmp) / "plan.yaml"
+        note("no plan and no precision given: planning first (`edgekit plan`), then building its choice")
+        plan_model(opts, Budgets(max_accuracy_drop=opts.thresholds.max_accuracy_drop), plan_path,
+                   device=opts.device)
+        return build(dataclasses.replace(opts, plan=str(plan_path)))
+
+
+def _compress(spec: ModelSpec, target: Target, c: CompressOptions, preprocess: Preprocess | None,
+              data: DataSplit, work: Path, stages: _Stages) -> tuple[ModelSpec, dict[str, Any]]:
     """Prune / distill, then ingest the result: later stages verify quantization against the compressed
     FP32 model, and the accuracy change of compression itself is checked against the original."""
+    from edgekit.cache import digest
     from edgekit.compress.stage import compress
     from edgekit.data import open_source
 
-    c = opts.compress
-    assert c is not None
     train = None
     if c.train:
         src = open_source(c.train, spec, preprocess, "training")
         train = src.load(np.arange(src.count), spec, "training")
     folder = work / "compress"
-    folder.mkdir()
-    result = compress(spec, target, c, train, data.validation, folder)
-    compressed = ingest(result.onnx_path, work / "compressed")
+    settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("train", "checkpoint")}
+    key = digest("compress", spec.sha256, settings, stages.data(train), stages.data(data.validation),
+                 target.channel_multiple, _versions("torch", "torch-pruning"))
+    report = stages.cache.get_tree("compress", key, folder, "compression (prune/distill)")
+    if report is None:
+        folder.mkdir()
+        result = compress(spec, target, c, train, data.validation, folder)
+        report = result.report
+        stages.cache.put_tree("compress", key, folder, ["model.onnx"], report)
+    compressed = stages.ingest(str(folder / "model.onnx"), work / "compressed", {}, None)
     note(f"compressed: {spec.macs / 1e6:.1f} -> {compressed.macs / 1e6:.1f} M MACs, "
          f"{spec.params:,} -> {compressed.params:,} parameters")
-    return compressed, result.report
+    return compressed, report
 
 
 def _record_compression(manifest: dict[str, Any], report: dict[str, Any], original: ModelSpec | None,
@@ -329,31 +401,136 @@ def _record_compression(manifest: dict[str, Any], report: dict[str, Any], origin
                                         f"{thresholds.max_accuracy_drop} allowed: distill longer or prune less")
 
 
-def _export(spec: ModelSpec, ap: ArtifactPlan, data: DataSplit, folder: Path) -> Artifact:
-    note(f"export {ap.backend} {ap.precision}")
-    folder.mkdir(parents=True)
-    return backends.get(ap.backend).export(spec, ap, data.calibration, folder)
+class _Stages:
+    """The build's expensive stages, each through the build cache (edgekit/cache.py): the key of a stage
+    hashes exactly what its result depends on, so a changed input reruns only what depends on it."""
+
+    def __init__(self, opts: BuildOptions) -> None:
+        from edgekit.cache import BuildCache
+
+        self.cache = BuildCache(enabled=opts.cache)
+        self.remeasure = opts.remeasure
+        self._digests: dict[int, tuple[Any, str | None]] = {}
+
+    def data(self, dataset: Any) -> str | None:
+        from edgekit.cache import dataset_digest
+
+        if id(dataset) not in self._digests:  # the dataset is kept alive with its digest: ids stay unique
+            self._digests[id(dataset)] = (dataset, dataset_digest(dataset))
+        return self._digests[id(dataset)][1]
+
+    def ingest(self, source: str, workdir: Path, shapes: dict[str, list[int]], weights: str | None) -> ModelSpec:
+        from edgekit.cache import digest
+        from edgekit.ingest import sha256_file
+
+        path = Path(source)
+        origin = sha256_file(path) if path.is_file() else [source, sha256_file(weights) if weights else None]
+        key = digest("ingest", origin, shapes, _versions("onnx", "onnxslim", "torch"))
+        meta = self.cache.get_tree("ingest", key, workdir, "ingest")
+        if meta is not None:
+            return ModelSpec.from_dict({**meta, "source": source, "onnx_path": str(workdir / "model.onnx"),
+                                        "torch_weights": weights if meta.get("torch_factory") else None})
+        spec = ingest(source, workdir, shapes, weights)
+        self.cache.put_tree("ingest", key, workdir, ["model.onnx"], spec.to_dict(layers=True))
+        return spec
+
+    def export(self, spec: ModelSpec, ap: ArtifactPlan, data: DataSplit, folder: Path) -> Artifact:
+        from edgekit.cache import digest
+
+        backend = backends.get(ap.backend)
+        calibration = self.data(data.calibration) if ap.precision == "int8" else None
+        key = digest("export", spec.sha256, dataclasses.asdict(ap), calibration, backend.versions())
+        meta = self.cache.get_tree("export", key, folder, f"export {ap.backend}-{ap.precision}")
+        if meta is not None:
+            return Artifact(**{**meta, "root": str(folder)})
+        note(f"export {ap.backend} {ap.precision}")
+        folder.mkdir(parents=True)
+        art = backend.export(spec, ap, data.calibration, folder)
+        self.cache.put_tree("export", key, folder, art.files, art.to_dict())
+        return art
+
+    def outputs(self, art: Artifact, batches: list[dict[str, np.ndarray]], threads: int) -> list[np.ndarray]:
+        """The artifact's outputs on the validation batches (what verification compares)."""
+        from edgekit.cache import digest, files_digest
+
+        key = digest("outputs", art.backend, art.precision, files_digest(Path(art.root), art.files), batches)
+        cached = self.cache.get_arrays("outputs", key, f"outputs {art.key}")
+        if cached is not None:
+            return cached
+        outputs = run_all(backends.get(art.backend).load(art, threads), batches)
+        self.cache.put_arrays("outputs", key, outputs)
+        return outputs
+
+    def _measurement_key(self, stage: str, arts: dict[str, Artifact], *parts: Any) -> str:
+        from edgekit.cache import digest, files_digest, host_identity
+
+        contents = sorted((k, a.backend, files_digest(Path(a.root), a.files)) for k, a in arts.items())
+        return digest(stage, contents, host_identity(), *parts)
+
+    def timing(self, timed: dict[str, Artifact], feeds: dict[str, np.ndarray], settings: ProfileSettings,
+               threads: int) -> dict[str, Latency]:
+        key = self._measurement_key("timing", timed, feeds, dataclasses.asdict(settings), threads)
+        cached = None if self.remeasure else self.cache.get_json("timing", key, "timing")
+        if cached is not None:
+            return {k: Latency(**v) for k, v in cached.items()}
+        with progress() as bar:
+            bar.add_task("profiling (interleaved, own process)", total=None)
+            latencies = time_artifacts(timed, feeds, settings, threads)
+        self.cache.put_json("timing", key, {k: v.to_dict() for k, v in latencies.items()})
+        return latencies
+
+    def memory(self, art: Artifact, threads: int, feeds: dict[str, np.ndarray]) -> float | None:
+        key = self._measurement_key("memory", {art.key: art}, feeds, threads)
+        cached = None if self.remeasure else self.cache.get_json("memory", key, f"memory {art.key}")
+        if cached is not None:
+            return cached["mb"]
+        mb = peak_memory_mb(art, threads, feeds)
+        if mb is not None:
+            self.cache.put_json("memory", key, {"mb": mb})
+        return mb
+
+    def node_times(self, reference: Artifact, feeds: dict[str, np.ndarray], threads: int) -> dict[str, float]:
+        from edgekit.timing import onnxruntime_node_times
+
+        key = self._measurement_key("node-times", {"reference": reference}, feeds, threads)
+        cached = None if self.remeasure else self.cache.get_json("node-times", key, "per-layer times")
+        if cached is not None:
+            return cached
+        times = onnxruntime_node_times(reference.entry_path, feeds, threads)
+        self.cache.put_json("node-times", key, times)
+        return times
+
+
+def _versions(*modules: str) -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for m in modules:
+        try:
+            out[m] = metadata.version(m)
+        except metadata.PackageNotFoundError:
+            out[m] = None
+    return out
 
 
 def _retry_int8(spec: ModelSpec, ap: ArtifactPlan, art: Artifact, v: Verification, data: DataSplit,
                 root: Path, verifier: _Verifier, work: str) -> tuple[Artifact, Verification]:
     """Measured fallbacks for a rejected INT8 artifact, each kept only if it passes verification:
-    1. 7-bit weights (ORT reduce_range, NNCF overflow_fix): fixes u8*s8 saturation and coarse scales;
+    1. the backend's own retries (Backend.int8_retries: 7-bit weights for ONNX Runtime and OpenVINO, which
+       fix u8*s8 saturation and coarse scales; the other calibration method for NCNN);
     2. the library's own accuracy-aware quantization (NNCF quantize_with_accuracy_control), which keeps
        the most harmful layers in float, where the backend has it and the calibration data has labels."""
     q = ap.quantization
     if q is None:
         return art, v
-    attempts = []
-    if not q.reduce_range:
-        attempts.append(("7-bit weights", dataclasses.replace(q, reduce_range=True)))
+    attempts = backends.get(ap.backend).int8_retries(q)
     labelled = data.calibration is not None and data.calibration.labels is not None
     if backends.get(ap.backend).accuracy_control and labelled and not q.accuracy_control:
         attempts.append(("accuracy-controlled quantization", dataclasses.replace(q, accuracy_control=True)))
     for i, (label, settings) in enumerate(attempts):
         retry = dataclasses.replace(ap, quantization=settings, reasons=list(ap.reasons))
         folder = Path(work) / f"retry{i}-{ap.backend}-int8"
-        second = _export(spec, retry, data, folder)
+        second = verifier.stages.export(spec, retry, data, folder)
         v2 = verifier.check(second)
         if not v2.passed:
             continue
@@ -369,7 +546,7 @@ def _retry_int8(spec: ModelSpec, ap: ArtifactPlan, art: Artifact, v: Verificatio
 
 
 def _localise_into(spec: ModelSpec, art: Artifact, v: Verification, data: DataSplit, root: Path, threads: int,
-                   threshold: float) -> None:
+                   threshold: Thresholds) -> None:
     """A rejected artifact gets the first diverging layer named, and the per-layer table written."""
     from edgekit.debug import localise
 
@@ -389,21 +566,23 @@ class _Verifier:
     """Reference outputs computed once; each artifact compared with them on the validation samples."""
 
     def __init__(self, spec: ModelSpec, reference: Artifact, data: DataSplit, thresholds: Thresholds,
-                 threads: int) -> None:
+                 threads: int, stages: _Stages) -> None:
+        self.stages = stages
         self.batches = data.validation.batches(spec)
         if not self.batches:
             raise BadInput(f"validation data has fewer samples than the model's batch {spec.inputs[0].shape[0]}")
         self.labels = data.validation.batch_labels(spec)
         self.names = [o.name for o in spec.outputs]
         self.thresholds, self.threads = thresholds, threads
-        self.reference = run_all(backends.get(reference.backend).load(reference, threads), self.batches)
+        self.reference = stages.outputs(reference, self.batches, threads)
 
     def check(self, a: Artifact) -> Verification:
         with progress() as bar:
             bar.add_task(f"verifying {a.key}", total=None)
-            out = run_all(backends.get(a.backend).load(a, self.threads), self.batches)
-        v = compare(self.reference, out, self.names, self.labels, self.thresholds)
-        note(f"verify {a.key}: cosine {v.cosine_min:.5f}, SNR {v.snr_db_min:.1f} dB"
+            out = self.stages.outputs(a, self.batches, self.threads)
+        v = compare(self.reference, out, self.names, self.labels, self.thresholds, a.precision)
+        centred = f" (mean-centred {v.centred_cosine_min:.5f})" if v.centred_cosine_min is not None else ""
+        note(f"verify {a.key}: cosine {v.cosine_min:.5f}{centred}, SNR {v.snr_db_min:.1f} dB"
              + (f", accuracy {v.accuracy:.1%} (FP32 {v.reference_accuracy:.1%})" if v.accuracy is not None else "")
              + ("" if v.passed else f" -> REJECTED: {'; '.join(v.failures)}"))
         return v

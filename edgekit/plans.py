@@ -57,6 +57,10 @@ class Plan:
     budgets: dict[str, Any] = field(default_factory=dict)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     cost_model: dict[str, Any] = field(default_factory=dict)
+    # backend -> node -> INT8 sensitivity (output SNR gained by keeping the node in float, dB)
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Pruning/distillation before quantization (CompressOptions as a dict), when the plan prunes.
+    compress: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +104,8 @@ def default_plan(
         raise BadInput(f"unknown calibration method '{method}'; use one of {', '.join(CALIBRATION_METHODS)}")
     from edgekit import backends
 
-    options = backends.get(backend).plan_options(target, backend_requests)
+    owner = backends.get(backend)
+    options = owner.plan_options(target, backend_requests)
     artifacts = []
     for precision in precisions:
         ap = ArtifactPlan(backend=backend, precision=precision, options=dict(options))
@@ -108,13 +113,13 @@ def default_plan(
             q = QuantizationSettings(method=method, samples=calib_samples, exclude_nodes=list(exclude_nodes or []))
             x86 = target.cpu.get("arch") == "x86_64"
             vnni = any(target.has_isa(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-            if x86 and not vnni and target.kind == "cpu":
+            if x86 and not vnni and target.kind == "cpu" and owner.int8_reduce_range:
                 q.reduce_range = True
                 ap.reasons.append("x86 CPU without VNNI: 7-bit weights (ORT reduce_range, NNCF overflow_fix) "
                                   "avoid u8*s8 saturation")
-            if backend == "tensorrt":
+            if owner.int8_symmetric_only:
                 q.symmetric_activations = True
-                ap.reasons.append("TensorRT takes symmetric INT8 only")
+                ap.reasons.append(f"{backend} takes symmetric INT8 only")
             ap.reasons.append(f"INT8 static Q/DQ, per-channel weights, {method} calibration on {calib_samples} samples")
             ap.quantization = q
         elif precision == "fp16":

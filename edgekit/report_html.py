@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from edgekit.package import artifact_rows
+from edgekit.manifest import artifact_rows
 from edgekit.report_svg import (
     PRECISION_COLORS,
     TOP_LAYERS,
@@ -171,7 +171,24 @@ def _pareto_section(m: dict[str, Any]) -> str:
                  esc(c.get("verdict")), esc(c.get("reason") or "")] for c in cands]
         body += "<h3>Candidates</h3>" + _table(head, rows, {1, 2, 3, 4, 5, 6, 7},
                                                row_cls=["" if c.get("verdict") == "ok" else "dim" for c in cands])
+    body += _cost_model_note(m.get("cost_model") or {})
     return _section("pareto", "Latency, accuracy and size", body)
+
+
+def _cost_model_note(cm: dict[str, Any]) -> str:
+    """How far the cost model's estimates were from the candidates measured on the target."""
+    if not cm:
+        return ""
+    fit = cm.get("fit") or {}
+    if cm.get("mape_percent") is not None:
+        text = (f"Cost model: mean absolute percentage error {cm['mape_percent']}% against the "
+                f"{cm.get('compared')} candidates measured on the target.")
+    else:
+        text = "Cost model: nothing could be measured on the target here; the latencies above are its estimates."
+    if fit.get("points"):
+        text += (f" Fitted to {fit['points']} measurements of the target ({esc(', '.join(fit.get('sources', [])))}),"
+                 f" which it reproduces within {fit.get('fit_mape_percent')}% on average.")
+    return f'<p class="note">{text}</p>'  # numbers, and the sources escaped above
 
 
 # ---------------------------------------------------------------- the other sections
@@ -260,7 +277,9 @@ def _verification_section(m: dict[str, Any], package_dir: Path | None) -> str:
             f"<li>{esc(f)}</li>" for f in v.get("failures") or []) + "</ul>"
         if d:
             seen = f' (observed at <code>{esc(d["observed_at"])}</code>, fused with it)' if d.get("observed_at") else ""
-            body += (f'<p>First diverging layer: <b><code>{esc(d.get("node"))}</code></b> '
+            label = "Layer adding the most error" if d.get("criterion") == "most added error" \
+                else "First diverging layer"
+            body += (f'<p>{label}: <b><code>{esc(d.get("node"))}</code></b> '
                      f'({esc(d.get("op_type"))}){seen}, '
                      f'cosine {_f(d.get("cosine"), ".4f")}, SNR {_f(d.get("snr_db"), ".1f")} dB, max |err| '
                      f'{_f(d.get("max_abs_error"), ".4g")}; inputs from '

@@ -38,7 +38,7 @@ from edgekit import backends
 from edgekit.data import Dataset
 from edgekit.errors import BadInput
 from edgekit.ingest import ModelSpec
-from edgekit.plan import ArtifactPlan, QuantizationSettings
+from edgekit.plans import ArtifactPlan, QuantizationSettings
 from edgekit.verify import Thresholds, Verification, compare, run_all
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

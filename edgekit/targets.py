@@ -87,6 +87,26 @@ TARGET_SCHEMA: dict[str, Any] = {
             },
         },
         "dla_cores": {"type": "integer", "minimum": 0},
+        # Published whole-model latencies on this device (e.g. benchncnn): the cost model fits its
+        # per-precision efficiency to them (edgekit/costmodel.py).
+        "benchmarks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["model", "backend", "precision", "ms", "macs", "source"],
+                "properties": {
+                    "model": {"type": "string"},
+                    "backend": {"type": "string"},
+                    "precision": {"enum": list(PRECISIONS)},
+                    "ms": {"type": "number", "exclusiveMinimum": 0},
+                    "macs": {"type": "integer", "minimum": 1},
+                    "layers": {"type": "integer", "minimum": 0},
+                    "threads": {"type": "integer", "minimum": 1},
+                    "source": {"type": "string"},
+                },
+            },
+        },
         "notes": {"type": "array", "items": {"type": "string"}},
         "sources": {"type": "array", "items": {"type": "string"}},
     },
@@ -110,6 +130,7 @@ class Target:
     vendor: str = ""
     gpu: dict[str, Any] | None = None
     dla_cores: int = 0
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     detect: str | None = None

@@ -158,3 +158,38 @@ def _rss_kib(field: str) -> int:
 def _reset_peak() -> None:
     with contextlib.suppress(OSError):  # "5" resets the peak resident set size (VmHWM), Linux >= 4.0
         Path("/proc/self/clear_refs").write_text("5")
+
+
+# ---------------------------------------------------------------- per-node time
+
+
+def onnxruntime_node_times(model_path: str | Path, feeds: dict[str, np.ndarray], threads: int,
+                           runs: int = 20) -> dict[str, float]:
+    """Mean time per graph node (ms) from ONNX Runtime's own profiler, in a fresh process: the measured
+    per-layer figures of the report (for the FP32 reference on this host)."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_child_node_times, (str(model_path), feeds, threads, runs))
+
+
+def _child_node_times(model_path: str, feeds: dict[str, np.ndarray], threads: int, runs: int) -> dict[str, float]:
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-nodeprof-") as tmp:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        # Optimisations off: the profile then names the canonical graph's nodes, not fused ones.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+        for _ in range(3 + runs):  # the profiler records every run: the first three are dropped below
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_node: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            per_node.setdefault(e["name"][: -len("_kernel_time")], []).append(float(e["dur"]) / 1e3)
+    return {node: round(float(np.mean(d[3:] or d)), 5) for node, d in per_node.items()}

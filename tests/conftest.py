@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Caches (build stages, sensitivities) and the device list of the tests' own: a fresh one per run, never
+# the user's ~/.cache/edgekit or ~/.config/edgekit.
+os.environ["EDGEKIT_HOME"] = tempfile.mkdtemp(prefix="edgekit-test-home-")
 BUNDLED_ONNX = REPO / "examples" / "defects" / "defectnet.onnx"
 BUNDLED_PREPROCESS = REPO / "examples" / "defects" / "preprocess.yaml"
 sys.path.insert(0, str(Path(__file__).parent))

@@ -23,7 +23,7 @@ from conftest import FAST, REPO, read_manifest, require_tools, run_cli
 
 from edgekit.devices import Device, missing_runtime, parse_url
 from edgekit.errors import BadInput
-from edgekit.package import validate_manifest
+from edgekit.manifest import validate_manifest
 
 SSHD = Path("/usr/sbin/sshd")
 RUNNER = REPO / "edgekit" / "remote" / "runner.py"
@@ -490,3 +490,19 @@ def test_profile_tensorrt_over_ssh_builds_once_then_reuses_the_cached_engine(
     assert _leftovers() <= tmp_before, f"left on the device: {_leftovers() - tmp_before}"
     time.sleep(0.5)
     assert not _runners_under(sshd.proc.pid)
+
+
+@needs_sshd
+def test_runtime_older_than_the_package_is_refused(sshd: Sshd, home: Path, pkg: Path) -> None:
+    """The toolchain lock on the device: a package verified with a newer onnxruntime than the device has
+    is refused there with what to install, and nothing is left behind."""
+    manifest = read_manifest(pkg)
+    manifest["toolchain"]["onnxruntime"] = "99.1.0"
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    _add(sshd, home)
+    before, tmp_before = read_manifest(pkg), _leftovers()
+    r = run_cli("profile", pkg, "--device", "dev", "--artifact", "onnxruntime-fp32", *FASTP)
+    assert r.code != 0
+    line = r.error_line()
+    assert "older than 99.1.0" in line and "pip install 'onnxruntime>=99.1.0'" in line
+    _unchanged(pkg, before, home, tmp_before)

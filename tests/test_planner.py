@@ -75,3 +75,93 @@ def test_quantization_hostile_layer_is_planned_in_float(tmp_path: Path) -> None:
                 "--out", tmp_path / "mixed", *QUICK, "--no-memory")
     assert r.code == 0, r.stderr
     assert read_manifest(tmp_path / "mixed")["artifacts"][0]["details"]["excluded_nodes"] == floats
+
+
+def test_plans_follow_each_targets_hardware(tmp_path: Path, defects_data: Path) -> None:
+    """Jetson Nano: no INT8 on Maxwell, FP16. Orin Nano: INT8 tensor cores. Pi 4 (ARMv8.0): INT8 pays
+    off in ncnn. Pi 5 (A76): INT8 about break-even with FP16 (benchncnn), so the more faithful FP16 wins.
+    Nothing runs here on those devices: the fitted cost model decides, and the plans say so."""
+    from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS
+
+    data = ["--calib", defects_data / "calib", "--val", defects_data / "val", "--preprocess", BUNDLED_PREPROCESS,
+            "--calib-samples", "100", "--val-samples", "100"]
+    expected = {"jetson-nano": "tensorrt-fp16", "jetson-orin-nano": "tensorrt-int8", "rpi4": "ncnn-int8",
+                "rpi5": "ncnn-fp16"}
+    plans = {}
+    for target, key in expected.items():
+        out = tmp_path / f"{target}.yaml"
+        r = run_cli("plan", BUNDLED_ONNX, "--target", target, *data, "--out", out, *QUICK)
+        assert r.code == 0, r.stderr
+        plan = yaml.safe_load(out.read_text())
+        (chosen,) = [c for c in plan["candidates"] if c["chosen"]]
+        assert chosen["key"] == key, (target, chosen)
+        assert chosen["measured_ms"] is None and "estimated" in chosen["reason"]
+        plans[target] = plan
+    assert not any(c["precision"] == "int8" for c in plans["jetson-nano"]["candidates"])
+    assert any("no INT8 for jetson-nano" in r for r in plans["jetson-nano"]["reasons"])
+    assert "more faithful fp16 wins" in plans["rpi5"]["reasons"][-1]
+    assert plans["rpi5"]["cost_model"]["fit"]["points"] >= 5  # benchncnn figures of the Pi 5
+    # The same plan applied twice gives the same bytes (pnnx and edgekit's ncnn INT8 writer are deterministic).
+    hashes = []
+    for i in range(2):
+        r = run_cli("build", BUNDLED_ONNX, "--target", "rpi4", "--plan", tmp_path / "rpi4.yaml", *data,
+                    "--out", tmp_path / f"rpi4-{i}", *QUICK, "--no-memory")
+        assert r.code == 0, r.stderr
+        m = read_manifest(tmp_path / f"rpi4-{i}")
+        assert [a["key"] for a in m["artifacts"]] == ["ncnn-int8"]
+        hashes.append({f["path"]: f["sha256"] for a in m["artifacts"] for f in a["files"]})
+    assert hashes[0] == hashes[1]
+
+
+def test_planner_prunes_by_group_sensitivity_and_build_reproduces_it(tmp_path: Path) -> None:
+    """`--prune` adds pruned + distilled candidates (per-group ratios from measured sensitivity); a plan
+    that chose one carries its compress settings, and `build --plan` rebuilds the same bytes."""
+    from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS
+
+    from edgekit.zoo.defects_data import generate
+
+    d = generate(tmp_path / "d", n_train=160, n_calib=80, n_val=80)
+    data = ["--calib", d / "calib", "--val", d / "val", "--preprocess", BUNDLED_PREPROCESS]
+    r = run_cli("plan", BUNDLED_ONNX, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "fp32",
+                *data, "--prune", "0.5", "--train", d / "train", "--epochs", "1", "--objective", "size",
+                "--max-accuracy-drop", "100", "--out", tmp_path / "plan.yaml", *QUICK)
+    assert r.code == 0, r.stderr
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    by_key = {c["key"]: c for c in plan["candidates"]}
+    assert set(by_key) == {"onnxruntime-fp32", "prune50-onnxruntime-fp32"}
+    pruned, full = by_key["prune50-onnxruntime-fp32"], by_key["onnxruntime-fp32"]
+    assert pruned["chosen"] and pruned["macs"] <= 0.55 * full["macs"] and pruned["bytes"] < 0.6 * full["bytes"]
+    assert pruned["measured_ms"] is not None  # timed here, scaled onto the first build's rounds
+    c = plan["compress"]
+    assert c["prune"] == 0.5 and c["distill"] and c["round_to"] >= 4
+    ratios = sorted(set(c["layer_ratios"].values()))
+    assert ratios[0] < 0.5 < ratios[-1]  # the sensitive groups keep more channels, the robust ones fewer
+    assert any("per-group ratios from measured sensitivity" in reason for reason in plan["reasons"])
+    hashes = []
+    for i in range(2):
+        r = run_cli("build", BUNDLED_ONNX, "--target", "host-cpu", "--plan", tmp_path / "plan.yaml", *data,
+                    "--train", d / "train", "--out", tmp_path / f"pkg{i}", *QUICK, "--no-memory")
+        assert r.code == 0, r.stderr
+        m = read_manifest(tmp_path / f"pkg{i}")
+        assert m["compression"]["macs_ratio"] <= 0.55
+        hashes.append([f["sha256"] for a in m["artifacts"] for f in a["files"]])
+    assert hashes[0] == hashes[1]  # seeded distillation, deterministic export
+
+
+def test_build_without_a_plan_plans_first(tmp_path: Path) -> None:
+    """No plan and no precision: the planner chooses (every candidate built and timed), and the package
+    holds its choice with every candidate recorded for the report."""
+    model = _conv_model(tmp_path / "m.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32))
+    r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--calib", calib,
+                "--out", tmp_path / "pkg", *QUICK, "--no-memory", "--json")
+    assert r.code == 0, r.stderr
+    m = read_manifest(tmp_path / "pkg")
+    assert len(m["artifacts"]) == 1
+    keys = {c["key"] for c in m["candidates"]}
+    assert keys == {"onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"}
+    (chosen,) = [c for c in m["candidates"] if c["chosen"]]
+    assert m["artifacts"][0]["key"] == chosen["key"]
+    assert any("fastest of" in reason for reason in m["plan_reasons"])
+    assert (tmp_path / "pkg" / "report.html").exists()

@@ -34,7 +34,7 @@ from edgekit.backends.tensorrt import (
     trtexec_command,
 )
 from edgekit.ingest import ingest
-from edgekit.plan import ArtifactPlan, QuantizationSettings
+from edgekit.plans import ArtifactPlan, QuantizationSettings
 from edgekit.targets import load_target
 
 TRT = backends.get("tensorrt")

@@ -6,6 +6,7 @@ quantization through the library made for it), and loads an Artifact into a Sess
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ import onnx
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plan import ArtifactPlan
+    from edgekit.plans import ArtifactPlan, QuantizationSettings
 
 
 @dataclass
@@ -74,6 +75,10 @@ class Backend(ABC):
     # Can re-quantize keeping the most harmful layers in float until an accuracy budget holds
     # (QuantizationSettings.accuracy_control; needs labelled calibration data).
     accuracy_control: ClassVar[bool] = False
+    # INT8 kernels multiply u8 activations by s8 weights with 16-bit intermediates (x86 without VNNI):
+    # 7-bit weights avoid the saturation (ONNX Runtime reduce_range, NNCF overflow_fix).
+    int8_reduce_range: ClassVar[bool] = False
+    int8_symmetric_only: ClassVar[bool] = False  # symmetric INT8 activations only (TensorRT)
 
     def missing(self) -> str | None:
         """None when usable here, else what to install."""
@@ -104,6 +109,13 @@ class Backend(ABC):
         """Backend settings that follow from the target and the user's requests (e.g. dla_core),
         recorded in the plan and passed to export. Backends ignore requests that are not theirs."""
         return {}
+
+    def int8_retries(self, q: QuantizationSettings) -> list[tuple[str, QuantizationSettings]]:
+        """What the build tries, in order, when an INT8 artifact is rejected (each kept only if it passes);
+        by default 7-bit weights where the backend has them."""
+        if self.int8_reduce_range and not q.reduce_range:
+            return [("7-bit weights", dataclasses.replace(q, reduce_range=True))]
+        return []
 
     def prepare_timing_process(self, threads: int) -> None:  # noqa: B027 - optional hook
         """Called once in the dedicated timing process, before any load (e.g. shared thread pools)."""

@@ -41,7 +41,7 @@ from edgekit.errors import BadInput, EdgekitError
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plan import ArtifactPlan
+    from edgekit.plans import ArtifactPlan
 
 ENTRY = "model.ort"
 CONFIG = "required_operators.config"

@@ -40,7 +40,7 @@ from edgekit.errors import BadInput, EdgekitError
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plan import ArtifactPlan
+    from edgekit.plans import ArtifactPlan
     from edgekit.targets import Target
 
 QDQ_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -329,6 +329,7 @@ def _local_facts() -> tuple[str | None, dict[str, Any] | None]:
 class TensorRTBackend(Backend):
     name = "tensorrt"
     precisions = ("fp32", "fp16", "int8")
+    int8_symmetric_only = True  # TensorRT takes symmetric INT8 only
     requires = ("onnxruntime",)  # to write and verify the ONNX; the engine needs TensorRT + a GPU
     install_hint = "TensorRT: JetPack on Jetson; `pip install tensorrt` with CUDA on x86"
 

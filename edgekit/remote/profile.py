@@ -36,7 +36,7 @@ from edgekit.devices import (
     ssh,
 )
 from edgekit.errors import BackendUnavailable, BadInput, EdgekitError
-from edgekit.package import render_report, validate_manifest, write_json
+from edgekit.manifest import render_report, validate_manifest, write_json
 
 ENGINE_BUILD_S = 1200.0  # a TensorRT engine build on the device, at most (Jetson Nano: minutes)
 REMOTE_NAME = "edgekit-runner.py"  # `pkill -f edgekit-runner` on the device stops a measurement

@@ -467,6 +467,36 @@ def time_tensorrt(package, art, args, deadline_at):
 # ---------------------------------------------------------------- main
 
 
+def release(version):
+    """The leading numbers of a version string: '1.32.0' -> (1, 32, 0), '1.0.20261020' -> (1, 0, 20261020)."""
+    out = []
+    for part in str(version).replace("-", ".").split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def lock_problem(manifest, backend):
+    """The runtime lock: a device runtime older (major.minor) than the one the package was verified with
+    may lack an op, a kernel or the file format, so such an artifact is refused with what to install."""
+    for module in BACKEND_NEEDS.get(backend, ()):
+        if module == "numpy":
+            continue
+        built = (manifest.get("toolchain") or {}).get(module)
+        have = runtime_info(module)["version"]
+        if built and have and release(have)[:2] < release(built)[:2]:
+            return (f"this device's {module} {have} is older than {built}, which the package was built and "
+                    f"verified with: pip install '{module}>={built}' on the device, or rebuild the package with "
+                    f"edgekit using {module} {have}")
+    return None
+
+
 def measure(args):
     deadline_at = time.time() + args.deadline if args.deadline else None
     args.package = os.path.abspath(args.package)
@@ -501,6 +531,9 @@ def measure(args):
                 continue
             if art["backend"] not in LOADERS:
                 raise RunnerError("the runner cannot run " + art["backend"] + " artifacts")
+            locked = lock_problem(manifest, art["backend"])
+            if locked:
+                raise RunnerError(locked)
             t0 = time.perf_counter()
             run = LOADERS[art["backend"]](args.package, art, manifest["inputs"], threads)
             load_s = time.perf_counter() - t0

@@ -132,6 +132,7 @@ def render_report(manifest: dict[str, Any]) -> str:
         "- Outputs: " + ", ".join(f"`{o['name']}` {o['shape']} {o['dtype']}" for o in manifest["outputs"]),
         f"- Calibration: {manifest['data']['calibration']}",
         f"- Validation: {manifest['data']['validation']}",
+        *[f"- **Warning**: {w}" for w in manifest["data"].get("warnings") or []],
         "",
         "## Artifacts",
         "",

@@ -276,7 +276,7 @@ def build(opts: BuildOptions) -> BuildResult:
         memory = {a.key: stages.memory(a, threads, data.validation.batches(spec)[0])
                   if opts.memory and a.key not in estimated else None for a in artifacts}
         manifest = _manifest(opts, target, spec, preprocess, data, plan, chosen, artifacts, verifications,
-                             latencies, memory)
+                             latencies, memory, verifier.warnings)
         manifest["layers"] = _layers(spec, target, artifacts, plan, references[REFERENCE_BACKEND], data, threads,
                                      stages)
         if plan.candidates:
@@ -575,6 +575,23 @@ class _Verifier:
         self.names = [o.name for o in spec.outputs]
         self.thresholds, self.threads = thresholds, threads
         self.reference = stages.outputs(reference, self.batches, threads)
+        self.warnings = self._sanity()
+        for w in self.warnings:
+            note(f"[yellow]warning[/yellow]: {w}")
+
+    def _sanity(self) -> list[str]:
+        """A labelled classifier that scores near chance in FP32 almost always means data that does not match
+        the model (a missing --preprocess, another class order): every verdict after that is moot."""
+        out = self.reference[0] if self.reference else None
+        if self.labels is None or out is None or out.ndim != 2 or out.shape[1] < 2:
+            return []
+        accuracy = float((out.argmax(1)[: len(self.labels)] == self.labels[: len(out)]).mean())
+        chance = 1.0 / out.shape[1]
+        if accuracy >= 2 * chance:
+            return []
+        return [f"the FP32 model itself scores {accuracy:.1%} on the labelled validation data (chance: {chance:.0%}): "
+                "check --preprocess (size, colour order, scale, mean/std) and that the class folders match the "
+                "model's output order"]
 
     def check(self, a: Artifact) -> Verification:
         with progress() as bar:
@@ -591,7 +608,7 @@ class _Verifier:
 def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: Preprocess | None,
               data: DataSplit, plan: Plan, chosen: list[Backend], artifacts: list[Artifact],
               verifications: dict[str, Verification], latencies: dict[str, Latency],
-              memory: dict[str, float | None]) -> dict[str, Any]:
+              memory: dict[str, float | None], warnings: list[str]) -> dict[str, Any]:
     host = detect_host()
     ort_ref = latencies[f"reference:{REFERENCE_BACKEND}"]
     records = []
@@ -648,6 +665,7 @@ def _manifest(opts: BuildOptions, target: Target, spec: ModelSpec, preprocess: P
         "data": {
             "calibration": f"{len(cal)} samples from {cal.source}" if cal else "none",
             "validation": f"{len(data.validation)} samples ({data.note})",
+            "warnings": warnings,
         },
         "reference": {"backend": REFERENCE_BACKEND, "precision": "fp32", "latency_ms": ort_ref.to_dict(),
                       "note": "every artifact is verified against this model's outputs"},

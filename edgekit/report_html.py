@@ -123,7 +123,9 @@ def _summary(m: dict[str, Any]) -> str:
     body = [[_dot(r["backend"]) + esc(r["backend"]), *[esc(r[c]) for c in cols]] for r in rows]
     bad = ["bad" if r["verdict"] != "ok" else "" for r in rows]
     table = _table(["backend", *cols], body, set(range(2, 10)), row_cls=bad) if rows else ""
-    return _section("summary", "Summary", f'<div class="cards four">{"".join(cards)}</div>'
+    warnings = "".join(f'<p class="bad"><b>Warning:</b> {esc(w)}</p>'
+                       for w in (m.get("data") or {}).get("warnings") or [])
+    return _section("summary", "Summary", f'{warnings}<div class="cards four">{"".join(cards)}</div>'
                     + (f"<h3>Plan</h3><ul>{reasons}{failed}</ul>" if reasons or failed else "")
                     + f"<h3>Artifacts</h3>{table}<p class=note>Speedup: the same backend's FP32 p50 over the "
                     "artifact's; size vs the same backend's FP32; accuracy and agreement in %; est. = cost-model "
@@ -378,7 +380,7 @@ def _environment_section(m: dict[str, Any]) -> str:
                            ("size", mb(src.get("bytes"))), ("parameters", f"{src.get('params') or 0:,}"),
                            ("MACs", si(src.get("macs") or 0)), ("opset", esc(src.get("opset"))), ("tensors", io),
                            ("ingest", "<br>".join(esc(n) for n in src.get("notes") or [])),
-                           *[(k, esc(v)) for k, v in (m.get("data") or {}).items()]])
+                           *[(k, esc(v)) for k, v in (m.get("data") or {}).items() if k != "warnings"]])
                     + "</div></div><h3>Command</h3><pre>" + esc(host.get("command", "(not recorded)")) + "</pre>")
 
 
@@ -412,7 +414,7 @@ thead th{background:var(--panel);font-weight:600;position:sticky;top:0;white-spa
 .n{text-align:right}table.sortable thead th{cursor:pointer}
 th[aria-sort=ascending]::after{content:" ▲";font-size:9px}th[aria-sort=descending]::after{content:" ▼";font-size:9px}
 td:first-child{white-space:nowrap}td:last-child{overflow-wrap:anywhere}
-tr.bad td,tr.below td{color:var(--bad)}tr.dim td{color:var(--muted)}
+tr.bad td,tr.below td,p.bad{color:var(--bad)}tr.dim td{color:var(--muted)}
 tr.first td{background:#ffebe9;color:var(--bad);font-weight:650}
 table.kv th{width:120px;color:var(--muted);font-weight:500;background:none;position:static}
 .scroll{max-height:460px;overflow:auto;border:1px solid var(--line);border-radius:6px;margin-top:6px}

@@ -146,6 +146,7 @@ def layer_sensitivity(
     max_batches: int = 32,
     threads: int | None = None,
     use_cache: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> Sensitivities:
     """How much INT8 matters for each quantizable node, most sensitive first (see the module doc)."""
     if method not in METHODS:
@@ -155,14 +156,15 @@ def layer_sensitivity(
     backend = backends.get_installed(backend_name)
     candidates, skipped = _candidates(spec, settings, max_nodes)
     batches, labels = _validation(spec, validation, max_batches)
-    key = _cache_key(spec, backend_name, backend, method, settings, calibration, batches, labels, candidates)
+    key = _cache_key(spec, backend_name, backend, method, settings, calibration, batches, labels, candidates,
+                     options or {})
     cache_file = Path(cache_dir or default_cache_dir()) / f"{spec.sha256[:16]}-{backend_name}-{method}-{key[:24]}.json"
     if use_cache and (hit := _read_cache(cache_file, key)) is not None:
         return hit
 
     from edgekit.console import progress
 
-    runner = _Runner(spec, backend_name, calibration, batches, labels, threads)
+    runner = _Runner(spec, backend_name, calibration, batches, labels, threads, options=options)
     cap_db = 60.0  # "only": a node explaining all of the uniform noise gains at most this much
     layers: list[LayerSensitivity] = []
     with progress() as bar:
@@ -258,7 +260,8 @@ class _Runner:
 
     def __init__(self, spec: ModelSpec, backend_name: str, calibration: Dataset,
                  batches: list[dict[str, np.ndarray]], labels: np.ndarray | None, threads: int | None,
-                 thresholds: Thresholds | None = None) -> None:
+                 thresholds: Thresholds | None = None, options: dict[str, Any] | None = None) -> None:
+        self.options = dict(options or {})  # the backend's plan options (a TensorRT target's engine settings)
         self.spec, self.backend_name, self.calibration = spec, backend_name, calibration
         self.backend = backends.get_installed(backend_name)
         self.batches, self.labels = batches, labels
@@ -271,7 +274,7 @@ class _Runner:
             self.reference = run_all(ref_backend.load(ref, self.threads), batches)
 
     def verify(self, settings: QuantizationSettings) -> Verification:
-        plan = ArtifactPlan(self.backend_name, "int8", settings)
+        plan = ArtifactPlan(self.backend_name, "int8", settings, options=self.options)
         with _scratch() as root:
             art = self.backend.export(self.spec, plan, self.calibration, root)
             session = self.backend.load(art, self.threads)
@@ -302,7 +305,7 @@ def _hash_dataset(h: Any, inputs: dict[str, np.ndarray] | list[dict[str, np.ndar
 
 def _cache_key(spec: ModelSpec, backend_name: str, backend: Any, method: str, settings: QuantizationSettings,
                calibration: Dataset, batches: list[dict[str, np.ndarray]], labels: np.ndarray | None,
-               candidates: list[_Node]) -> str:
+               candidates: list[_Node], options: dict[str, Any] | None = None) -> str:
     """Everything the figures depend on: the model, backend (and its library versions, since a new
     quantizer changes the result), method, settings, calibration and validation data, nodes measured."""
     h = hashlib.sha256()
@@ -312,7 +315,8 @@ def _cache_key(spec: ModelSpec, backend_name: str, backend: Any, method: str, se
         versions = {}
     h.update(json.dumps({"schema": CACHE_SCHEMA, "model": spec.sha256, "backend": backend_name,
                          "versions": versions, "method": method, "settings": asdict(settings),
-                         "nodes": [n.name for n in candidates]}, sort_keys=True).encode())
+                         "nodes": [n.name for n in candidates], "options": options or {}},
+                        sort_keys=True, default=str).encode())
     _hash_dataset(h, calibration.inputs, calibration.labels)
     h.update(b"|validation|")
     _hash_dataset(h, batches, labels)
@@ -356,6 +360,7 @@ def mixed_precision(
     sensitivity_batches: int = 32,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> MixedPrecisionResult:
     """The fewest most-sensitive nodes to keep in float so that INT8 meets `thresholds`.
 
@@ -364,7 +369,7 @@ def mixed_precision(
     if calibration is None or len(calibration) == 0:
         raise BadInput("mixed precision needs calibration data for the INT8 builds")
     batches, labels = _validation(spec, validation, max_batches)
-    runner = _Runner(spec, backend_name, calibration, batches, labels, threads, thresholds)
+    runner = _Runner(spec, backend_name, calibration, batches, labels, threads, thresholds, options)
     steps: list[MixedPrecisionStep] = []
 
     def attempt(nodes: list[str]) -> MixedPrecisionStep:
@@ -381,7 +386,7 @@ def mixed_precision(
     if sensitivities is None:
         sensitivities = layer_sensitivity(spec, backend_name, calibration, validation, settings, cache_dir,
                                           method=method, max_nodes=max_nodes, max_batches=sensitivity_batches,
-                                          threads=threads)
+                                          threads=threads, options=options)
     ranked = [s.node for s in sensitivities if s.node not in set(settings.exclude_nodes)]
     limit = len(ranked) if max_float_nodes is None else min(len(ranked), max(0, max_float_nodes))
     if limit == 0:

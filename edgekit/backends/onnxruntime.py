@@ -42,7 +42,7 @@ _shared_pool_threads: int | None = None
 
 
 class OrtSession:
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, disabled_optimizers: tuple[str, ...] = ()) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -55,7 +55,9 @@ class OrtSession:
         opts.log_severity_level = 3
         self.threads = threads
         self.path = str(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDER])
+        self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDER],
+                                            **({"disabled_optimizers": list(disabled_optimizers)}
+                                               if disabled_optimizers else {}))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -217,7 +219,7 @@ class OnnxRuntimeBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="edgekit-ort-q-") as tmp:
             pre = Path(tmp) / "pre.onnx"
             self._pre_process(spec.onnx_path, pre)
-            ranges = _entropy_ranges(pre, batches, q.symmetric_activations, Path(tmp)) if q.method == "entropy" \
+            ranges = kl_calibration_ranges(pre, batches, q.symmetric_activations, Path(tmp)) if q.method == "entropy" \
                 else None
             try:
                 quantize_static(
@@ -262,7 +264,7 @@ class OnnxRuntimeBackend(Backend):
         shutil.copyfile(src, dst)
 
 
-def _entropy_ranges(model: Path, batches: list[dict[str, np.ndarray]], symmetric: bool, tmp: Path) -> Path | None:
+def kl_calibration_ranges(model: Path, batches: list[dict[str, np.ndarray]], symmetric: bool, tmp: Path) -> Path | None:
     """Entropy (KL) ranges, handed to quantize_static as ONNX Runtime's calibration cache (onnxruntime
     >= 1.22; older ones keep their own entropy calibrator).
 

@@ -4,12 +4,10 @@ e.g. for packages built before edgekit wrote one, or after `edgekit profile` add
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from edgekit.console import emit, out
-from edgekit.errors import BadInput
 
 
 def add_parsers(sub: Any, model_args: Any) -> None:
@@ -19,18 +17,11 @@ def add_parsers(sub: Any, model_args: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from edgekit.comparison import load_package
     from edgekit.report_html import render_html
 
     package = Path(args.package)
-    manifest_path = package / "manifest.json"
-    if not manifest_path.is_file():
-        raise BadInput(f"{package} has no manifest.json: give a package folder written by `edgekit build`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError as e:
-        raise BadInput(f"{manifest_path} is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
-        raise BadInput(f"{manifest_path} is not an edgekit manifest (no artifacts list)")
+    manifest = load_package(package).manifest  # BadInput when it is not a package
     target = Path(args.out) if args.out else package / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render_html(manifest, package), encoding="utf-8")

@@ -42,7 +42,8 @@ _shared_pool_threads: int | None = None
 
 
 class OrtSession:
-    def __init__(self, path: Path, threads: int, disabled_optimizers: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: Path, threads: int, disabled_optimizers: tuple[str, ...] = (),
+                 config: dict[str, str] | None = None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -53,6 +54,8 @@ class OrtSession:
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        for key, value in (config or {}).items():  # session config entries (e.g. an ORT-format file's)
+            opts.add_session_config_entry(key, value)
         self.threads = threads
         self.path = str(path)
         self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDER],

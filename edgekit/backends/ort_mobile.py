@@ -71,33 +71,13 @@ def read_config(path: Path) -> dict[str, list[str]]:
             for domain, by_opset in sorted(required.items())}
 
 
-class OrtMobileSession:
+class OrtMobileSession(ort_backend.OrtSession):
     """The .ort file in this machine's (full) ONNX Runtime, CPU EP, as the app runs it: saved runtime
-    optimizations replayed."""
+    optimizations replayed (and the ONNX Runtime backend's shared thread pool, when its timing process
+    set one up: the reference is always timed beside this artifact)."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        # Share the ONNX Runtime backend's process-wide pool when its timing process set one up: the
-        # reference is always timed beside this artifact, and a second pool would steal its cores.
-        if ort_backend._shared_pool_threads == threads:
-            opts.use_per_session_threads = False
-        else:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.load_model_format", "ORT")
-        for key, value in RUNTIME_OPTIONS.items():
-            opts.add_session_config_entry(key, value)
-        self.threads = threads
-        self.path = str(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=[ort_backend.PROVIDER])
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feeds)
+        super().__init__(path, threads, config={"session.load_model_format": "ORT", **RUNTIME_OPTIONS})
 
     def run_intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
         # An ORT format session cannot add graph outputs; the ONNX it was converted from can.

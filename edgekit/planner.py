@@ -130,7 +130,7 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path, prune: Pru
             rounds.append(_pruned_round(trial, prune, ratio, base, Path(tmp)))  # type: ignore[arg-type]
         if dev is not None:
             for r in rounds:
-                _measure_on_device(r, dev)
+                _measure_on_device(r, dev, opts)
         original_accuracy = _original_accuracy(base.manifest)
         candidates, sources = [], {}
         for r in rounds:
@@ -287,7 +287,7 @@ def _playoff(candidates: list[Candidate], sources: dict[str, tuple[_Round, str]]
             c.measured_ms = round(c.measured_ms * drift, 4)
 
 
-def _measure_on_device(r: _Round, device: Any) -> None:
+def _measure_on_device(r: _Round, device: Any, opts: BuildOptions) -> None:
     """Time the round's candidate package on the device; its latencies become the measurements
     (profile_package writes them into the package's manifest as latency_ms, where: ssh://...)."""
     import json
@@ -295,7 +295,7 @@ def _measure_on_device(r: _Round, device: Any) -> None:
     from edgekit.remote.profile import RemoteSettings, profile_package
 
     note(f"planner: measuring {len(r.manifest['artifacts'])} candidates on {device.name}")
-    profile_package(r.path, device, RemoteSettings(seconds=1.0, min_runs=20))
+    profile_package(r.path, device, RemoteSettings(seconds=opts.profile.seconds, min_runs=opts.profile.min_runs))
     r.manifest = json.loads((r.path / "manifest.json").read_text())
 
 

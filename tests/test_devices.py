@@ -506,3 +506,28 @@ def test_runtime_older_than_the_package_is_refused(sshd: Sshd, home: Path, pkg: 
     line = r.error_line()
     assert "older than 99.1.0" in line and "pip install 'onnxruntime>=99.1.0'" in line
     _unchanged(pkg, before, home, tmp_before)
+
+
+@needs_sshd
+def test_plan_measures_its_candidates_on_the_device(sshd: Sshd, home: Path, tmp_path: Path) -> None:
+    """`edgekit plan --device`: every candidate is timed on the device, and the device's numbers decide."""
+    import yaml
+    from test_backend_onnxruntime import _conv_model
+
+    model = _conv_model(tmp_path / "m.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((48, 3, 16, 16)).astype(np.float32))
+    _add(sshd, home)
+    r = run_cli("plan", model, "--target", "host-cpu", "--backend", "onnxruntime,ncnn", "--precision", "fp32,int8",
+                "--calib", calib, "--device", "dev", "--out", tmp_path / "plan.yaml", "--profile-seconds", "0.05",
+                "--min-runs", "5")
+    assert r.code == 0, r.stderr
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    where = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}"
+    assert len(plan["candidates"]) == 4
+    assert all(c["where"] == where and c["measured_ms"] for c in plan["candidates"])
+    (chosen,) = [c for c in plan["candidates"] if c["chosen"]]
+    assert chosen["measured_ms"] == min(c["measured_ms"] for c in plan["candidates"] if c["verdict"] == "ok")
+    assert (home / "profiles" / "dev").is_dir()  # the device's measurements are recorded for the cost model
+    r = run_cli("plan", model, "--target", "rpi4", "--calib", calib, "--device", "dev", "--out", tmp_path / "x.yaml")
+    assert r.code == 2 and "is a host-cpu, not a rpi4" in r.error_line()

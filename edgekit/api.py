@@ -11,12 +11,9 @@ Manifest with `passed` False (and `path` pointing at OUT.rejected), as the CLI e
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
-
-from edgekit.errors import BadInput
 
 
 class Manifest(dict):  # type: ignore[type-arg]
@@ -29,11 +26,10 @@ class Manifest(dict):  # type: ignore[type-arg]
 
     @classmethod
     def load(cls, package: str | Path) -> Manifest:
-        path = Path(package)
-        try:
-            return cls(json.loads((path / "manifest.json").read_text()), path)
-        except (OSError, ValueError) as e:
-            raise BadInput(f"{package} is not an edgekit package (manifest.json: {e})") from None
+        from edgekit.comparison import load_package  # BadInput when it is not a package
+
+        loaded = load_package(package)
+        return cls(loaded.manifest, loaded.path)
 
     @property
     def passed(self) -> bool:

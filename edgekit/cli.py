@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace) -> tuple[int, str | None]:
         return EXIT_TOOL, message
 
 
-def _first_precision(precision: str) -> str:
+def _rounding_precisions(precision: str) -> str:
     """The precisions pruning aligns channels for: every one that will be built (the stage rounds to the
     least common multiple of the target's multiples for them), not only the first listed; auto/all
     become 'all', every precision the target runs."""
@@ -288,7 +288,7 @@ def _build_options(args: argparse.Namespace, target: str, out_dir: str | None) -
         profile=ProfileSettings(seconds=args.profile_seconds, min_runs=args.min_runs), threads=args.threads,
         memory=not args.no_memory, force=args.force, dla_core=args.dla_core, plan=args.plan, train=args.train,
         device=args.device, cache=not args.no_cache, remeasure=args.remeasure,
-        compress=cli_compress.compress_options(args, args.distill, _first_precision(args.precision))
+        compress=cli_compress.compress_options(args, args.distill, _rounding_precisions(args.precision))
         if args.prune or args.distill or args.low_rank else None,
     )
 

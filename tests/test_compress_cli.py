@@ -15,21 +15,28 @@ from edgekit.errors import BadInput
 TIMING = ["--profile-seconds", "0.1", "--min-runs", "10"]  # `edgekit prune/distill` time before and after
 
 
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A small exported mobile network and labelled arrays it classifies (teacher-made labels)."""
+def _self_labelled(model: object, root: Path, name: str, opset: int, size: int, samples: int, seed: int
+                   ) -> tuple[Path, Path]:
+    """The model exported to ONNX, and random images labelled with its own answers (.npz)."""
     import torch
-    from models import export_dynamic, mobilenet_like
+    from models import export_dynamic
 
-    root = tmp_path_factory.mktemp("compress")
-    torch.manual_seed(0)
-    model = mobilenet_like().eval()
-    onnx_path = export_dynamic(model, root / "mobile.onnx", opset=13)
-    x = np.random.default_rng(0).standard_normal((96, 3, 64, 64)).astype(np.float32)
+    onnx_path = export_dynamic(model, root / name, opset=opset, size=size)
+    x = np.random.default_rng(seed).standard_normal((samples, 3, size, size)).astype(np.float32)
     with torch.no_grad():
         labels = model(torch.from_numpy(x)).argmax(1).numpy()
     np.savez(root / "data.npz", images=x, labels=labels)
     return onnx_path, root / "data.npz"
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small exported mobile network and labelled arrays it classifies (teacher-made labels)."""
+    import torch
+    from models import mobilenet_like
+
+    torch.manual_seed(0)
+    return _self_labelled(mobilenet_like().eval(), tmp_path_factory.mktemp("compress"), "mobile.onnx", 13, 64, 96, 0)
 
 
 def test_prune_then_distill_verbs_write_models_the_next_stage_takes(labelled, tmp_path: Path) -> None:
@@ -78,17 +85,9 @@ def test_build_with_prune_and_distill_records_compression(labelled, tmp_path: Pa
 @pytest.fixture(scope="module")
 def residual(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """tests/models.py's small ResNet as ONNX, and images it labels (its own answers)."""
-    import torch
-    from models import export_dynamic, tiny_resnet
+    from models import tiny_resnet
 
-    root = tmp_path_factory.mktemp("residual")
-    model = tiny_resnet()
-    onnx_path = export_dynamic(model, root / "resnet.onnx", opset=17, size=32)
-    x = np.random.default_rng(1).standard_normal((120, 3, 32, 32)).astype(np.float32)
-    with torch.no_grad():
-        labels = model(torch.from_numpy(x)).argmax(1).numpy()
-    np.savez(root / "data.npz", images=x, labels=labels)
-    return onnx_path, root / "data.npz"
+    return _self_labelled(tiny_resnet(), tmp_path_factory.mktemp("residual"), "resnet.onnx", 17, 32, 120, 1)
 
 
 def test_residual_network_prunes_distills_from_calibration_images_and_verifies(residual, tmp_path: Path) -> None:
@@ -146,15 +145,15 @@ def test_prune_verb_rounds_for_every_precision_factorises_and_times(residual, tm
 
 
 def test_channel_multiple_covers_every_precision_built() -> None:
-    from edgekit.cli import _first_precision
+    from edgekit.cli import _rounding_precisions
     from edgekit.compress.stage import channel_multiple
     from edgekit.targets import load_target
 
     orin, nano = load_target("jetson-orin-nano"), load_target("jetson-nano")
-    assert channel_multiple(orin, _first_precision("fp16,int8")) == (
+    assert channel_multiple(orin, _rounding_precisions("fp16,int8")) == (
         16, "jetson-orin-nano: least common multiple of the channel multiples for fp16 8, int8 16")
-    assert channel_multiple(orin, _first_precision("fp16"))[0] == 8
-    assert channel_multiple(orin, _first_precision("auto"))[0] == 16  # every precision the target runs
+    assert channel_multiple(orin, _rounding_precisions("fp16"))[0] == 8
+    assert channel_multiple(orin, _rounding_precisions("auto"))[0] == 16  # every precision the target runs
     assert channel_multiple(nano, "fp16,int8") == (
         8, "jetson-nano channel multiple for fp16 8; jetson-nano gives no channel multiple for int8")
     assert channel_multiple(nano, "int8") == (None, "channels not rounded: jetson-nano gives no channel multiple "

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, REPO, read_manifest, run_cli
 
-from edgekit import backends
 from edgekit.data import Preprocess
 
 LOADERS = REPO / "examples" / "loaders"
@@ -114,7 +113,6 @@ def test_default_artifact_and_unknown_key(package: Path, images: list[tuple[Path
     assert r.returncode == 1 and "no onnxruntime artifact 'ncnn-int8'" in r.stderr
 
 
-@pytest.mark.skipif("ort-mobile" not in backends.names(), reason="no ort-mobile backend in this edgekit")
 def test_ort_mobile_loader(defects_data: Path, tmp_path: Path, images: list[tuple[Path, str]],
                            reference: list[str]) -> None:
     pkg = _build(defects_data, tmp_path / "mobile", "android-arm64", "ort-mobile", "int8")

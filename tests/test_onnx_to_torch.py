@@ -9,16 +9,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from conftest import BUNDLED_ONNX
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
+from edgekit.compress.onnx_to_torch import NotConvertible, onnx_to_torch
 from edgekit.errors import BadInput
 from edgekit.ingest import ingest
-
-torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
-from edgekit.compress.onnx_to_torch import NotConvertible, onnx_to_torch  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -366,7 +364,8 @@ def test_whole_model_matches_onnxruntime(load, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("load", [_defectnet, _mobilenet], ids=["defectnet", "mobilenet"])
 def test_converted_model_prunes_and_exports(load, tmp_path: Path) -> None:
-    tp = pytest.importorskip("torch_pruning")
+    import torch_pruning as tp
+
     model = load(tmp_path)
     module = onnx_to_torch(model)
     x = torch.from_numpy(next(iter(_feeds(model).values())))

@@ -42,7 +42,8 @@ from typing import IO, Any
 import jsonschema
 
 from edgekit.errors import BadInput, VerificationFailed
-from edgekit.manifest import Staging, validate_manifest
+from edgekit.manifest import validate_manifest
+from edgekit.workspace import Staging
 
 CHECKSUMS = "CHECKSUMS.sha256"
 MANIFEST = "manifest.json"
@@ -346,7 +347,7 @@ def extract_archive(archive: str | Path, dest: str | Path, limits: Limits | None
     when everything checked out; a refused archive leaves nothing behind."""
     if Path(dest).exists() and not force:
         raise BadInput(f"{dest} exists; choose another DEST or pass --force to replace it")
-    with Staging(dest, force=force) as staging:
+    with Staging(dest, force=force, flag="DEST") as staging:
         result = _read(Path(archive), limits or Limits(), staging.path, allow_rejected)
         result.dest = staging.commit()
     return result

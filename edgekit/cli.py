@@ -8,6 +8,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from edgekit import __version__, backends, cli_compress, cli_devices
@@ -69,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
                    "samples, which a constant offset cannot fool (default: --min-cosine - 0.01)")
     b.add_argument("--min-snr-db", type=float, default=d.min_snr_db)
     b.add_argument("--min-top1-agreement", type=float, default=d.min_top1_agreement)
+    b.add_argument("--min-score-iou", type=float, default=d.min_score_iou, help="score-like output slices (values "
+                   "in [0, 1]): IoU of the sets above 0.25 in the artifact and in FP32 (default 0.5)")
+    b.add_argument("--min-rank-correlation", type=float, default=d.min_rank_correlation,
+                   help="score-like output slices: Spearman rank correlation with FP32 (default 0.9)")
+    b.add_argument("--no-detector-head", action="store_true", help="INT8 of a detector-like model: quantize its "
+                   "head too (default: the head, found from the graph, stays in float)")
     b.add_argument("--max-accuracy-drop", type=float, help="percentage points (default: the plan's budget with "
                    f"--plan, else {d.max_accuracy_drop})")
     b.add_argument("--profile-seconds", type=float, default=3.0, help="timed seconds per artifact, at least")
@@ -82,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--remeasure", action="store_true", help="time the artifacts again even when the cache "
                    "holds a measurement of the very same artifacts on this host")
     b.add_argument("--plan", help="plan.yaml from `edgekit plan`: build exactly what it says")
+    b.add_argument("--strict", action="store_true", help="with --backend all / --precision all: reject the build "
+                   "when any artifact fails (default: ship the verified ones, list the others)")
+    b.add_argument("--recover", default="auto", choices=["auto", "none"], help="INT8 that misses the thresholds: "
+                   "auto (default) retries (7-bit weights / other calibration, NNCF accuracy control, the fewest "
+                   "sensitive layers in float) before rejecting; none rejects it at once")
     b.add_argument("--dla-core", type=int, help="TensorRT targets with a DLA: build for this DLA core "
                    "(FP16/INT8; layers the DLA lacks fall back to the GPU)")
     b.add_argument("--device", help="also measure the package on this device over SSH (`edgekit devices`); "
@@ -133,9 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "json", False):
         json_mode()
-    code, message = _run(args)
+    from edgekit.workspace import cli_run
+
+    with cli_run():  # SIGTERM unwinds like Ctrl-C; a private TMPDIR; leftovers of killed runs swept
+        code, message = _run(args)
     if is_json() and not emitted():  # errors (and verbs with nothing more to say) still answer in JSON
         emit({"ok": code == 0, "exit_code": code, **({"error": message} if message else {})})
+    if code > 128:  # stopped by a signal, everything cleaned: leave now, before runtimes' static
+        sys.stdout.flush()  # destructors run on half-unwound state (ncnn's allocator aborts then)
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
@@ -145,9 +165,13 @@ def _run(args: argparse.Namespace) -> tuple[int, str | None]:
     except EdgekitError as e:
         err.print(f"edgekit: error: {e}", markup=False, soft_wrap=True)
         return e.exit_code, str(e)
-    except KeyboardInterrupt:
-        err.print("edgekit: interrupted; nothing was written")
-        return 130, "interrupted"
+    except KeyboardInterrupt as e:
+        from edgekit.workspace import Terminated
+
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        why = f"stopped by {signal.Signals(signum).name}"
+        err.print(f"edgekit: {why}; nothing was written")
+        return 128 + signum, why
     except Exception as e:  # an internal error still gets one line; -v shows where
         if args.verbose or os.environ.get("EDGEKIT_DEBUG"):
             traceback.print_exc()
@@ -284,10 +308,13 @@ def _build_options(args: argparse.Namespace, target: str, out_dir: str | None) -
         val_samples=args.val_samples, exclude_nodes=args.exclude_node,
         thresholds=Thresholds(min_cosine=args.min_cosine, min_snr_db=args.min_snr_db,
                               min_top1_agreement=args.min_top1_agreement, max_accuracy_drop=_max_drop(args),
-                              min_cosine_fp16=args.min_cosine_fp16, min_centred_cosine=args.min_centred_cosine),
+                              min_cosine_fp16=args.min_cosine_fp16, min_centred_cosine=args.min_centred_cosine,
+                              min_score_iou=args.min_score_iou, min_rank_correlation=args.min_rank_correlation),
         profile=ProfileSettings(seconds=args.profile_seconds, min_runs=args.min_runs), threads=args.threads,
         memory=not args.no_memory, force=args.force, dla_core=args.dla_core, plan=args.plan, train=args.train,
-        device=args.device, cache=not args.no_cache, remeasure=args.remeasure,
+        device=args.device, cache=not args.no_cache, remeasure=args.remeasure, strict=args.strict,
+        recover=args.recover,
+        detector_head=not args.no_detector_head,
         compress=cli_compress.compress_options(args, args.distill, _rounding_precisions(args.precision))
         if args.prune or args.distill or args.low_rank else None,
     )
@@ -326,11 +353,12 @@ def _print_build(result: Any) -> None:
                   f"{', …' if len(reused) > 4 else ''}): --no-cache rebuilds everything, --remeasure times again",
                   soft_wrap=True)
     for f in m.get("failed_artifacts", []):
-        err.print(f"[red]not built[/red] {f['key']}: {f['error']}", soft_wrap=True)
+        what = "not built" if f.get("stage", "export") == "export" else "left out (rejected)"
+        err.print(f"[red]{what}[/red] {f['key']}: {escape(f['error'])}", soft_wrap=True)
     for a in m["artifacts"]:
         if not a["verification"]["passed"]:
             err.print(f"[red]rejected[/red] {a['backend']} {a['precision']}: "
-                      + "; ".join(a["verification"]["failures"]))
+                      + escape("; ".join(a["verification"]["failures"])), soft_wrap=True)
     out.print(f"{'package' if m['passed'] else 'REJECTED build (not a package)'}: {result.path}")
 
 

@@ -30,7 +30,8 @@ def add_parsers(sub: Any, model_args: Any = None) -> None:
     r = act.add_parser("remove", help="forget a device")
     r.add_argument("name")
     act.add_parser("list", help="the devices, as a table")
-    c = act.add_parser("check", help="reachable? which runtimes, CPU, GPU and measuring conditions")
+    c = act.add_parser("check", help="reachable? can files be copied there? which runtimes, CPU, GPU and "
+                       "measuring conditions")
     c.add_argument("name")
 
     p = sub.add_parser("profile", help="measure a package's artifacts on a device over SSH")
@@ -81,8 +82,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _check(dev: Any) -> int:
+    from rich.markup import escape
+
     from edgekit import backends
-    from edgekit.devices import missing_runtime, probe
+    from edgekit.devices import LEGACY_SCP, SCP, check_copy, missing_runtime, probe
+    from edgekit.errors import DeviceUnreachable
     from edgekit.remote.profile import fmt_conditions
     from edgekit.targets import load_target
 
@@ -91,6 +95,20 @@ def _check(dev: Any) -> int:
     table.add_column("")
     table.add_column("on the device")
     rows: list[tuple[str, str]] = [("reachable", "yes")]
+    # A real copy, as `edgekit profile` makes: a small file into a fresh mktemp folder, then removed.
+    copy_error: EdgekitError | None = None
+    try:
+        protocol = check_copy(dev)
+    except EdgekitError as e:
+        if isinstance(e, DeviceUnreachable):
+            raise
+        copy_error, protocol = e, None
+        rows.append(("copy (scp)", f"[red]fails[/red]: {escape(str(e))}"))
+    else:
+        rows.append(("copy (scp)", {
+            LEGACY_SCP: "yes, with the legacy SCP protocol (scp -O): the device's sshd has no SFTP subsystem",
+            SCP: "yes, with the legacy SCP protocol (this machine's scp is older than OpenSSH 9)",
+        }.get(protocol, "yes (SFTP)")))
     if not facts.get("python"):
         rows.append(("python", f"[red]not found[/red] ({dev.python}: {facts.get('python_error') or 'missing'})"))
     else:
@@ -113,7 +131,9 @@ def _check(dev: Any) -> int:
     for k, v in rows:
         table.add_row(k, v)
     out.print(table)
-    emit({"ok": True, "device": _device_dict(dev), "facts": facts,
+    if copy_error is not None:  # measuring needs the copy: one error line, exit 3
+        raise copy_error
+    emit({"ok": True, "device": _device_dict(dev), "facts": facts, "copy": {"ok": True, "protocol": protocol},
           "backends": {k[len("runs "):]: Text.from_markup(v).plain for k, v in rows if k.startswith("runs ")}})
     return 0
 

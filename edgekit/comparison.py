@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from edgekit.backends.base import Artifact
 from edgekit.errors import BadInput
@@ -53,41 +52,49 @@ class Package:
 def load_package(path: str | Path) -> Package:
     """A package folder: its manifest (checked loosely, so packages of older edgekit versions still
     compare) and its plan.yaml. BadInput when it is not a package."""
+    from edgekit.manifest import check_package_files, schema_problem
+    from edgekit.untrusted import UnsafeInput, inside, load_json, load_yaml
+
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise BadInput(f"{path} is not an edgekit package (no manifest.json): give a folder written by `edgekit build`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError as e:
-        raise BadInput(f"{manifest_path} is not valid JSON ({e})") from None
+    manifest = load_json(manifest_path, "manifest")
     if not isinstance(manifest, dict) or not str(manifest.get("schema", "")).startswith("edgekit-manifest/") \
             or not isinstance(manifest.get("artifacts"), list):
         raise BadInput(f"{manifest_path} is not an edgekit manifest (no schema edgekit-manifest/N or artifacts list)")
     for a in manifest["artifacts"]:
         if not isinstance(a, dict) or not {"key", "backend", "precision", "entry", "files", "bytes"} <= set(a):
             raise BadInput(f"{manifest_path}: an artifact lacks key/backend/precision/entry/files/bytes")
+    check_package_files(path, manifest)  # every path stays inside the package, links included
+    # Wrong types crash every reader: refused. Missing fields are not: packages of older versions still compare.
+    problem = schema_problem(manifest, missing_too=False)
+    if problem:
+        raise BadInput(f"{manifest_path} does not match the manifest schema ({problem}): the package is damaged "
+                       "or was not written by edgekit")
     plan = None
-    plan_path = path / str(manifest.get("plan") or "plan.yaml")
+    plan_path = inside(path, str(manifest.get("plan") or "plan.yaml"), "manifest.json plan")
     if plan_path.is_file():
         try:
-            loaded = yaml.safe_load(plan_path.read_text())
+            loaded = load_yaml(plan_path, "plan")
             plan = loaded if isinstance(loaded, dict) else None
-        except yaml.YAMLError:
+        except UnsafeInput:
+            raise
+        except BadInput:
             plan = None  # the plan is context for the comparison, never a reason to refuse it
     return Package(path, manifest, plan)
 
 
-def artifact_of(package: Package, record: dict[str, Any]) -> Artifact:
+def artifact_of(package: Package, record: dict[str, Any], check_sha256: bool = True) -> Artifact:
     """The Artifact a backend loads, rebuilt from the manifest (root = the artifact's folder in the
-    package); files that are missing or differ from the manifest are refused, as their figures would
-    describe other files."""
+    package); files that are missing or (with check_sha256) differ from the manifest are refused, as their
+    figures would describe other files. `edgekit debug` looks at edited artifacts on purpose: it passes False."""
     folder = Path(record["entry"]).parent
     for f in record["files"]:
         p = package.path / f["path"]
         if not p.is_file():
             raise BadInput(f"{package.path}: {record['key']} file {f['path']} is missing")
-        if f.get("sha256") and _sha256(p) != f["sha256"]:
+        if check_sha256 and f.get("sha256") and _sha256(p) != f["sha256"]:
             raise BadInput(f"{package.path}: {f['path']} does not match its sha256 in manifest.json")
     return Artifact(record["backend"], record["precision"], str(package.path / folder),
                     [str(Path(f["path"]).relative_to(folder)) for f in record["files"]],

@@ -11,12 +11,19 @@ target: the published benchmarks in its YAML (`benchmarks`: whole-model latencie
 and the records in profiles/ measured on a device of that target (`edgekit profile --device`), which
 carry each layer's cost features. Every estimate is marked `where: "estimate"` and never presented as a
 measurement; `CostModel.fit_report` says what it was fitted to.
+
+The host (`host-cpu`) is read, not described: its per-precision efficiency follows the ISA detect_host
+found (INT8 gains only with VNNI, AMX or dot-product), and it is fitted to ONNX Runtime FP32 timings of
+a few small conv nets on this very machine (`host_points`, cached per CPU and runtime version), with an
+effective bandwidth of its own (small models' activations live in cache, not DRAM).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,45 @@ EFFICIENCY_RANGE = (0.01, 1.0)
 # from being read as a huge per-kernel cost that would then swamp every small model's estimate.
 OVERHEAD_RANGE_MS = (0.001, 0.1)
 
+# The host's CPU runtimes (ONNX Runtime, OpenVINO, ncnn at batch 1): the speedup over FP32 they realise on
+# a compute-bound layer, by ISA class, where no measurement of that precision says otherwise. Not the peak
+# ratio: x86 runtimes compute FP16 models in FP32 (ncnn and ONNX Runtime store FP16, OpenVINO runs FP32 or
+# BF16), and INT8 pays only with VNNI/AMX (x86) or dot-product (ARM): on an AVX2-only EPYC ONNX Runtime's
+# INT8 ran 0.45x of FP32 and OpenVINO's 2.15x (shared/device-facts.md), so no gain is assumed there. On an
+# AMX Xeon (2 cores) the bundled model's INT8 measured 1.4-1.8x over FP32 across the three runtimes.
+HOST_SPEEDUP = {
+    "amx": {"fp16": 1.0, "bf16": 2.0, "int8": 1.6},
+    "vnni": {"fp16": 1.0, "bf16": 1.0, "int8": 1.6},
+    "avx512": {"fp16": 1.0, "bf16": 1.0, "int8": 1.0},
+    "avx2": {"fp16": 1.0, "bf16": 1.0, "int8": 1.0},
+    "armv8.2": {"fp16": 1.5, "bf16": 1.0, "int8": 1.5},  # ncnn's fp16 arithmetic and sdot
+    "armv8.0": {"fp16": 1.0, "bf16": 1.0, "int8": 1.0},
+    "generic": {"fp16": 1.0, "bf16": 1.0, "int8": 1.0},
+}
+# FP32 compute efficiency before the host's own calibration replaces it (fitted there: 0.36 on an AMX
+# Xeon's 512-bit FMAs, which few small layers keep busy; AVX2 kernels reach nearer their peak).
+HOST_FP32_EFFICIENCY = {"amx": 0.35, "vnni": 0.35, "avx512": 0.35, "avx2": 0.45}
+HOST_BANDWIDTH_GBPS = 40.0  # effective, cache-resident activations (fitted 40 on that Xeon); DRAM says 20
+HOST_CALIBRATION = "edgekit-host-calibration/1"
+
+
+def host_isa_class(isa: list[str] | set[str]) -> str:
+    """The class of the host's SIMD that decides what each precision gains (flags from /proc/cpuinfo)."""
+    f = set(isa)
+    if "amx_int8" in f:
+        return "amx"
+    if {"avx512_vnni", "avx_vnni"} & f:
+        return "vnni"
+    if "avx512f" in f:
+        return "avx512"
+    if "avx2" in f:
+        return "avx2"
+    if {"asimdhp", "fphp", "asimddp"} & f:
+        return "armv8.2"
+    if "asimd" in f:
+        return "armv8.0"
+    return "generic"
+
 
 @dataclass
 class CostPriors:
@@ -47,6 +93,8 @@ class CostPriors:
     def for_target(cls, target: Target, backend: str | None = None) -> CostPriors:
         if target.kind == "gpu" and (backend is None or backend in ACCELERATOR_BACKENDS):
             return cls(0.30, 0.6, 0.012)  # small-batch CNN inference reaches about a third of a GPU's peak
+        if target.is_host:
+            return cls(HOST_FP32_EFFICIENCY.get(host_isa_class(target.cpu.get("isa", [])), 0.45), 0.6, 0.004)
         return cls(0.45, 0.6, 0.004)
 
 
@@ -99,14 +147,29 @@ class CostModel:
     fitted: dict[tuple[str, str], float] = field(default_factory=dict)
     overhead: dict[str, float] = field(default_factory=dict)  # backend or "*" -> fitted ms per kernel
     points: list[CalibrationPoint] = field(default_factory=list)
+    bandwidth: dict[str, float] = field(default_factory=dict)  # host: backend or "*" -> fitted effective GB/s
+    measure: bool = True  # host: time a backend here the first time it is estimated (else only what is cached)
+    host_measured: set[str] = field(default_factory=set)
 
     @classmethod
-    def for_target(cls, target: Target, profiles: Path | None = None) -> CostModel:
-        """Priors, fitted to the target's published benchmarks and its profiles/ records."""
-        model = cls(target)
+    def for_target(cls, target: Target, profiles: Path | None = None, measure: bool = True) -> CostModel:
+        """Priors, fitted to the target's published benchmarks and its profiles/ records; the host also to
+        what is measured on it: ONNX Runtime now, each other backend when first estimated."""
+        model = cls(target, measure=measure)
         model.points = benchmark_points(target) + profile_points(target, profiles)
         model.fit()
+        model.measure_host(HOST_REFERENCE)
         return model
+
+    def measure_host(self, backend: str | None) -> None:
+        """The host only: add `backend`'s FP32 timings on this machine (host_points) and refit."""
+        if not self.target.is_host or backend is None or backend in self.host_measured:
+            return
+        self.host_measured.add(backend)
+        points = host_points(self.target, backend, measure=self.measure)
+        if points:
+            self.points += points
+            self.fit()
 
     # ------------------------------------------------------------ estimating
 
@@ -123,6 +186,11 @@ class CostModel:
         for key in ((backend or "*", precision), ("*", precision)):
             if key in self.fitted:
                 return self.fitted[key]
+        if self.target.is_host and precision != "fp32":
+            # FP32's (fitted here) times what this ISA gains at that precision, as a share of its peak
+            gain = HOST_SPEEDUP[host_isa_class(self.target.cpu.get("isa", []))].get(precision, 1.0)
+            share = self._peak("fp32", backend) / self._peak(precision, backend)
+            return self.efficiency("fp32", backend) * gain * share
         return CostPriors.for_target(self.target, backend).compute_efficiency
 
     def kernel_overhead(self, backend: str | None) -> float:
@@ -131,13 +199,34 @@ class CostModel:
                 return self.overhead[key]
         return CostPriors.for_target(self.target, backend).overhead_ms
 
+    def host_bandwidth(self, backend: str | None) -> float:
+        for key in (backend or "*", "*"):
+            if key in self.bandwidth:
+                return self.bandwidth[key]
+        return HOST_BANDWIDTH_GBPS
+
+    def _host_terms(self, layers: list[LayerFeatures], precision: str) -> list[tuple[int, int, bool]]:
+        """The host's (FLOPs, bytes moved, is a kernel) per layer: fused layers move nothing of their own,
+        and activations are FP32 unless the ISA computes at the precision (FP16 on x86 is storage only)."""
+        act = 1 if precision == "int8" else 2 if precision in ("fp16", "bf16") and \
+            HOST_SPEEDUP[host_isa_class(self.target.cpu.get("isa", []))].get(precision, 1.0) > 1 else 4
+        weight = BYTES_PER_ELEMENT.get(precision, 4)
+        return [(0, 0, False) if la.op_type in FUSED_INTO_PREVIOUS
+                else (2 * la.macs, la.params * weight + 2 * la.out_elems * act, True) for la in layers]
+
     def layer_ms(self, layers: list[LayerFeatures], precision: str, backend: str | None,
-                 efficiency: float | None = None, overhead_ms: float | None = None) -> list[float]:
+                 efficiency: float | None = None, overhead_ms: float | None = None,
+                 bandwidth_gbps: float | None = None) -> list[float]:
         """Per-layer estimate (ms), the kernel overhead charged to the layers that become kernels."""
+        self.measure_host(backend)
         p = CostPriors.for_target(self.target, backend)
         eff = efficiency if efficiency is not None else self.efficiency(precision, backend)
         kernel_ms = overhead_ms if overhead_ms is not None else self.kernel_overhead(backend)
         peak = self._peak(precision, backend) * 1e12
+        if self.target.is_host:
+            bw = (bandwidth_gbps if bandwidth_gbps is not None else self.host_bandwidth(backend)) * 1e9
+            return [max(flops / (peak * eff), moved / bw) * 1e3 + (kernel_ms if kernel else 0.0)
+                    for flops, moved, kernel in self._host_terms(layers, precision)]
         bandwidth = float(self.target.memory.get("bandwidth_gbps", 10.0)) * 1e9
         bpe = BYTES_PER_ELEMENT.get(precision, 4)
         out = []
@@ -149,8 +238,9 @@ class CostModel:
         return out
 
     def estimate_ms(self, layers: list[LayerFeatures], precision: str, backend: str | None,
-                    efficiency: float | None = None, overhead_ms: float | None = None) -> float:
-        return sum(self.layer_ms(layers, precision, backend, efficiency, overhead_ms))
+                    efficiency: float | None = None, overhead_ms: float | None = None,
+                    bandwidth_gbps: float | None = None) -> float:
+        return sum(self.layer_ms(layers, precision, backend, efficiency, overhead_ms, bandwidth_gbps))
 
     def estimate(self, spec: ModelSpec, precision: str, backend: str | None = None) -> Latency:
         ms = round(self.estimate_ms(LayerFeatures.of_spec(spec), precision, backend), 4)
@@ -175,8 +265,12 @@ class CostModel:
         for pt in self.points:
             by_backend.setdefault(pt.backend, []).append(pt)
             by_backend.setdefault("*", []).append(pt)
-        self.fitted, self.overhead = {}, {}
-        for backend, pts in by_backend.items():
+        self.fitted, self.overhead, self.bandwidth = {}, {}, {}
+        # the host's well-measured groups first: the others borrow their bandwidth
+        for backend, pts in sorted(by_backend.items(), key=lambda kv: -len(kv[1]) if self.target.is_host else 0):
+            if self.target.is_host and all(p.layers is not None for p in pts):
+                self._fit_host(backend, pts)
+                continue
             best: tuple[float, float, dict[str, float]] | None = None
             for overhead in _log_grid(*OVERHEAD_RANGE_MS, 24):
                 effs = {prec: _golden(lambda e, ps=ps, o=overhead: self._loss(ps, math.exp(e), o), *_LOG_EFF)
@@ -187,6 +281,36 @@ class CostModel:
             assert best is not None
             self.overhead[backend] = round(best[1], 5)
             self.fitted |= {(backend, prec): round(math.exp(e), 4) for prec, e in best[2].items()}
+
+    def _fit_host(self, backend: str, pts: list[CalibrationPoint]) -> None:
+        """The host's fit, a third parameter besides overhead and efficiency: the effective bandwidth. On a
+        grid, all at once (numpy): per precision the efficiency minimising the squared log error, for
+        each overhead and bandwidth; the pair with the least total wins."""
+        import numpy as np
+
+        effs = np.exp(np.linspace(*_LOG_EFF, 121))
+        overheads = np.asarray(_log_grid(*OVERHEAD_RANGE_MS, 24))
+        # three parameters want more than three points: fewer keep the best-measured group's bandwidth
+        borrowed = self.bandwidth.get(HOST_REFERENCE) or next(iter(self.bandwidth.values()), HOST_BANDWIDTH_GBPS)
+        bandwidths = np.asarray(_log_grid(5.0, 640.0, 22) if len(pts) > 3 else [borrowed])
+        total = np.zeros((len(overheads), len(bandwidths)))
+        best_eff: dict[str, np.ndarray] = {}
+        for prec, group in _by_precision(pts).items():
+            losses = np.zeros((len(overheads), len(effs), len(bandwidths)))
+            for pt in group:
+                terms = np.asarray(self._host_terms(pt.layers or [], prec), dtype=float).reshape(-1, 3)
+                peak = self._peak(prec, pt.backend) * 1e12
+                compute = terms[:, 0][None, None, :] / (peak * effs[:, None, None])  # eff x 1 x layer
+                memory = terms[:, 1][None, None, :] / (bandwidths[None, :, None] * 1e9)  # 1 x bw x layer
+                ms = np.maximum(compute, memory).sum(axis=2) * 1e3  # eff x bw
+                ms = ms[None, :, :] + overheads[:, None, None] * terms[:, 2].sum()  # overhead x eff x bw
+                losses += (np.log(ms) - math.log(pt.measured_ms)) ** 2
+            total += losses.min(axis=1)
+            best_eff[prec] = losses.argmin(axis=1)
+        o, b = np.unravel_index(int(total.argmin()), total.shape)
+        self.overhead[backend] = round(float(overheads[o]), 5)
+        self.bandwidth[backend] = round(float(bandwidths[b]), 1)
+        self.fitted |= {(backend, prec): round(float(effs[idx[o, b]]), 4) for prec, idx in best_eff.items()}
 
     def _loss(self, points: list[CalibrationPoint], efficiency: float, overhead: float) -> float:
         return sum((math.log(self._point_ms(p, efficiency, overhead)) - math.log(p.measured_ms)) ** 2
@@ -201,9 +325,12 @@ class CostModel:
             "sources": sorted({p.source for p in self.points}),
             "efficiency": {f"{b}/{p}": e for (b, p), e in sorted(self.fitted.items())},
             "kernel_overhead_ms": dict(sorted(self.overhead.items())),
+            **({"effective_bandwidth_gbps": dict(sorted(self.bandwidth.items()))} if self.bandwidth else {}),
+            **({"host_isa": host_isa_class(self.target.cpu.get("isa", []))} if self.target.is_host else {}),
             "fit_mape_percent": round(100 * sum(errors) / len(errors), 1) if errors else None,
             "priors": "compute efficiency 0.30 and 0.012 ms per kernel on GPUs, 0.45 and 0.004 ms on CPUs, "
-                      "where nothing was fitted",
+                      "where nothing was fitted; on the host the ISA's (AVX2 0.45, AVX-512 0.35) and its "
+                      "gain per precision (INT8 1.6x FP32 with VNNI/AMX, else none)",
         }
 
 
@@ -269,10 +396,181 @@ def profile_points(target: Target, root: Path | None = None) -> list[Calibration
             continue  # a foreign or truncated file is not a measurement
         if rec.get("target") != target.name or not feats or p50 <= 0:
             continue
+        cpu = (rec.get("device_facts") or {}).get("cpu") or {}
+        if target.is_host and cpu.get("model") != target.cpu.get("model"):
+            continue  # a host-cpu record of another machine says nothing about this one
         layers = [LayerFeatures(str(f[0]), int(f[1]), int(f[2]), int(f[3])) for f in feats]
         points.append(CalibrationPoint(rec["backend"], rec["precision"], p50,
                                        f"profile: {path.parent.name}/{path.name}", layers=layers))
     return points
+
+
+# ---------------------------------------------------------------- the host, measured
+
+_HOST_MEMO: dict[str, dict[str, Any] | None] = {}
+HOST_REFERENCE = "onnxruntime"  # timed on every calibration net; the others on three (their export is slower)
+OTHER_BACKEND_NETS = ("many-small-kernels", "residual", "compute-bound")
+ANCHOR_NET = "residual"  # ONNX Runtime's, timed beside another backend's nets: both runs on one footing
+
+
+def host_points(target: Target, backend: str = HOST_REFERENCE, threads: int | None = None,
+                measure: bool = True) -> list[CalibrationPoint]:
+    """FP32 timings of `backend` on this machine, taken as builds take them (exported by the backend,
+    timed in edgekit's interleaved timing process with the build's threads): small conv nets of unlike
+    character (compute-bound, large activations, many tiny kernels, depthwise, residual). Measured once
+    per CPU, thread count, backend and runtime version (ONNX Runtime ~2 s, ncnn's conversions ~7 s), then
+    cached in $EDGEKIT_HOME/cache/costmodel (default ~/.cache/edgekit/costmodel). Another backend's run
+    times ONNX Runtime's residual net beside its own and is scaled by it onto ONNX Runtime's run: a busy
+    machine slows both alike, and only side-by-side ratios mean something. Empty when it cannot be
+    measured (backend not installed, a process that may not spawn one): the priors stand."""
+    threads = threads or int(target.cpu.get("cores", 1))
+    rec = _host_record(target, backend, threads, measure)
+    if rec is None:
+        return []
+    scale, why = 1.0, ""
+    if backend != HOST_REFERENCE:
+        reference = _host_record(target, HOST_REFERENCE, threads, measure)
+        if reference is None:
+            return []
+        scale = float(reference["nets"][ANCHOR_NET]["p50"]) / float(rec["anchor_p50"])
+        why = f", x{scale:.2f} onto ONNX Runtime's run"
+    return [CalibrationPoint(backend, "fp32", round(float(n["p50"]) * scale, 4), f"measured here{why}: {backend} "
+                             f"fp32, calibration net '{name}'", layers=[LayerFeatures(*f) for f in n["layers"]])
+            for name, n in rec["nets"].items()]
+
+
+def _host_record(target: Target, backend: str, threads: int, measure: bool) -> dict[str, Any] | None:
+    """The cached calibration run of `backend` here, measured now if there is none (and `measure`)."""
+    from edgekit import backends
+
+    try:
+        runtime = backends.get_installed(backend)
+        if runtime.measure_here() is not None:
+            return None
+        versions = runtime.versions()
+    except Exception:
+        return None
+    nets = list(_calibration_nets()) if backend == HOST_REFERENCE else list(OTHER_BACKEND_NETS)
+    key = hashlib.sha256(json.dumps([HOST_CALIBRATION, target.cpu, threads, backend, versions, nets],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if key in _HOST_MEMO:
+        return _HOST_MEMO[key]
+    home = os.environ.get("EDGEKIT_HOME")
+    path = (Path(home) / "cache" if home else Path.home() / ".cache" / "edgekit") / "costmodel" / f"host-{key}.json"
+    try:
+        rec = json.loads(path.read_text())
+        assert rec["schema"] == HOST_CALIBRATION and rec["key"] == key
+    except (OSError, ValueError, KeyError, AssertionError):
+        if not measure:
+            return None
+        rec = _measure_host(target, backend, nets, threads, key)
+        if rec is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(rec, indent=1))
+                tmp.replace(path)
+            except OSError:
+                pass  # an unwritable cache: measured again by the next process
+    _HOST_MEMO[key] = rec
+    return rec
+
+
+def _measure_host(target: Target, backend: str, nets: list[str], threads: int, key: str) -> dict[str, Any] | None:
+    import tempfile
+    import time
+
+    import numpy as np
+    import onnx
+
+    from edgekit import backends
+    from edgekit.console import note
+    from edgekit.ingest import ingest
+    from edgekit.plans import ArtifactPlan
+    from edgekit.timing import ProfileSettings, time_artifacts, where_local
+
+    note(f"cost model: calibrating to this host ({target.cpu.get('model')}, "
+         f"{host_isa_class(target.cpu.get('isa', []))}, {threads} threads): {backend} FP32 on {len(nets)} small "
+         "nets, once (cached)")
+    started = time.perf_counter()
+    models = _calibration_nets()
+    features = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgekit-host-cal-") as tmp:
+            arts = {}
+            runs = [(backend, name) for name in nets] + ([(HOST_REFERENCE, ANCHOR_NET)] if backend != HOST_REFERENCE
+                                                         else [])
+            for b, name in runs:
+                folder = Path(tmp) / f"{b}-{name}"
+                folder.mkdir()
+                onnx.save(models[name], str(folder / "net.onnx"))
+                spec = ingest(str(folder / "net.onnx"), folder / "spec", simplify=False)
+                features[name] = [f.to_list() for f in LayerFeatures.of_spec(spec)]
+                (folder / "artifact").mkdir()
+                arts[f"{b}/{name}"] = backends.get_installed(b).export(spec, ArtifactPlan(b, "fp32"), None,
+                                                                       folder / "artifact")
+            feeds = {"x": np.random.default_rng(0).random(CALIBRATION_INPUT, np.float32)}
+            lat = time_artifacts(arts, feeds, ProfileSettings(warmup_runs=5, min_runs=20, seconds=0.15), threads)
+    except Exception as e:  # no process to spawn, a converter failing: the estimates keep the priors
+        note(f"cost model: could not time {backend} here ({type(e).__name__}: {e}); its estimates use the priors")
+        return None
+    return {"schema": HOST_CALIBRATION, "key": key, "where": where_local(), "cpu": target.cpu, "threads": threads,
+            "backend": backend, "seconds": round(time.perf_counter() - started, 2),
+            **({"anchor_p50": lat[f"{HOST_REFERENCE}/{ANCHOR_NET}"].p50} if backend != HOST_REFERENCE else {}),
+            "nets": {name: {"p50": lat[f"{backend}/{name}"].p50, "runs": lat[f"{backend}/{name}"].runs,
+                            "layers": features[name]} for name in nets}}
+
+
+CALIBRATION_INPUT = (1, 3, 128, 128)
+
+
+def _calibration_nets() -> dict[str, Any]:
+    """Conv nets on one 1x3x128x128 input, of unlike cost: what splits compute, bandwidth and overhead."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def net(*layers: tuple[Any, ...]) -> Any:
+        """Each layer (out channels, kernel, stride, groups) -> Conv + Relu; ("res", C): two 3x3 convs + Add."""
+        nodes, inits, state = [], [], {"x": "x", "c": CALIBRATION_INPUT[1]}
+
+        def conv(co: int, k: int, stride: int = 1, group: int = 1, relu: bool = True) -> None:
+            i, ci = len(nodes), state["c"] // group
+            w = rng.standard_normal((co, ci, k, k)).astype(np.float32) * math.sqrt(2 / (ci * k * k))
+            inits.extend([numpy_helper.from_array(w, f"w{i}"),
+                          numpy_helper.from_array(np.zeros(co, np.float32), f"b{i}")])
+            pad = 0 if k == stride else (k - 1) // 2
+            nodes.append(helper.make_node("Conv", [state["x"], f"w{i}", f"b{i}"], [f"t{i}"], pads=[pad] * 4,
+                                          strides=[stride, stride], group=group))
+            state.update(x=f"t{i}", c=co)
+            if relu:
+                nodes.append(helper.make_node("Relu", [state["x"]], [f"t{i}r"]))
+                state["x"] = f"t{i}r"
+
+        for layer in layers:
+            if layer[0] == "res":
+                skip = state["x"]
+                conv(layer[1], 3)
+                conv(layer[1], 3, relu=False)
+                nodes.append(helper.make_node("Add", [state["x"], skip], [f"t{len(nodes)}a"]))
+                nodes.append(helper.make_node("Relu", [nodes[-1].output[0]], [f"t{len(nodes)}r"]))
+                state["x"] = nodes[-1].output[0]
+            else:
+                conv(*layer)
+        graph = helper.make_graph(nodes, "calibration",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(CALIBRATION_INPUT))],
+                                  [helper.make_tensor_value_info(state["x"], TensorProto.FLOAT, None)], inits)
+        return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+    return {
+        "large-activations": net((16, 3), (16, 3), (32, 3, 2)),
+        "compute-bound": net((64, 4, 4), *[(64, 3)] * 4),
+        "many-small-kernels": net((16, 8, 8), *[(16, 1)] * 16),
+        "depthwise": net((32, 3, 2), *[(32, 3, 1, 32), (32, 1)] * 4),
+        "residual": net((24, 3, 2), (24, 3, 2), ("res", 24), (48, 3, 2), ("res", 48), (96, 3, 2), ("res", 96)),
+    }
 
 
 def cost_features(spec_layers: list[dict[str, Any]]) -> list[list[Any]]:

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from edgekit.errors import BadInput
-from edgekit.ingest import ModelSpec, TensorSpec
+from edgekit.ingest import ModelSpec, TensorSpec, available_memory, human_bytes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 RESIZE_MODES = ("stretch", "letterbox", "center-crop")
@@ -37,26 +36,26 @@ class Preprocess:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Preprocess:
+        from edgekit.untrusted import load_yaml
+
         p = Path(path)
         if not p.is_file():
             raise BadInput(f"preprocess file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise BadInput(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = load_yaml(p, "preprocess file")
         if not isinstance(raw, dict):
             raise BadInput(f"{p}: expected a mapping with keys size, resize, color, scale, mean, std, layout")
         return cls.from_dict(raw, str(p))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "preprocess") -> Preprocess:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise BadInput(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(known))})")
+        from edgekit.untrusted import typed_fields
+
         if "size" not in raw:
             raise BadInput(f"{where}: missing key 'size' ([H, W] of the model input)")
-        pre = cls(**raw)
+        # One number for mean or std means the same for every channel.
+        raw = {k: [v] if k in ("mean", "std") and isinstance(v, (int, float)) and not isinstance(v, bool) else v
+               for k, v in raw.items()}
+        pre = cls(**typed_fields(cls, raw, where))
         pre._check(where)
         return pre
 
@@ -70,12 +69,18 @@ class Preprocess:
         channels = 1 if self.color == "gray" else 3
         for key in ("mean", "std"):
             v = getattr(self, key)
-            if isinstance(v, (int, float)):
-                setattr(self, key, [float(v)] * channels)
-            elif not (isinstance(v, list) and len(v) == channels):
-                raise BadInput(f"{where}: key '{key}' needs {channels} values, got {v!r}")
+            if len(v) == 1:
+                setattr(self, key, [float(v[0])] * channels)
+            elif len(v) != channels:
+                raise BadInput(f"{where}: key '{key}' needs {channels} values, got {len(v)}")
+            if not all(np.isfinite(getattr(self, key))):
+                raise BadInput(f"{where}: key '{key}' has a value that is not a finite number")
         if any(s == 0 for s in self.std):
             raise BadInput(f"{where}: key 'std' has a zero")
+        if not np.isfinite(self.scale) or self.scale == 0:
+            raise BadInput(f"{where}: key 'scale' must be a finite, non-zero number, got {self.scale}")
+        if not 0 <= self.pad_value <= 255:
+            raise BadInput(f"{where}: key 'pad_value' must be a pixel value 0-255, got {self.pad_value}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,8 +194,39 @@ class _Source:
                 for j, i in enumerate(idx):
                     out[j] = self.preprocess.apply(self.files[i])
                     bar.advance(task)
+            bad = nonfinite_samples(out)
+            if len(bad):  # an image is finite: the preprocessing made it so (a tiny std, a huge scale)
+                raise BadInput(f"{what} image {self.files[idx[bad[0]]]} has NaN/inf after preprocessing (scale "
+                               f"{self.preprocess.scale:g}, mean {self.preprocess.mean}, std {self.preprocess.std}): "
+                               "check scale, mean and std in the preprocess file")
             inputs = {name: out}
         return Dataset(inputs, labels, self.class_names, self.where)
+
+    def sample_bytes(self, spec: ModelSpec) -> int:
+        """Memory one loaded sample takes (all inputs)."""
+        if self.arrays is not None:
+            return sum(a[0].nbytes for a in self.arrays.values())
+        return int(np.prod(spec.inputs[0].shape[1:], dtype=np.float64)) * 4
+
+
+def nonfinite_samples(a: np.ndarray) -> np.ndarray:
+    """Indices along the first axis of the samples holding a NaN or an infinity."""
+    if a.dtype.kind not in "fc" or not len(a):
+        return np.zeros(0, np.int64)
+    step = 256  # in chunks: never a boolean copy of a large array at once
+    found = [start + np.flatnonzero(~np.isfinite(a[start:start + step].reshape(len(a[start:start + step]), -1))
+                                    .all(axis=1)) for start in range(0, len(a), step)]
+    return np.concatenate(found)
+
+
+def classifier_classes(spec: ModelSpec) -> tuple[str, int] | None:
+    """The model's classifier output (as verification picks it: the first [N, C] one) and its C."""
+    from edgekit.verify import is_classifier_output
+
+    for o in spec.outputs:
+        if is_classifier_output(tuple(o.shape)):
+            return o.name, int(o.shape[1])
+    return None
 
 
 def open_source(path: str | Path, spec: ModelSpec, preprocess: Preprocess | None, what: str) -> _Source:
@@ -233,6 +269,11 @@ def _image_folder(root: Path, spec: ModelSpec, pre: Preprocess | None, what: str
         classes = []
     if not files:
         raise BadInput(f"{what} folder {root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    found = classifier_classes(spec)
+    if classes and found and len(classes) > found[1]:  # sorted folder names are the labels: some would not exist
+        raise BadInput(f"{what} folder {root} has {len(classes)} class folders ({', '.join(classes[:6])}"
+                       f"{', …' if len(classes) > 6 else ''}) but the model's output '{found[0]}' has {found[1]} "
+                       "classes: give one folder per class the model outputs, in its order")
     return _Source(str(root), len(files), np.asarray(labels) if classes else None, classes or None,
                    files=files, preprocess=pre)
 
@@ -265,14 +306,44 @@ def _npz(path: Path, spec: ModelSpec, what: str) -> _Source:
             if a.dtype.kind != target.kind:
                 raise BadInput(f"{what} array '{inp.name}' is {a.dtype} but the model input is {inp.dtype}")
             a = a.astype(target)
+        bad = nonfinite_samples(a)
+        if len(bad):
+            more = f" (and {len(bad) - 1} more sample{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+            raise BadInput(f"{what} array '{inp.name}' in {path} has NaN/inf at sample {bad[0]}{more}: "
+                           "fix or drop those samples")
         counts.add(len(a))
         out[inp.name] = a
     if len(counts) != 1 or 0 in counts:
         raise BadInput(f"{path}: arrays have different or zero sample counts {sorted(counts)}")
     n = counts.pop()
-    if labels is not None and (labels.ndim != 1 or len(labels) != n):
-        raise BadInput(f"{path}: 'labels' must be one integer per sample ({n}), got shape {list(labels.shape)}")
-    return _Source(str(path), n, labels.astype(np.int64) if labels is not None else None, None, arrays=out)
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != n:
+            raise BadInput(f"{path}: 'labels' must be one integer per sample ({n}), got shape {list(labels.shape)}")
+        labels = _checked_labels(labels, spec, path, what)
+    return _Source(str(path), n, labels, None, arrays=out)
+
+
+def _checked_labels(labels: np.ndarray, spec: ModelSpec, path: Path, what: str) -> np.ndarray:
+    """Class indices: integers, >= 0, and below the number of classes of the model's classifier output."""
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise BadInput(f"{what} array 'labels' in {path} has {labels[i].item()} at sample {i}: labels must be "
+                           "integer class indices")
+    elif labels.dtype.kind not in "biu":
+        raise BadInput(f"{what} array 'labels' in {path} is {labels.dtype}: labels must be integer class indices")
+    labels = labels.astype(np.int64)
+    classes = classifier_classes(spec)
+    top = classes[1] if classes else None
+    bad = (labels < 0) | (labels >= top) if top is not None else labels < 0
+    if bad.any():
+        i = int(np.argmax(bad))
+        more = f" (and {int(bad.sum()) - 1} more)" if bad.sum() > 1 else ""
+        allowed = (f"the model's output '{classes[0]}' has {top} classes, so labels must be 0..{top - 1}"
+                   if classes else "labels must be class indices >= 0")
+        raise BadInput(f"{what} array 'labels' in {path} has {labels[i]} at sample {i}{more}: {allowed}")
+    return labels
 
 
 @dataclass
@@ -300,7 +371,9 @@ def prepare_data(
         raise BadInput("no data: give --calib DIR|FILE.npz (and --val for held-out validation)")
     if vsrc is not None:
         vidx = _pick(rng, vsrc, val_samples)
-        cal = csrc.load(_pick(rng, csrc, calib_samples), spec, "calibration") if csrc else None
+        cidx = _pick(rng, csrc, calib_samples) if csrc else None
+        _check_memory(spec, [(csrc, cidx), (vsrc, vidx)])
+        cal = csrc.load(cidx, spec, "calibration") if csrc and cidx is not None else None
         return DataSplit(cal, vsrc.load(vidx, spec, "validation"), f"validation from {vsrc.where}")
     assert csrc is not None
     if csrc.count < 2:
@@ -309,7 +382,20 @@ def prepare_data(
     n_val = min(val_samples, max(1, round(csrc.count * holdout)))
     vidx, cidx = np.sort(order[:n_val]), np.sort(order[n_val:][:calib_samples])
     note = f"validation = {n_val} samples held out of {csrc.where}, never used for calibration"
+    _check_memory(spec, [(csrc, cidx), (csrc, vidx)])
     return DataSplit(csrc.load(cidx, spec, "calibration"), csrc.load(vidx, spec, "validation"), note)
+
+
+def _check_memory(spec: ModelSpec, parts: list[tuple[_Source | None, np.ndarray | None]]) -> None:
+    """Refuse, before loading anything, samples that cannot fit in memory (with their size, and what to change)."""
+    need = sum(len(idx) * src.sample_bytes(spec) for src, idx in parts if src is not None and idx is not None)
+    available = available_memory()
+    if need > available:
+        n = sum(len(idx) for src, idx in parts if src is not None and idx is not None)
+        shapes = ", ".join(f"{i.name} {'x'.join(map(str, i.shape[1:]))} {i.dtype}" for i in spec.inputs)
+        raise BadInput(f"loading {n} calibration and validation samples ({shapes} each) needs {human_bytes(need)}, "
+                       f"more than the {human_bytes(available)} of memory available: give fewer --calib-samples / "
+                       "--val-samples or a smaller --input-shape")
 
 
 def _pick(rng: np.random.Generator, src: _Source, limit: int) -> np.ndarray:

@@ -92,7 +92,7 @@ def localise(spec: ModelSpec, artifact: Artifact, session: Any, feeds: dict[str,
         cosine, snr = threshold, None
     model = spec.load()
     ref, order = reference_intermediates(spec, feeds)
-    got = session.run_intermediates(feeds)
+    got = _dequantized(artifact, session.run_intermediates(feeds))
     producer = {out: n for n in model.graph.node for out in n.output}
     layers = _match(ref, order, got, producer)
     compared = {la.tensor: la for la in layers}
@@ -150,6 +150,40 @@ def _added_error(la: LayerAgreement, compared: dict[str, LayerAgreement], produc
     return 10 ** (-la.snr_db / 10) - 10 ** (-_input_snr(la, compared, producer) / 10)
 
 
+def _dequantized(artifact: Artifact, got: list[tuple[list[str], np.ndarray]]) -> list[tuple[list[str], np.ndarray]]:
+    """NCNN INT8's requantize fusion (int8_scale_term + 100) makes a conv feeding int8 convs write its
+    output as int8 codes at the consumer's input scale (x_int8 = round(x * scale)): extracted, that blob
+    holds the codes, never floats. Divided by the layer's top_blob_int8_scale, it compares with the float
+    reference like every other blob."""
+    scales = _ncnn_int8_top_scales(artifact)
+    if not scales:
+        return got
+    return [(names, arr / scales[names[0]] if names and names[0] in scales else arr) for names, arr in got]
+
+
+def _ncnn_int8_top_scales(artifact: Artifact) -> dict[str, float]:
+    """Blob -> top_blob_int8_scale of every requantizing NCNN layer of the artifact (none for other backends)."""
+    if artifact.backend != "ncnn" or artifact.precision != "int8" or not artifact.entry.endswith(".param"):
+        return {}
+    from edgekit.backends.ncnn_format import NcnnModel
+
+    root = Path(artifact.root)
+    model = NcnnModel.load(root / artifact.entry, root / artifact.entry.replace(".param", ".bin"))
+    scales = {}
+    for layer in model.layers:
+        blobs = model.weights.get(layer.name, [])
+        if layer.type in ("Convolution", "ConvolutionDepthWise") and layer.int(8) > 100 and blobs and layer.tops:
+            scale = float(blobs[-1].data[0])  # the last blob ncnn reads for +100: the top blob's int8 scale
+            if scale > 0:
+                scales[layer.tops[0]] = scale
+    return scales
+
+
+# Candidates for a renamed backend tensor agreeing within this many dB are a tie (an op that changes nothing
+# on this input, e.g. a ReLU after a conv whose outputs are all positive): the later one, the fused chain's end.
+TIE_DB = 0.01
+
+
 def _match(ref: dict[str, np.ndarray], order: list[str], got: list[tuple[list[str], np.ndarray]],
            producer: dict[str, onnx.NodeProto]) -> list[LayerAgreement]:
     rows: dict[str, LayerAgreement] = {}
@@ -162,18 +196,34 @@ def _match(ref: dict[str, np.ndarray], order: list[str], got: list[tuple[list[st
             cursor = max(cursor, position[known] + 1)
             continue
         name = names[0]
-        # Renamed tensor: among the next few unmatched reference tensors of the same size, take the one
-        # that agrees best (a fused Conv+ReLU matches the ReLU output, not the Conv one).
+        # Renamed tensor: among the next few unmatched reference tensors of the same size, take the one whose
+        # values agree best, scale included (a fused Conv+ReLU matches the ReLU output, not the Conv one; a
+        # fused HardSwish x*relu6(x+3)/6 matches the Div output, not the Mul one six times larger, which points
+        # the same way: direction alone cannot tell them apart).
         window = [r for r in order[cursor:cursor + LOOKAHEAD * 4] if ref[r].size == arr.size and r not in rows]
         window = window[:LOOKAHEAD]
         if not window:
             continue
-        scored = [(_cosine(ref[r], arr), r) for r in window]
-        best_cos, best = max(scored)
-        pick = best if best_cos >= 0.5 else window[0]  # nothing agrees: this is where it diverged
+        agreeing = [(_snr(ref[r], arr), r) for r in window if _cosine(ref[r], arr) >= 0.5]
+        if agreeing:
+            best = max(snr for snr, _ in agreeing)
+            pick = [r for snr, r in agreeing if snr >= best - TIE_DB][-1]
+        else:
+            pick = window[0]  # nothing agrees: this is where it diverged
         rows[pick] = _row(pick, producer, name, "order+shape", ref[pick], arr)
         cursor = position[pick] + 1
     return sorted(rows.values(), key=lambda r: position[r.tensor])
+
+
+def _snr(ref: np.ndarray, out: np.ndarray) -> float:
+    """10 log10(|ref|^2 / |ref - out|^2): how far the values are off, their scale included (capped)."""
+    r, o = ref.astype(np.float64).ravel(), out.astype(np.float64).reshape(-1)
+    if not np.isfinite(o).all():
+        return -SNR_CAP_DB
+    noise, signal = float(((r - o) ** 2).sum()), float((r**2).sum())
+    if noise == 0:
+        return SNR_CAP_DB
+    return float(np.clip(10 * np.log10(signal / noise), -SNR_CAP_DB, SNR_CAP_DB)) if signal > 0 else -SNR_CAP_DB
 
 
 def _row(tensor: str, producer: dict[str, onnx.NodeProto], backend_tensor: str, how: str, ref: np.ndarray,
@@ -183,12 +233,7 @@ def _row(tensor: str, producer: dict[str, onnx.NodeProto], backend_tensor: str, 
     if not np.isfinite(o).all():  # FP16 overflow: NaN would compare false with every threshold
         return LayerAgreement(tensor, node.name if node else tensor, node.op_type if node else "Input",
                               backend_tensor, how, -1.0, -SNR_CAP_DB, 1e30)
-    noise = float(((r - o) ** 2).sum())
-    signal = float((r**2).sum())
-    if noise == 0:
-        snr = SNR_CAP_DB
-    else:  # capped both ways: JSON has no infinity
-        snr = float(np.clip(10 * np.log10(signal / noise), -SNR_CAP_DB, SNR_CAP_DB)) if signal > 0 else -SNR_CAP_DB
+    snr = _snr(r, o)  # capped both ways: JSON has no infinity
     return LayerAgreement(tensor, node.name if node else tensor, node.op_type if node else "Input", backend_tensor,
                           how, round(_cosine(r, o), 6), round(float(snr), 2), float(np.abs(r - o).max()))
 
@@ -231,7 +276,6 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
     """`edgekit debug`: localise on a package's artifact, or on one built here for the purpose. The
     artifact may be healthy: a divergence is named only where a tensor crosses a threshold (cosine,
     and SNR when snr_threshold is given); the layer adding the most error is reported either way."""
-    import json
     import tempfile
 
     from edgekit import backends
@@ -252,14 +296,14 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
         spec = ingest(model, work, parse_input_shapes(input_shapes), weights)
         data = prepare_data(spec, calib, val, pre, val_samples=samples)
         if package:
-            manifest = json.loads((Path(package) / "manifest.json").read_text())
-            rec = next((a for a in manifest["artifacts"] if a["backend"] == backend and a["precision"] == precision),
-                       None)
+            from edgekit.comparison import artifact_of, load_package
+
+            loaded = load_package(package)  # every path checked to stay inside the package
+            rec = next((a for a in loaded.manifest["artifacts"]
+                        if a["backend"] == backend and a["precision"] == precision), None)
             if rec is None:
                 raise BadInput(f"{package} has no {backend} {precision} artifact")
-            folder = Path(package) / Path(rec["entry"]).parent
-            artifact = Artifact(backend, precision, str(folder), [Path(f["path"]).name for f in rec["files"]],
-                                Path(rec["entry"]).name, rec.get("details", {}))
+            artifact = artifact_of(loaded, rec, check_sha256=False)
         else:
             ap = default_plan(spec, t, backend, [precision]).artifacts[0]
             folder = Path(work) / "artifact"

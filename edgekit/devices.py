@@ -5,6 +5,10 @@ addresses and file paths, never secrets. Every call is the system `ssh`/`scp` wi
 (no password or passphrase prompt, ever), host keys checked against known_hosts
 (`StrictHostKeyChecking=yes`, or `accept-new` = trust on first use when the device was added with
 `--accept-new`), a connect timeout, and an overall timeout on the step.
+
+Copies use scp, which since OpenSSH 9 speaks SFTP by default; a device whose sshd has no SFTP
+subsystem (minimal images without openssh-sftp-server) is copied to with the legacy SCP protocol
+(`scp -O`) instead, and remembered for the rest of the process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import re
 import shlex
 import subprocess
+import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,8 @@ RUNNER = Path(__file__).resolve().parent / "remote" / "runner.py"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _USER = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*$")
 _HOST = re.compile(r"^[A-Za-z0-9._:%-]+$")  # names, IPv4, IPv6 (brackets stripped), scoped IPv6
+# What `mktemp -d -t edgekit-XXXXXX` gives on the device: the only folders edgekit ever removes there.
+REMOTE_DIR = re.compile(r"^/[A-Za-z0-9._/-]*/edgekit-[A-Za-z0-9]{6,}$")
 
 
 def edgekit_home() -> Path:
@@ -72,6 +80,15 @@ class Device:
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any]) -> Device:
+        from edgekit.untrusted import check_type
+
+        known = {"url": str, "target": str, "identity": str | None, "known_hosts": str | None,
+                 "accept_new": bool, "python": str | None}
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise BadInput(f"unknown key '{unknown[0]}' (known: {', '.join(known)})")
+        for key, hint in known.items():
+            check_type(d.get(key), hint | None, "the entry", key)
         user, host, port = parse_url(str(d.get("url", "")))
         return cls(name, user, host, port, str(d.get("target", "")), d.get("identity"), d.get("known_hosts"),
                    bool(d.get("accept_new", False)), str(d.get("python") or "python3"))
@@ -100,10 +117,9 @@ def load_devices() -> dict[str, Device]:
     path = devices_file()
     if not path.exists():
         return {}
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML ({e})") from None
+    from edgekit.untrusted import load_yaml
+
+    raw = load_yaml(path, "device list") or {}
     entries = raw.get("devices") if isinstance(raw, dict) else None
     if not isinstance(entries, dict):
         raise BadInput(f"{path}: expected a mapping 'devices: {{NAME: {{url: ..., target: ...}}}}'")
@@ -200,17 +216,25 @@ def ssh_command(device: Device, remote: str, connect_timeout: float = CONNECT_TI
     return ["ssh", *_options(device, connect_timeout), "-p", str(device.port), device.destination, remote]
 
 
+class StepTimedOut(EdgekitError):
+    """An ssh step that ran past its timeout (the ssh client was killed; the device may still be busy)."""
+
+
 def ssh(device: Device, remote: str, step: str, timeout: float, stdin: bytes | None = None,
-        connect_timeout: float = CONNECT_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        connect_timeout: float = CONNECT_TIMEOUT_S, check: bool = True,
+        hint: str = "check the device's load (uptime) and its network, then try again",
+        ) -> subprocess.CompletedProcess[bytes]:
     """Run a shell command on the device. ssh's own failures (exit 255) become DeviceUnreachable with
-    one line saying what to do; a step over `timeout` seconds becomes an EdgekitError."""
+    one line saying what to do; a step over `timeout` seconds becomes StepTimedOut, with `hint`.
+    `step` says what was done ("checking the device"), without the device: the message names it."""
     try:
         r = subprocess.run(ssh_command(device, remote, connect_timeout), input=stdin if stdin is not None else b"",
                            capture_output=True, timeout=timeout)
     except FileNotFoundError:
         raise BadInput("no `ssh` command on this machine: install the OpenSSH client (openssh-client)") from None
     except subprocess.TimeoutExpired:
-        raise EdgekitError(f"{step} on device {device.name} ({device.url}) timed out after {timeout:g} s") from None
+        raise StepTimedOut(f"{step} on device {device.name} ({device.url}) timed out after {timeout:g} s: "
+                           f"{hint}") from None
     if r.returncode == 255:
         raise ssh_failure(device, r.stderr.decode(errors="replace"))
     if check and r.returncode != 0:
@@ -219,27 +243,128 @@ def ssh(device: Device, remote: str, step: str, timeout: float, stdin: bytes | N
     return r
 
 
+# (user, host, port) of devices found to have no SFTP subsystem: copied to with `scp -O` from then on.
+_LEGACY_SCP: set[tuple[str, str, int]] = set()
+# What scp_to returns, the protocol the copy used: SFTP (OpenSSH 9+'s default), LEGACY_SCP (`scp -O`, the
+# device has no SFTP subsystem), SCP (the legacy protocol because it is this machine's scp's default, < 9).
+SFTP, LEGACY_SCP, SCP = "sftp", "scp -O", "scp"
+_scp_speaks_sftp: bool | None = None
+
+
+def scp_speaks_sftp() -> bool:
+    """Whether this machine's scp uses SFTP by default (OpenSSH 9.0 and newer); True when unknown."""
+    global _scp_speaks_sftp
+    if _scp_speaks_sftp is None:
+        try:
+            text = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=10).stderr
+        except (OSError, subprocess.SubprocessError):
+            text = ""
+        m = re.search(r"OpenSSH_(\d+)", text)
+        _scp_speaks_sftp = not m or int(m.group(1)) >= 9
+    return _scp_speaks_sftp
+
+
 def scp_to(device: Device, sources: list[Path], remote_dir: str, timeout: float,
-           connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+           connect_timeout: float = CONNECT_TIMEOUT_S, what: str = "copying the package") -> str:
+    """Copy files and folders into `remote_dir` on the device; returns the protocol used (SFTP or
+    LEGACY_SCP). scp speaks SFTP first (OpenSSH 9's default); when the device's sshd has no SFTP
+    subsystem it is retried, once, with the legacy SCP protocol (`scp -O`)."""
     host = f"[{device.host}]" if ":" in device.host else device.host
-    cmd = ["scp", "-q", "-r", *_options(device, connect_timeout), "-P", str(device.port),
-           *[str(s) for s in sources], f"{device.user}@{host}:{remote_dir}/"]
-    try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except FileNotFoundError:
-        raise BadInput("no `scp` command on this machine: install the OpenSSH client (openssh-client)") from None
-    except subprocess.TimeoutExpired:
-        raise EdgekitError(f"copying the package to device {device.name} timed out after {timeout:g} s") from None
-    if r.returncode != 0:
+    key = (device.user, device.host, device.port)
+    deadline = time.monotonic() + timeout
+
+    def copy(legacy: bool) -> subprocess.CompletedProcess[bytes]:
+        # No -q: it would hide ssh's own diagnostics (refused, host key, no subsystem), which say what to fix.
+        cmd = ["scp", *(["-O"] if legacy else []), "-r", *_options(device, connect_timeout), "-P", str(device.port),
+               *[str(s) for s in sources], f"{device.user}@{host}:{remote_dir}/"]
+        try:
+            return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=max(1.0, deadline - time.monotonic()))
+        except FileNotFoundError:
+            raise BadInput("no `scp` command on this machine: install the OpenSSH client (openssh-client)") from None
+        except subprocess.TimeoutExpired:
+            raise EdgekitError(f"{what} to device {device.name} timed out after {timeout:g} s: check the "
+                               "network to the device and the free space in its /tmp") from None
+
+    legacy = key in _LEGACY_SCP
+    r = copy(legacy)
+    text = r.stderr.decode(errors="replace")
+    if r.returncode != 0 and not legacy and scp_speaks_sftp() and _sftp_unavailable(device, text):
+        legacy = True
+        r = copy(legacy)
+        if r.returncode == 0:
+            _LEGACY_SCP.add(key)
+            return LEGACY_SCP
         text = r.stderr.decode(errors="replace")
+        failure = ssh_failure(device, text)
+        if not failure.generic and failure.kind != "closed":
+            raise failure
+        raise EdgekitError(f"{what} to device {device.name} failed: its sshd has no SFTP subsystem and legacy scp "
+                           f"(scp -O) failed too ({_scp_reason(text) or r.returncode}): install openssh-sftp-server "
+                           "(or scp) on the device")
+    if r.returncode != 0:
         failure = ssh_failure(device, text)
         if not failure.generic:
             raise failure
-        raise EdgekitError(f"copying the package to device {device.name} failed: {_last_line(text) or r.returncode}")
+        raise EdgekitError(f"{what} to device {device.name} failed: {_scp_reason(text) or r.returncode}")
+    return LEGACY_SCP if legacy else SFTP if scp_speaks_sftp() else SCP
+
+
+def _sftp_unavailable(device: Device, stderr: str) -> bool:
+    """scp's SFTP attempt failed because the device has no SFTP server: the subsystem is not configured
+    ("subsystem request failed"), or its sftp-server binary is missing (the channel closes at once: only
+    "Connection closed", which ssh's own failures — refused, host key, login — never print alone)."""
+    if "subsystem request failed" in stderr or "sftp-server" in stderr:
+        return True
+    failure = ssh_failure(device, stderr)
+    return failure.kind == "closed" or (failure.generic and "Connection closed" in stderr)
+
+
+def _scp_reason(stderr: str) -> str:
+    """scp's most telling line: its last one, unless that is only "lost connection" / "Connection closed"."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    generic = ("lost connection", "scp: connection closed", "connection closed")
+    telling = [ln for ln in lines if ln.lower() not in generic]
+    return (telling or lines or [""])[-1]
+
+
+def check_copy(device: Device, connect_timeout: float = CONNECT_TIMEOUT_S) -> str:
+    """Copy a small file into a fresh `mktemp -d -t edgekit-XXXXXX` folder on the device, read it back,
+    and remove the folder (only that one). Returns the protocol the copy used; raises when it fails."""
+    ct = connect_timeout
+    r = ssh(device, "mktemp -d -t edgekit-XXXXXX", "creating a temporary folder", 30 + ct, connect_timeout=ct)
+    remote_dir = r.stdout.decode(errors="replace").strip()
+    if not REMOTE_DIR.match(remote_dir):
+        raise EdgekitError(f"device {device.name}: mktemp gave an unexpected folder name '{remote_dir}'")
+    name, token = "edgekit-copy-check.txt", f"edgekit copy check {os.getpid()} {time.time()}\n".encode()
+    q = shlex.quote(remote_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgekit-copy-check-") as tmp:
+            local = Path(tmp) / name
+            local.write_bytes(token)
+            protocol = scp_to(device, [local], remote_dir, timeout=30 + ct, connect_timeout=ct,
+                              what="copying a test file")
+        got = ssh(device, f"cat {q}/{name}", "reading the copied test file", 30 + ct, connect_timeout=ct).stdout
+        if got != token:
+            raise EdgekitError(f"copying a test file to device {device.name}: it arrived changed "
+                               f"({len(got)} bytes instead of {len(token)})")
+    finally:
+        try:
+            gone = ssh(device, f"rm -rf {q}; [ ! -e {q} ]", "removing the temporary folder", 20 + ct,
+                       connect_timeout=ct, check=False).returncode == 0
+        except EdgekitError:
+            gone = False
+        if not gone:
+            from edgekit.console import err
+
+            err.print(f"[yellow]warning:[/yellow] could not remove {remote_dir} on device {device.name}",
+                      soft_wrap=True)
+    return protocol
 
 
 class _SshFailure(DeviceUnreachable):
     generic = False
+    kind = ""
 
 
 def ssh_failure(device: Device, stderr: str) -> _SshFailure:
@@ -268,7 +393,9 @@ def ssh_failure(device: Device, stderr: str) -> _SshFailure:
                f"key in {device.user}'s ~/.ssh/authorized_keys on the device (ssh-copy-id) or set --identity")
     elif any(w in text for w in ("Connection closed", "closed by remote host", "Connection reset",
                                  "kex_exchange_identification")):
-        msg = f"{at}: the connection was closed by the device ({_last_line(text)})"
+        failure = _SshFailure(f"{at}: the connection was closed by the device ({_last_line(text)})")
+        failure.kind = "closed"
+        return failure
     else:
         failure = _SshFailure(f"{at}: ssh failed: {_last_line(text) or 'no message'}")
         failure.generic = True

@@ -7,17 +7,12 @@ complete, so a failed build leaves no DIR (or the previous DIR untouched).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from importlib import resources
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import jsonschema
 
-from edgekit.errors import BadInput
 from edgekit.ingest import sha256_file
 
 MANIFEST_SCHEMA_ID = "edgekit-manifest/1"
@@ -28,47 +23,92 @@ def manifest_schema() -> dict[str, Any]:
 
 
 def validate_manifest(manifest: dict[str, Any]) -> None:
+    """The schema (jsonschema.ValidationError), then every path in it (UnsafeInput): a manifest may
+    come from someone else's package."""
+    check_manifest_paths(manifest)  # first: an unsafe path is refused as such, not as a schema mismatch
     jsonschema.validate(manifest, manifest_schema())
+
+
+def schema_problem(manifest: dict[str, Any], missing_only: bool = False, missing_too: bool = True) -> str | None:
+    """The first place where the manifest departs from its schema, said in a few words; None when there is
+    none. missing_only: only a required field that is absent; missing_too=False: anything but those."""
+    schema = manifest_schema()
+    errors = jsonschema.validators.validator_for(schema)(schema).iter_errors(manifest)
+    wanted = [e for e in errors if (e.validator == "required" or not missing_only)
+              and (missing_too or e.validator != "required")]
+    error = jsonschema.exceptions.best_match(wanted)
+    if error is None:
+        return None
+    path = list(error.absolute_path)
+    at = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+    if len(path) == 2 and path[0] == "artifacts" and isinstance(manifest["artifacts"][path[1]], dict):
+        key = manifest["artifacts"][path[1]].get("key")
+        at += f" ({key})" if key else ""
+    if error.validator == "required":
+        field = error.message.split("'")[1] if error.message.count("'") >= 2 else error.message
+        return f"{at} has no '{field}'" if at else f"no '{field}' at the top level"
+    message = error.message if len(error.message) <= 120 else error.message[:117] + "..."
+    return f"{at or 'the top level'}: {message}"
+
+
+def manifest_path_problems(manifest: dict[str, Any]) -> list[str]:
+    """Every path a manifest names, checked as text: relative, no '..', no absolute or drive paths, and
+    each artifact's entry and files inside one folder of its own (what a device copy sends is that folder)."""
+    from edgekit.untrusted import relative_path_problem
+
+    if not isinstance(manifest, dict):
+        return []
+    problems = []
+    plan = manifest.get("plan")
+    if plan is not None and relative_path_problem(plan):
+        problems.append(f"plan {plan!r} {relative_path_problem(plan)}")
+    artifacts = manifest.get("artifacts")
+    for a in artifacts if isinstance(artifacts, list) else []:
+        if not isinstance(a, dict):
+            continue
+        key = a.get("key", "?")
+        entry = a.get("entry")
+        paths = [("entry", entry)] if entry is not None else []
+        files = a.get("files")
+        paths += [("file", f.get("path")) for f in files if isinstance(f, dict)] if isinstance(files, list) else []
+        for what, rel in paths:
+            problem = relative_path_problem(rel)
+            if problem:
+                problems.append(f"artifact {key} {what} {rel!r} {problem}")
+        if problems:
+            continue
+        folders = {rel.split("/")[0] for _, rel in paths}
+        if entry is not None and ("/" not in entry or len(folders) > 1):
+            problems.append(f"artifact {key}: entry {entry!r} and its files must lie in one folder of the "
+                            "package, the artifact's own")
+        elif entry is not None and entry not in {rel for what, rel in paths if what == "file"}:
+            problems.append(f"artifact {key}: entry {entry!r} is not one of its files")
+    return problems
+
+
+def check_manifest_paths(manifest: dict[str, Any], where: str = "manifest.json") -> None:
+    from edgekit.untrusted import UnsafeInput
+
+    problems = manifest_path_problems(manifest)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UnsafeInput(f"{where}: {problems[0]}{more}; a package refers only to files inside itself")
+
+
+def check_package_files(root: str | Path, manifest: dict[str, Any]) -> None:
+    """On disk: every artifact path resolves (links followed) inside the package folder, as a regular file."""
+    from edgekit.untrusted import UnsafeInput, inside
+
+    check_manifest_paths(manifest, f"{root}/manifest.json")
+    for a in manifest.get("artifacts") or []:
+        for f in a.get("files") or []:
+            path = inside(root, f["path"], f"{root}: artifact {a.get('key')} file")
+            if path.exists() and not path.is_file():
+                raise UnsafeInput(f"{root}: artifact {a.get('key')} file {f['path']!r} is not a regular file")
 
 
 def file_records(root: Path, files: list[str]) -> list[dict[str, Any]]:
     return [{"path": f, "bytes": (root / f).stat().st_size, "sha256": sha256_file(root / f)} for f in files]
-
-
-class Staging:
-    """A staging folder for DIR that becomes DIR on commit() and vanishes otherwise."""
-
-    def __init__(self, out: str | Path, force: bool = False) -> None:
-        self.out = Path(out).resolve()
-        if self.out.exists() and not force:
-            raise BadInput(f"output folder {out} exists; choose another --out or pass --force to replace it")
-        if self.out.exists() and not self.out.is_dir():
-            raise BadInput(f"--out {out} is a file, not a folder")
-        self.path = self.out.parent / f".{self.out.name}.partial-{uuid.uuid4().hex[:8]}"
-        self.committed = False
-
-    def __enter__(self) -> Staging:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path.mkdir()
-        return self
-
-    def commit(self, dest: Path | None = None) -> Path:
-        """Move the finished folder to dest (default DIR), replacing what was there."""
-        dest = dest or self.out
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, old)
-        os.replace(self.path, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self.committed = True
-        return dest
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if not self.committed:
-            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -158,9 +198,16 @@ def render_report(manifest: dict[str, Any]) -> str:
             lines.append(f"  - {label}: `{d['node']}` ({d['op_type']}), cosine {d['cosine']:.4f}, "
                          f"SNR {d['snr_db']:.1f} dB; inputs from {', '.join(d['inputs_from']) or 'the model input'}; "
                          f"per-layer table in `debug/{a['key']}.json`")
+        from edgekit.verify import describe_slice
+
         for o in v["outputs"]:
             lines.append(f"  - `{o['name']}`: cosine {o['cosine']:.5f} (worst sample {o['cosine_worst_sample']:.5f}), "
-                         f"SNR {o['snr_db']:.1f} dB, max |err| {o['max_abs_error']:.4g}")
+                         f"SNR {o['snr_db']:.1f} dB, max |err| {o['max_abs_error']:.4g}"
+                         + (f"; judged per slice along axis {o['slice_axis']} ({len(o.get('slices') or [])} slices)"
+                            if o.get("slice_axis") is not None else ""))
+            lines += [f"    - worst slice {describe_slice(w)}" for w in v.get("worst_slices") or []
+                      if w["output"] == o["name"]]
+        lines += [f"  - Not judged: {n}" for n in v.get("notes") or []]
         if lat:
             lines.append(f"- Latency ({lat['where']}, {lat['threads']} threads, {lat['runs']} runs): p50 "
                          f"{lat['p50']:.3f} ms, p90 {lat['p90']:.3f}, p99 {lat['p99']:.3f}, mean {lat['mean']:.3f}")

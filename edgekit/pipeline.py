@@ -28,13 +28,15 @@ from edgekit.costmodel import estimate_latency
 from edgekit.data import DataSplit, Preprocess, prepare_data
 from edgekit.errors import EXIT_FAILED, EXIT_OK, BadInput, EdgekitError, UnsupportedOp
 from edgekit.ingest import ModelSpec, ingest, parse_input_shapes
-from edgekit.manifest import MANIFEST_SCHEMA_ID, Staging, file_records, render_report, validate_manifest, write_json
+from edgekit.manifest import MANIFEST_SCHEMA_ID, file_records, render_report, validate_manifest, write_json
 from edgekit.plans import ArtifactPlan, Plan, default_plan
 from edgekit.targets import Target, detect_host, load_target
 from edgekit.timing import Latency, ProfileSettings, peak_memory_mb, time_artifacts
-from edgekit.verify import Thresholds, Verification, compare, run_all
+from edgekit.verify import Thresholds, Verification, compare, describe_slice, run_all
+from edgekit.workspace import Staging
 
 REFERENCE_BACKEND = "onnxruntime"  # runs the canonical FP32 ONNX: the yardstick for every artifact
+RECOVER_MODES = ("auto", "none")
 
 
 @dataclass
@@ -68,6 +70,10 @@ class BuildOptions:
     device: str | None = None  # the planner measures its candidates on this device (`edgekit devices`)
     cache: bool = True  # reuse finished stages whose inputs are unchanged (edgekit/cache.py)
     remeasure: bool = False  # time again even when the cache holds a measurement of the same artifacts here
+    # All-or-nothing even for --backend all / --precision all (each failed artifact then rejects the build).
+    strict: bool = False
+    recover: str = "auto"  # INT8 that misses the thresholds: auto = the retries below before rejecting; none
+    detector_head: bool = True  # INT8 of a detector-like model keeps its head in float (edgekit.detection_head)
 
 
 @dataclass
@@ -168,7 +174,7 @@ def build(opts: BuildOptions) -> BuildResult:
     if opts.plan is None and opts.auto_plan and opts.precisions in (None, [], ["auto"]) and opts.backend != "all":
         return _build_planned(opts)
     target = load_target(opts.target)
-    out = Path(opts.out or f"build/{Path(opts.model.split(':')[-1]).stem}-{target.name}")
+    out = Path(opts.out or _default_out(opts.model, target.name))
     staging = Staging(out, force=opts.force)  # refuses an existing DIR before any work
     preprocess = Preprocess.from_file(opts.preprocess) if opts.preprocess else None
     reasons: list[str] = []
@@ -190,6 +196,13 @@ def build(opts: BuildOptions) -> BuildResult:
             raise BadInput(f"none of the backends builds {', '.join(opts.precisions or [])}")
     threads = opts.threads or (target.cpu["cores"] if target.is_host else detect_host()["cpu"]["cores"])
 
+    # --backend all / --precision all: every artifact the target can have, verified; the package ships those
+    # that pass (exit 0 when one does) and lists the rest. An explicit list is all-or-nothing, as --strict.
+    best_effort = given_plan is None and not opts.strict and (opts.backend == "all" or opts.precisions == ["all"])
+    # INT8 that misses the thresholds is retried before it is rejected; a given plan is applied as written.
+    recover = opts.recover != "none" and given_plan is None
+    if opts.recover not in RECOVER_MODES:
+        raise BadInput(f"--recover {opts.recover}: use {' or '.join(RECOVER_MODES)}")
     stages = _Stages(opts)
     with tempfile.TemporaryDirectory(prefix="edgekit-work-") as work, staging:
         note(f"ingest {opts.model}")
@@ -222,7 +235,7 @@ def build(opts: BuildOptions) -> BuildResult:
             # The samples the calibration really has (fewer than asked when the folder is small).
             samples = min(opts.calib_samples, len(data.calibration)) if data.calibration else opts.calib_samples
             sub = default_plan(spec, target, b.name, precisions[b.name], opts.calib_method, samples,
-                               opts.exclude_nodes, {"dla_core": opts.dla_core})
+                               opts.exclude_nodes, {"dla_core": opts.dla_core, "detector_head": opts.detector_head})
             plan.artifacts += sub.artifacts
         for ap in plan.artifacts:
             ap.options.setdefault("max_accuracy_drop", opts.thresholds.max_accuracy_drop)
@@ -235,30 +248,52 @@ def build(opts: BuildOptions) -> BuildResult:
                       for name in ref_backends}
         verifier = _Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads, stages)
         artifacts, verifications, failed, built = [], {}, [], []
+        several = len(plan.artifacts) > 1
         for ap in plan.artifacts:
-            folder = staging.path / f"{ap.backend}-{ap.precision}"
+            key = f"{ap.backend}-{ap.precision}"
+            folder = staging.path / key
             try:
                 art = stages.export(spec, ap, data, folder)
-            except BadInput:
-                raise
-            except EdgekitError as e:  # one converter failing must not lose the others: recorded, build rejected
-                if len(plan.artifacts) == 1:
+            except EdgekitError as e:  # one converter failing must not lose the others: recorded
+                if not several or (isinstance(e, BadInput) and not best_effort):
                     raise
                 shutil.rmtree(folder, ignore_errors=True)
-                failed.append({"key": f"{ap.backend}-{ap.precision}", "error": str(e)})
-                note(f"export {ap.backend} {ap.precision} FAILED: {e}")
+                failed.append({"key": key, "stage": "export", "error": _public(e, staging, out)})
+                note(f"export {ap.backend} {ap.precision} FAILED: {_public(e, staging, out)}")
                 continue
-            built.append(ap)
-            v = verifier.check(art)
-            if not v.passed and ap.precision == "int8":
-                art, v = _retry_int8(spec, ap, art, v, data, staging.path, verifier, work)
+            try:
+                v = verifier.check(art)
+                if not v.passed and ap.precision == "int8" and recover:
+                    art, v = _retry_int8(spec, ap, art, v, data, staging.path, verifier, work, plan)
+            except Exception as e:  # a runtime that cannot load or run it: that artifact fails, not the build
+                if not several or (isinstance(e, BadInput) and not best_effort):
+                    raise
+                shutil.rmtree(folder, ignore_errors=True)
+                why = _public(e, staging, out)
+                failed.append({"key": key, "stage": "verification", "error": why})
+                note(f"verify {ap.backend} {ap.precision} FAILED: {why}")
+                continue
             if not v.passed:
                 _localise_into(spec, art, v, data, staging.path, threads, opts.thresholds)
+            built.append(ap)
             artifacts.append(art)
             verifications[art.key] = v
+        if best_effort and any(verifications[a.key].passed for a in artifacts):
+            # "all" = everything this target can do, verified: the package ships what passed; each rejected
+            # one is listed with its reason (its per-layer diagnosis stays in debug/), not shipped.
+            for a, ap in list(zip(artifacts, built)):
+                v = verifications[a.key]
+                if v.passed:
+                    continue
+                shutil.rmtree(a.root, ignore_errors=True)
+                failed.append({"key": a.key, "stage": "verification", "error": "; ".join(v.failures),
+                               "verification": v.to_dict()})
+                artifacts.remove(a)
+                built.remove(ap)
 
         plan.artifacts = built
-        plan.reasons += [f"{f['key']} was not built: {f['error']}" for f in failed]
+        plan.reasons += [f"{f['key']} was not built: {f['error']}" if f["stage"] == "export"
+                         else f"{f['key']} left out: {f['error']}" for f in failed]
         # Measured where the backend runs here; otherwise the cost model's estimate, marked as one.
         candidates = {f"reference:{k}": a for k, a in references.items()} | {a.key: a for a in artifacts}
         if original is not None:  # the uncompressed model, timed in the same rounds: the pruning speedup
@@ -286,7 +321,7 @@ def build(opts: BuildOptions) -> BuildResult:
             _record_compression(manifest, compression, original, spec, latencies, opts.thresholds)
         if failed:
             manifest["failed_artifacts"] = failed
-            manifest["passed"] = False
+            manifest["passed"] = manifest["passed"] and best_effort
         manifest["cache"] = {"enabled": stages.cache.enabled, "reused": list(dict.fromkeys(stages.cache.reused)),
                              "dir": str(stages.cache.root)}
         plan.save(staging.path / "plan.yaml")
@@ -319,6 +354,17 @@ def _layers(spec: ModelSpec, target: Target, artifacts: list[Artifact], plan: Pl
     return layer_table(spec, target, artifacts, plan.artifacts, node_ms, sensitivity)
 
 
+def _public(e: BaseException, staging: Staging, out: Path) -> str:
+    """An error of one artifact as the user reads it: one line, naming the package path, not the staging."""
+    text = " ".join(str(e).split())
+    text = text if isinstance(e, EdgekitError) else f"{type(e).__name__}: {text}"
+    return text.replace(str(staging.path), str(out))
+
+
+def _default_out(model: str, target: str) -> str:
+    return f"build/{Path(model.split(':')[-1]).stem}-{target}"
+
+
 def _load_plan(path: str, target: Target) -> Plan:
     plan = Plan.load(path)
     if plan.target != target.name:
@@ -338,8 +384,8 @@ def _build_planned(opts: BuildOptions) -> BuildResult:
     timed), then build exactly what the plan chose; the package keeps the candidates for the report."""
     from edgekit.planner import Budgets, plan_model
 
-    if opts.out:
-        Staging(opts.out, force=opts.force)  # an existing --out is refused before the planner's work
+    # An existing or unwritable --out is refused before the planner's work.
+    Staging(opts.out or _default_out(opts.model, load_target(opts.target).name), force=opts.force)
     with tempfile.TemporaryDirectory(prefix="edgekit-autoplan-") as tmp:
         plan_path = Path(tmp) / "plan.yaml"
         note("no plan and no precision given: planning first (`edgekit plan`), then building its choice")
@@ -514,12 +560,14 @@ def _versions(*modules: str) -> dict[str, str | None]:
 
 
 def _retry_int8(spec: ModelSpec, ap: ArtifactPlan, art: Artifact, v: Verification, data: DataSplit,
-                root: Path, verifier: _Verifier, work: str) -> tuple[Artifact, Verification]:
-    """Measured fallbacks for a rejected INT8 artifact, each kept only if it passes verification:
+                root: Path, verifier: _Verifier, work: str, plan: Plan | None = None) -> tuple[Artifact, Verification]:
+    """Measured fallbacks for a rejected INT8 artifact, on every backend, each kept only if it passes:
     1. the backend's own retries (Backend.int8_retries: 7-bit weights for ONNX Runtime and OpenVINO, which
        fix u8*s8 saturation and coarse scales; the other calibration method for NCNN);
     2. the library's own accuracy-aware quantization (NNCF quantize_with_accuracy_control), which keeps
-       the most harmful layers in float, where the backend has it and the calibration data has labels."""
+       the most harmful layers in float, where the backend has it and the calibration data has labels;
+    3. mixed precision (edgekit.sensitivity): the fewest most sensitive layers kept in float (FP16 where
+       the backend runs it), found by real builds of this backend; what was kept is said and recorded."""
     q = ap.quantization
     if q is None:
         return art, v
@@ -528,21 +576,57 @@ def _retry_int8(spec: ModelSpec, ap: ArtifactPlan, art: Artifact, v: Verificatio
     if backends.get(ap.backend).accuracy_control and labelled and not q.accuracy_control:
         attempts.append(("accuracy-controlled quantization", dataclasses.replace(q, accuracy_control=True)))
     for i, (label, settings) in enumerate(attempts):
-        retry = dataclasses.replace(ap, quantization=settings, reasons=list(ap.reasons))
-        folder = Path(work) / f"retry{i}-{ap.backend}-int8"
-        second = verifier.stages.export(spec, retry, data, folder)
-        v2 = verifier.check(second)
-        if not v2.passed:
-            continue
-        final = root / f"{ap.backend}-int8"
-        shutil.rmtree(final)
-        shutil.move(str(folder), final)
-        second.root = str(final)
-        why = f"first INT8 attempt rejected ({'; '.join(v.failures)}); {label} passed"
-        second.notes.append(why)
-        ap.quantization, ap.reasons = settings, [*ap.reasons, why]
-        return second, v2
-    return art, v
+        note(f"{ap.backend} int8 rejected; retrying with {label}")
+        found = _try_int8(spec, ap, settings, data, root, verifier, Path(work) / f"retry{i}-{ap.backend}-int8",
+                          f"first INT8 attempt rejected ({'; '.join(v.failures)}); {label} passed")
+        if found is not None:
+            return found
+    found = _mixed_precision(spec, ap, q, v, data, root, verifier, work, plan)
+    return found if found is not None else (art, v)
+
+
+def _try_int8(spec: ModelSpec, ap: ArtifactPlan, settings: Any, data: DataSplit, root: Path, verifier: _Verifier,
+              folder: Path, why: str) -> tuple[Artifact, Verification] | None:
+    """Build and verify INT8 with other settings; on a pass it replaces the artifact and the plan's settings."""
+    retry = dataclasses.replace(ap, quantization=settings, reasons=list(ap.reasons))
+    second = verifier.stages.export(spec, retry, data, folder)
+    v2 = verifier.check(second)
+    if not v2.passed:
+        return None
+    final = root / f"{ap.backend}-int8"
+    shutil.rmtree(final)
+    shutil.move(str(folder), final)
+    second.root = str(final)
+    second.notes.append(why)
+    ap.quantization, ap.reasons = settings, [*ap.reasons, why]
+    return second, v2
+
+
+def _mixed_precision(spec: ModelSpec, ap: ArtifactPlan, q: Any, v: Verification, data: DataSplit, root: Path,
+                     verifier: _Verifier, work: str, plan: Plan | None) -> tuple[Artifact, Verification] | None:
+    import math
+
+    from edgekit.sensitivity import mixed_precision
+
+    if data.calibration is None:
+        return None
+    note(f"{ap.backend} int8 rejected; searching the fewest layers to keep in float (mixed precision)")
+    try:
+        res = mixed_precision(spec, ap.backend, data.calibration, data.validation, verifier.thresholds, q,
+                              options=ap.options, threads=verifier.threads)
+    except EdgekitError as e:
+        note(f"mixed-precision search for {ap.backend} int8 failed: {e}")
+        return None
+    if plan is not None and res.sensitivities:
+        plan.sensitivity[ap.backend] = {s.node: round(s.snr_gain_db, 3) for s in res.sensitivities
+                                        if math.isfinite(s.snr_gain_db)}
+    if not (res.passed and res.float_nodes):
+        note(f"no mixed-precision {ap.backend} int8 met the thresholds ({res.reason})")
+        return None
+    why = (f"mixed precision: {len(res.float_nodes)} most sensitive layer(s) kept in float "
+           f"({', '.join(res.float_nodes)}) so INT8 meets the thresholds that uniform INT8 missed "
+           f"({'; '.join(v.failures)})")
+    return _try_int8(spec, ap, res.settings, data, root, verifier, Path(work) / f"mixed-{ap.backend}-int8", why)
 
 
 def _localise_into(spec: ModelSpec, art: Artifact, v: Verification, data: DataSplit, root: Path, threads: int,
@@ -575,19 +659,37 @@ class _Verifier:
         self.names = [o.name for o in spec.outputs]
         self.thresholds, self.threads = thresholds, threads
         self.reference = stages.outputs(reference, self.batches, threads)
-        self.warnings = self._sanity()
+        self.warnings = self._sanity() + self._detector_note(spec)
         for w in self.warnings:
             note(f"[yellow]warning[/yellow]: {w}")
 
+    @staticmethod
+    def _detector_note(spec: ModelSpec) -> list[str]:
+        """Until a detection metric exists (--task detect), a detector-like model is told, in the console and
+        the manifest's data.warnings, that tensor figures only stand in for mAP."""
+        from edgekit.detection_head import WEAK_PROXY_NOTE, looks_like_detector
+
+        reason = looks_like_detector(spec)
+        return [WEAK_PROXY_NOTE.format(reason=reason)] if reason else []
+
     def _sanity(self) -> list[str]:
         """A labelled classifier that scores near chance in FP32 almost always means data that does not match
-        the model (a missing --preprocess, another class order): every verdict after that is moot."""
+        the model (a missing --preprocess, another class order): every verdict after that is moot. A reference
+        that is the same for every sample (an untrained model, identical samples) makes every figure moot."""
+        from edgekit.verify import is_constant
+
+        if self.reference and len(self.reference[0]) > 1 and all(is_constant(r) for r in self.reference):
+            return ["the FP32 model gives the same output for every validation sample: the model (untrained? a "
+                    "constant head?) or the data (identical samples?) is degenerate; no artifact can be verified "
+                    "on it, so every one is rejected"]
         out = self.reference[0] if self.reference else None
         if self.labels is None or out is None or out.ndim != 2 or out.shape[1] < 2:
             return []
         accuracy = float((out.argmax(1)[: len(self.labels)] == self.labels[: len(out)]).mean())
         chance = 1.0 / out.shape[1]
-        if accuracy >= 2 * chance:
+        # Twice chance for many classes; for few, halfway from chance to perfect (a binary classifier at
+        # 97.5% is fine, where "2 x 50%" would flag every one).
+        if accuracy >= min(2 * chance, chance + (1 - chance) / 2):
             return []
         return [f"the FP32 model itself scores {accuracy:.1%} on the labelled validation data (chance: {chance:.0%}): "
                 "check --preprocess (size, colour order, scale, mean/std) and that the class folders match the "
@@ -601,6 +703,7 @@ class _Verifier:
         centred = f" (mean-centred {v.centred_cosine_min:.5f})" if v.centred_cosine_min is not None else ""
         note(f"verify {a.key}: cosine {v.cosine_min:.5f}{centred}, SNR {v.snr_db_min:.1f} dB"
              + (f", accuracy {v.accuracy:.1%} (FP32 {v.reference_accuracy:.1%})" if v.accuracy is not None else "")
+             + (f"; worst slice {describe_slice(v.worst_slice)}" if v.worst_slice else "")
              + ("" if v.passed else f" -> REJECTED: {'; '.join(v.failures)}"))
         return v
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from edgekit.console import note
 from edgekit.costmodel import CostModel, LayerFeatures
-from edgekit.errors import BadInput, EdgekitError
+from edgekit.errors import BadInput
 from edgekit.ingest import ModelSpec, ingest, parse_input_shapes
 from edgekit.pipeline import BuildOptions, build
 from edgekit.plans import ArtifactPlan, Plan
@@ -120,8 +120,9 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path, prune: Pru
     dev = _device(device, target)
     model = CostModel.for_target(target)
     with tempfile.TemporaryDirectory(prefix="edgekit-plan-") as tmp:
+        # strict: the scratch package keeps every candidate, the rejected ones too (the table shows them)
         trial = dataclasses.replace(opts, out=str(Path(tmp) / "candidates"), backend=opts.backend or "all",
-                                    precisions=opts.precisions or ["all"], force=True, plan=None)
+                                    precisions=opts.precisions or ["all"], force=True, plan=None, strict=True)
         trial.thresholds = dataclasses.replace(opts.thresholds, max_accuracy_drop=budgets.max_accuracy_drop)
         note("planner: building, verifying and timing every candidate")
         base = _base_round(trial, Path(tmp))
@@ -206,19 +207,13 @@ def _why(chosen: Candidate, ok: list[Candidate], what: str, extra: str) -> str:
 
 
 def _base_round(trial: BuildOptions, tmp: Path) -> _Round:
+    """Every candidate built, verified (an INT8 one that misses the thresholds recovered by the build's own
+    ladder: retries, then the fewest sensitive layers in float) and timed in one build."""
     result = build(trial)
     spec = ingest(trial.model, tmp / "spec", parse_input_shapes(trial.input_shapes), trial.weights)
     tried = Plan.load(result.path / "plan.yaml")
-    mixed, sensitivity = _mixed_candidates(spec, trial, result.manifest, tried)
-    if mixed:  # rebuild every candidate with the mixed ones, so all are timed in the same rounds
-        note(f"planner: {len(mixed)} mixed-precision candidate(s); timing all candidates together")
-        tried.artifacts = [ap for ap in tried.artifacts
-                           if not (ap.precision == "int8" and ap.backend in {m.backend for m in mixed})] + mixed
-        tried.save(tmp / "with-mixed.yaml")
-        result = build(dataclasses.replace(trial, out=str(tmp / "candidates2"), plan=str(tmp / "with-mixed.yaml")))
-        tried = Plan.load(result.path / "plan.yaml")
     plans = {f"{ap.backend}-{ap.precision}": ap for ap in tried.artifacts}
-    return _Round(result.manifest, plans, spec, result.path, sensitivity=sensitivity)
+    return _Round(result.manifest, plans, spec, result.path, sensitivity=tried.sensitivity)
 
 
 def _pruned_round(trial: BuildOptions, prune: PruneSearch, ratio: float, base: _Round, tmp: Path) -> _Round:
@@ -368,42 +363,6 @@ def _candidates(r: _Round, target: Target, model: CostModel, budgets: Budgets,
             c.verdict, c.reason = "over budget", f"{c.bytes / 1e6:.2f} MB > {budgets.max_size_mb} MB"
         out.append(c)
     return out
-
-
-def _mixed_candidates(spec: ModelSpec, trial: BuildOptions, manifest: dict[str, Any], tried: Plan
-                      ) -> tuple[list[ArtifactPlan], dict[str, dict[str, float]]]:
-    """For every INT8 candidate that missed the thresholds: keep its most sensitive layers in float
-    (fewest that pass, found by measurement) as a new candidate of the same backend."""
-    rejected = [a for a in manifest["artifacts"] if a["precision"] == "int8" and not a["verification"]["passed"]]
-    if not rejected or trial.calib is None:
-        return [], {}
-    from edgekit.data import Preprocess, prepare_data
-    from edgekit.sensitivity import mixed_precision
-
-    preprocess = Preprocess.from_file(trial.preprocess) if trial.preprocess else None
-    data = prepare_data(spec, trial.calib, trial.val, preprocess, trial.calib_samples, trial.val_samples)
-    plans = {f"{ap.backend}-{ap.precision}": ap for ap in tried.artifacts}
-    found, sensitivity = [], {}
-    for a in rejected:
-        ap = plans[a["key"]]
-        assert ap.quantization is not None and data.calibration is not None
-        note(f"planner: {a['key']} missed the thresholds; searching which layers to keep in float")
-        try:
-            res = mixed_precision(spec, ap.backend, data.calibration, data.validation, trial.thresholds,
-                                  ap.quantization, options=ap.options)
-        except EdgekitError as e:  # one backend's search failing must not lose the other candidates
-            note(f"planner: mixed-precision search for {a['key']} failed: {e}")
-            continue
-        if res.sensitivities:
-            sensitivity[ap.backend] = {s.node: round(s.snr_gain_db, 3) for s in res.sensitivities
-                                       if math.isfinite(s.snr_gain_db)}
-        if res.passed and res.float_nodes:
-            why = (f"mixed precision: {len(res.float_nodes)} most sensitive layer(s) kept in float "
-                   f"({', '.join(res.float_nodes)}) so INT8 meets the thresholds that uniform INT8 missed")
-            found.append(dataclasses.replace(ap, quantization=res.settings, reasons=[*ap.reasons, why]))
-        else:
-            note(f"planner: no mixed-precision {a['key']} met the thresholds ({res.reason})")
-    return found, sensitivity
 
 
 def candidate_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:

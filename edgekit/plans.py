@@ -6,6 +6,7 @@ the default planner (rules from the target description); the measuring planner b
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from edgekit.ingest import ModelSpec
 from edgekit.targets import Target
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+PRECISIONS = ("fp32", "fp16", "int8")
+NNCF_PRESETS = ("performance", "mixed")
 PLAN_SCHEMA = "edgekit-plan/1"
 
 
@@ -72,21 +75,58 @@ class Plan:
         Path(path).write_text(self.to_yaml())
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
-        arts = []
-        for a in d.get("artifacts", []):
-            a = dict(a)
-            q = a.get("quantization")
-            a["quantization"] = QuantizationSettings(**q) if q else None
-            arts.append(ArtifactPlan(**a))
-        return cls(**{**d, "artifacts": arts})
+    def from_dict(cls, d: Any, where: str = "plan") -> Plan:
+        """A plan from its YAML mapping, every field type-checked and every value range-checked first:
+        a plan file may come from someone else (BadInput naming the key otherwise)."""
+        from edgekit.untrusted import typed_fields
+
+        plan = cls(**typed_fields(cls, d, where))
+        if plan.schema != PLAN_SCHEMA:
+            raise BadInput(f"{where}: schema {plan.schema!r} is not {PLAN_SCHEMA}")
+        if not re.fullmatch(r"[0-9a-f]{64}", plan.model_sha256):
+            raise BadInput(f"{where}: model_sha256 must be 64 hex digits (the canonical model's sha256)")
+        for i, ap in enumerate(plan.artifacts):
+            _check_artifact_plan(ap, f"{where}: artifacts[{i}]")
+        if plan.compress is not None:
+            from edgekit.compress.stage import CompressOptions
+
+            typed_fields(CompressOptions, plan.compress, where, required=(), key="compress")
+            if plan.compress.get("checkpoint"):
+                raise BadInput(f"{where}: compress.checkpoint is set; a plan names no file to write, "
+                               "pass --checkpoint FILE instead")
+        for key in ("max_accuracy_drop", "max_latency_ms", "max_size_mb"):
+            value = plan.budgets.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise BadInput(f"{where}: budgets.{key} must be a non-negative number, got {value!r}")
+        return plan
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        try:
-            return cls.from_dict(yaml.safe_load(Path(path).read_text()))
-        except (OSError, yaml.YAMLError, TypeError) as e:
-            raise BadInput(f"cannot read plan {path}: {e}") from None
+        from edgekit.untrusted import load_yaml
+
+        return cls.from_dict(load_yaml(path, "plan"), f"plan {path}")
+
+
+def _check_artifact_plan(ap: ArtifactPlan, where: str) -> None:
+    """Values the backends will use: in range, so a bad plan is bad input, not a crash in a library."""
+    if ap.precision not in PRECISIONS:
+        raise BadInput(f"{where}.precision is {ap.precision!r}; use one of {', '.join(PRECISIONS)}")
+    q = ap.quantization
+    if q is None:
+        if ap.precision == "int8":
+            raise BadInput(f"{where}: an int8 artifact needs its quantization settings")
+        return
+    if q.method not in CALIBRATION_METHODS:
+        raise BadInput(f"{where}.quantization.method is {q.method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+    if q.samples < 1:
+        raise BadInput(f"{where}.quantization.samples must be at least 1, got {q.samples}")
+    if not 0 < q.percentile <= 100:
+        raise BadInput(f"{where}.quantization.percentile must be in (0, 100], got {q.percentile}")
+    if q.preset not in (None, *NNCF_PRESETS):
+        raise BadInput(f"{where}.quantization.preset is {q.preset!r}; use one of {', '.join(NNCF_PRESETS)} or null")
+    drop = ap.options.get("max_accuracy_drop")
+    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or drop < 0):
+        raise BadInput(f"{where}.options.max_accuracy_drop must be a non-negative number, got {drop!r}")
 
 
 def default_plan(
@@ -121,6 +161,15 @@ def default_plan(
                 q.symmetric_activations = True
                 ap.reasons.append(f"{backend} takes symmetric INT8 only")
             ap.reasons.append(f"INT8 static Q/DQ, per-channel weights, {method} calibration on {calib_samples} samples")
+            head = _detector_head(spec, backend) if (backend_requests or {}).get("detector_head", True) else None
+            if head is not None:  # one INT8 scale for pixels and 0-1 scores wipes the scores out
+                why, nodes = head
+                auto = [n for n in nodes if n not in q.exclude_nodes]
+                q.exclude_nodes = list(dict.fromkeys([*q.exclude_nodes, *nodes]))
+                ap.options["detector_head_nodes"] = auto  # found automatically: lenient where a backend fused one
+                shown = ", ".join(nodes[:4]) + (f", … ({len(nodes) - 4} more)" if len(nodes) > 4 else "")
+                ap.reasons.append(f"detector head kept in float ({len(nodes)} nodes: {shown}): {why}; "
+                                  "--no-detector-head quantizes it too")
             ap.quantization = q
         elif precision == "fp16":
             ap.keep_fp32 = list(exclude_nodes or [])  # --exclude-node: kept in float at any precision
@@ -130,3 +179,15 @@ def default_plan(
         artifacts.append(ap)
     return Plan(target=target.name, model_sha256=spec.sha256, artifacts=artifacts,
                 reasons=[f"backend {backend}: first of {target.name}'s backends usable here"])
+
+
+def _detector_head(spec: ModelSpec, backend: str) -> tuple[str, list[str]] | None:
+    """The detector head to keep in float in an INT8 artifact (edgekit.detection_head), or None. NCNN's
+    INT8 quantizes only weighted layers (the rest runs in float anyway): it gets the head's weighted ops."""
+    from edgekit.detection_head import WEIGHTED_OPS, detector_head
+
+    head = detector_head(spec)
+    if head is None or backend != "ncnn":
+        return head
+    weighted = {n.name for n in spec.load().graph.node if n.op_type in WEIGHTED_OPS}
+    return head[0], [n for n in head[1] if n in weighted]

@@ -268,8 +268,12 @@ def _verification_section(m: dict[str, Any], package_dir: Path | None) -> str:
     body = (f"<p class=note>Every artifact against ONNX Runtime FP32 of the canonical model, on held-out samples. "
             f"Thresholds: cosine ≥ {esc(th.get('min_cosine'))}, SNR ≥ {esc(th.get('min_snr_db'))} dB, top-1 "
             f"agreement ≥ {esc(th.get('min_top1_agreement'))}, accuracy drop ≤ {esc(th.get('max_accuracy_drop'))} "
-            "points.</p>" + _table(["artifact", "samples", "cosine", "SNR dB", "max |err|", "top-1 agr. %",
+            "points"
+            + (f"; score-like output slices: score IoU ≥ {esc(th['min_score_iou'])}, rank correlation ≥ "
+               f"{esc(th.get('min_rank_correlation'))}" if th.get("min_score_iou") is not None else "")
+            + ".</p>" + _table(["artifact", "samples", "cosine", "SNR dB", "max |err|", "top-1 agr. %",
                                     "accuracy %", "FP32 %", "Δ points", "verdict"], rows, set(range(1, 9))))
+    body += _slices_table(arts)
     for a in arts:
         v = a["verification"]
         if v["passed"]:
@@ -289,6 +293,31 @@ def _verification_section(m: dict[str, Any], package_dir: Path | None) -> str:
                      f'feeds {esc(", ".join(d.get("feeds") or []) or "the output")}.</p>')
         body += _debug_table(package_dir, a["key"])
     return _section("verification", "Verification", body)
+
+
+def _slices_table(arts: list[dict[str, Any]]) -> str:
+    """The worst slices of each sliced output, per artifact: where a part on its own scale (a detector's
+    scores beside its pixel boxes) was judged, and how close it came to a threshold."""
+    rows, cls = [], []
+    for a in arts:
+        for w in a["verification"].get("worst_slices") or []:
+            missed = w.get("failed") or []
+            rows.append([_dot(a["backend"]) + esc(a["key"]), f"<code>{esc(w['output'])}</code>",
+                         f"{esc(w['index'])} (axis {esc(w['axis'])})", _f(w.get("cosine"), ".4f"),
+                         _f(w.get("centred_cosine"), ".4f"), _f(w.get("snr_db"), ".1f"), _f(w.get("score_iou"), ".3f"),
+                         _f(w.get("rank_correlation"), ".3f"),
+                         "constant: not judged" if w.get("constant") else
+                         ('<span class="badge bad">missed</span> ' + esc(", ".join(missed)) if missed
+                          else '<span class="badge ok">ok</span>')])
+            cls.append("bad" if missed else "")
+    if not rows:
+        return ""
+    return ("<h3>Worst output slices</h3><p class=note>Outputs with a channel-like axis (box coordinates beside "
+            "scores, one row per class) are judged slice by slice with the same thresholds; score-like slices "
+            "(values in [0, 1]) also on the IoU of their sets above 0.25 and on rank correlation. The worst "
+            "slices of each output:</p>"
+            + _table(["artifact", "output", "slice", "cosine", "centred cos.", "SNR dB", "score IoU", "rank corr.",
+                      "verdict"], rows, {3, 4, 5, 6, 7}, row_cls=cls))
 
 
 STAGE_ORDER = ("original", "pruned", "low-rank", "fine-tuned (hard labels)", "distilled")
@@ -336,7 +365,8 @@ def _device_section(m: dict[str, Any]) -> str:
     for a in arts:
         d, host = a["device_latency_ms"], a.get("host_latency_ms") or {}
         cond = d.get("conditions") or {}
-        temps = f"{_f(cond.get('temperature_c'), '.0f')} → {_f(cond.get('temperature_c_after'), '.0f', ' °C')}"
+        temps = (f"{_f(_hottest(cond.get('temperature_c')), '.0f')} → "
+                 f"{_f(_hottest(cond.get('temperature_c_after')), '.0f', ' °C')} (hottest zone)")
         rows.append([_dot(a["backend"]) + esc(a["key"]), esc(d.get("where")), _f(d.get("p50")), _f(d.get("p90")),
                      _f(d.get("p99")), esc(d.get("runs")), esc(d.get("threads")), _f(host.get("p50")),
                      esc(", ".join(f"{k} {v}" for k, v in cond.items() if v is not None and "temperature" not in k)
@@ -345,6 +375,12 @@ def _device_section(m: dict[str, Any]) -> str:
         ["artifact", "device", "p50 ms", "p90 ms", "p99 ms", "runs", "threads", "build host p50 ms", "conditions",
          "temperature"], rows, {2, 3, 4, 5, 6, 7}) + "<p class=note>Measured over SSH with <code>edgekit profile"
         "</code>; each record is also kept in <code>profiles/</code>.</p>")
+
+
+def _hottest(zones: Any) -> float | None:
+    """The runner records {thermal zone: °C} before and after timing; the hottest zone is what throttles."""
+    values = [v for v in (zones or {}).values() if isinstance(v, (int, float))] if isinstance(zones, dict) else []
+    return max(values) if values else None
 
 
 def _kv(pairs: list[tuple[str, Any]]) -> str:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
 from edgekit.errors import BadInput
 
@@ -187,10 +186,9 @@ def load_all() -> list[Target]:
 
 
 def _load_file(path: Path) -> Target:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML ({e})") from None
+    from edgekit.untrusted import load_yaml
+
+    raw = load_yaml(path, "target file")
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: a target file must be a mapping of keys to values")
     if raw.get("detect") == "host":
@@ -248,7 +246,7 @@ def detect_host() -> dict[str, Any]:
     flags = set((info.get("flags") or info.get("Features") or "").split())
     wanted = [
         "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
-        "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+        "avx512_bf16", "avx512_fp16", "avx512_vp2intersect", "amx_tile", "amx_int8", "amx_bf16",
         "asimd", "asimdhp", "asimddp", "fphp", "sve", "i8mm",
     ]
     isa = [f for f in wanted if f in flags]
@@ -258,16 +256,19 @@ def detect_host() -> dict[str, Any]:
     freq = psutil.cpu_freq()
     ghz = round(((freq.max or freq.current) if freq else mhz) / 1000, 2) or 2.0
 
-    # FP32 FLOPs per cycle per core: two FMA units of the widest vector width.
-    if "avx512f" in flags:
+    # FP32 FLOPs per cycle per core: two FMA units of the widest vector width. AMD's AVX-512 before Zen 5
+    # (which alone of them has VP2INTERSECT) runs on 256-bit datapaths: AVX2's rate.
+    if "avx512f" in flags and (info.get("vendor_id") != "AuthenticAMD" or "avx512_vp2intersect" in flags):
         fp32_per_cycle = 64
-    elif "avx2" in flags and "fma" in flags:
+    elif ("avx2" in flags and "fma" in flags) or "avx512f" in flags:
         fp32_per_cycle = 32
     elif "asimd" in flags:
         fp32_per_cycle = 16
     else:
         fp32_per_cycle = 8
-    int8_gain = 4 if {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & flags else 2
+    # INT8 gains only with dot-product instructions (VNNI, AMX, ARM's sdot): without, AVX2's pmaddubsw
+    # path measured slower than FP32 in ONNX Runtime (shared/device-facts.md)
+    int8_gain = 4 if {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & flags else 1
     fp16_gain = 2 if {"avx512_fp16", "asimdhp", "amx_bf16"} & flags else 1
     fp32_tops = cores * ghz * fp32_per_cycle / 1000
     align = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4

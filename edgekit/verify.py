@@ -4,6 +4,12 @@ Figures per output, over all validation samples together: cosine similarity, SNR
 absolute error; the same cosine and SNR mean-centred (each output element's mean over the samples
 subtracted, so a large constant part of an output cannot hide that the input-dependent part is
 wrong); top-1 agreement for classifier outputs; accuracy when the data has labels.
+
+An output whose parts live on different scales (a detector's box coordinates in pixels concatenated
+with its 0-1 class scores) is also judged part by part: per slice along its channel-like axis
+(`slice_axis`), each slice gets the same figures and thresholds, so a part too small to move the
+whole-output figures cannot be destroyed unnoticed. Score-like slices (the reference in [0, 1]) are
+also compared on what decides detections: the overlap of the above-threshold sets and the rank order.
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ from edgekit.backends.base import Session
 SNR_CAP_DB = 200.0
 CENTRED_COSINE_SLACK = 0.01
 CONSTANT_OUTPUT_POWER = 1e-10
+SCORE_THRESHOLD = 0.25  # a detector's usual confidence cut: the sets of scores above it are compared
+MAX_SLICE_AXIS = 128  # a channel-like axis: at most this long ...
+SLICE_AXIS_RATIO = 4  # ... and at least this many times shorter than the longest non-batch axis
+RANK_SAMPLES = 1 << 18  # Spearman on at most this many values per slice (an even stride through them)
+WORST_SLICES = 3  # per sliced output, in Verification.worst_slices
 
 
 @dataclass
@@ -34,6 +45,12 @@ class Thresholds:
     # to get right, so it sits a little below the plain one for healthy INT8; losing the input-dependent
     # part drops it far lower. Derived, so thresholds loosened by hand stay loose.
     min_centred_cosine: float | None = None
+    # Score-like slices (reference in [0, 1]): IoU of the (ref > 0.25) and (out > 0.25) sets, and the
+    # Spearman rank correlation. Measured on a YOLO-style test model: healthy INT8 (head in float)
+    # 0.87-0.94 and >= 0.99 (ONNX Runtime, OpenVINO, NCNN); INT8 whose shared output scale wiped the scores
+    # out 0.00 and 0.00. Synthetic INT8-sized noise on score maps: >= 0.9 and >= 0.95.
+    min_score_iou: float = 0.5
+    min_rank_correlation: float = 0.9
 
     def to_dict(self) -> dict[str, float]:
         return {**asdict(self), "min_centred_cosine": self.centred_cosine_for(None)}
@@ -49,6 +66,26 @@ class Thresholds:
 
 
 @dataclass
+class SliceAgreement:
+    """The figures of one slice of an output (index `index` along `axis`), over all samples. None where
+    a figure cannot be computed (a constant reference slice has no cosine worth the name) or does not
+    apply (score IoU and rank correlation: score-like slices only); None is never judged."""
+
+    axis: int
+    index: int
+    cosine: float | None
+    centred_cosine: float | None
+    snr_db: float | None
+    max_abs_error: float
+    score_like: bool = False  # the reference slice lies in [0, 1] and varies: sigmoid / softmax scores
+    score_iou: float | None = None  # IoU of (ref > SCORE_THRESHOLD) and (out > SCORE_THRESHOLD)
+    rank_correlation: float | None = None  # Spearman, over the slice's values
+    constant: bool = False  # the reference slice does not vary at all: flagged, not judged
+    failed: list[str] = field(default_factory=list)  # the figures that missed their thresholds
+    note: str | None = None
+
+
+@dataclass
 class OutputAgreement:
     name: str
     cosine: float
@@ -61,6 +98,11 @@ class OutputAgreement:
     centred_cosine: float | None = None
     centred_snr_db: float | None = None
     non_finite: int = 0  # NaN/inf values in the artifact's output (FP16 overflow): fails every figure
+    slice_axis: int | None = None  # the channel-like axis the output was also judged along (None: not sliced)
+    slices: list[SliceAgreement] = field(default_factory=list)
+    # The FP32 reference is the same for every validation sample (all zeros, a constant): nothing an
+    # artifact computes from the input can be checked against it.
+    constant_reference: bool = False
 
 
 @dataclass
@@ -80,6 +122,15 @@ class Verification:
     centred_cosine_min: float | None = None
     centred_snr_db_min: float | None = None
     precision: str | None = None  # which precision's thresholds applied
+    # Per-slice figures, over every sliced output (None: no output was sliced, or none has the figure).
+    slice_cosine_min: float | None = None
+    slice_snr_db_min: float | None = None
+    score_iou_min: float | None = None
+    rank_correlation_min: float | None = None
+    # The worst slices of each sliced output (up to WORST_SLICES, worst first), each with its output.
+    worst_slices: list[dict[str, Any]] = field(default_factory=list)
+    worst_slice: dict[str, Any] | None = None  # the one closest to (or furthest past) a threshold, of all outputs
+    notes: list[str] = field(default_factory=list)  # what was not judged, and why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +148,19 @@ def is_classifier_output(shape: tuple[int, ...]) -> bool:
     return len(inner) == 1 and inner[0] >= 2 and len(shape) >= 2 and shape[1] == inner[0]
 
 
+def slice_axis(shape: tuple[int, ...] | list[int]) -> int | None:
+    """The channel-like axis of an output whose parts may live on different scales: for rank >= 3, the one
+    non-batch axis of 2..MAX_SLICE_AXIS that is at least SLICE_AXIS_RATIO times shorter than the longest
+    non-batch axis (the 8 of [1, 8, 2100], the 6 of [1, 3549, 6], the 3 of [1, 3, 12, 12]). None when
+    there is no such axis or more than one: [N, C] classifiers, [1, 64, 8, 8] feature maps."""
+    dims = [d if isinstance(d, int) else 0 for d in list(shape)[1:]]
+    if len(dims) < 2 or min(dims) < 1:
+        return None
+    longest = max(dims)
+    found = [i + 1 for i, d in enumerate(dims) if 2 <= d <= MAX_SLICE_AXIS and d * SLICE_AXIS_RATIO <= longest]
+    return found[0] if len(found) == 1 else None
+
+
 def compare(
     reference: list[np.ndarray],
     outputs: list[np.ndarray],
@@ -107,7 +171,12 @@ def compare(
 ) -> Verification:
     """Reject when any figure misses its threshold. `precision` picks the cosine thresholds (FP16
     artifacts are held to min_cosine_fp16). The mean-centred SNR is reported, not judged: on
-    synthetic-noise inputs pooled outputs barely vary and it would reject healthy INT8."""
+    synthetic-noise inputs pooled outputs barely vary and it would reject healthy INT8.
+
+    Outputs with a channel-like axis are judged per slice too (the same cosine, centred cosine and SNR
+    thresholds, plus score IoU and rank correlation on score-like slices); a slice that misses fails the
+    artifact, named by output, slice and axis. An output that already fails as a whole adds no slice
+    failures (its slices are still reported)."""
     agreements = [_agreement(n, r, o) for n, r, o in zip(names, reference, outputs)]
     cls = next((i for i, r in enumerate(reference) if is_classifier_output(r.shape)), None)
     top1 = agreements[cls].top1_agreement if cls is not None else None
@@ -144,8 +213,85 @@ def compare(
     if acc is not None and ref_acc is not None and (ref_acc - acc) * 100 > t.max_accuracy_drop + 1e-9:
         v.failures.append(f"accuracy {acc:.1%} is {(ref_acc - acc) * 100:.1f} points below FP32 {ref_acc:.1%} "
                           f"(max drop {t.max_accuracy_drop})")
+    if all(a.constant_reference for a in agreements):
+        # Figures that cannot fail verify nothing: a random-initialised model whose logits are exactly 0, or
+        # validation samples that are all the same image, would pass any artifact at cosine 1.0.
+        zeros = all(float(np.abs(r).max()) == 0 for r in reference)
+        v.failures.append(f"the FP32 reference gives {'all zeros' if zeros else 'the same output'} for every one of "
+                          f"the {len(reference[0])} validation samples: the model (untrained? a constant head?) or "
+                          "the data (identical samples?) is degenerate, and no figure can tell a right artifact "
+                          "from a wrong one")
+    limits = _slice_limits(t, precision)
+    for a in agreements:
+        whole_failed = bool(a.non_finite) or a.cosine < min_cos or a.snr_db < t.min_snr_db or (
+            a.centred_cosine is not None and a.centred_cosine < min_centred)
+        v.failures += _judge_slices(a, limits, report=not whole_failed)
+        v.notes += [f"output {a.name} slice {s.index} (axis {s.axis}): {s.note}" for s in a.slices if s.note]
+    sliced = [s for a in agreements for s in a.slices]
+    v.slice_cosine_min = _min_or_none(s.cosine for s in sliced)
+    v.slice_snr_db_min = _min_or_none(s.snr_db for s in sliced)
+    v.score_iou_min = _min_or_none(s.score_iou for s in sliced)
+    v.rank_correlation_min = _min_or_none(s.rank_correlation for s in sliced)
+    v.worst_slices = [{"output": a.name, **asdict(s)} for a in agreements
+                      for s in sorted(a.slices, key=lambda s: _margin(s, limits))[:WORST_SLICES]]
+    judged = [(a.name, s) for a in agreements for s in a.slices if not s.constant]
+    if judged:
+        name, worst = min(judged, key=lambda pair: _margin(pair[1], limits))
+        v.worst_slice = {"output": name, **asdict(worst)}
     v.passed = not v.failures
     return v
+
+
+def describe_slice(d: dict[str, Any]) -> str:
+    """'output0 slice 4 (axis 1): cosine 0.9970, SNR 21.8 dB, score IoU 0.89, rank correlation 0.996' from a
+    worst_slice(s) record (a dict, as in the manifest)."""
+    figures = [f"{label} {format(d[k] + 0.0, fmt)}{' dB' if k == 'snr_db' else ''}"
+               for k, (label, fmt) in _SLICE_FIGURES.items() if d.get(k) is not None]
+    what = ", ".join(figures) or "constant: not judged"
+    return f"{d['output']} slice {d['index']} (axis {d['axis']}): {what}" + (
+        f" (missed: {', '.join(d['failed'])})" if d.get("failed") else "")
+
+
+# figure -> (label, format); judged per slice with the same thresholds as whole outputs
+_SLICE_FIGURES = {"cosine": ("cosine", ".4f"), "centred_cosine": ("mean-centred cosine", ".4f"),
+                  "snr_db": ("SNR", ".1f"), "score_iou": ("score IoU", ".2f"),
+                  "rank_correlation": ("rank correlation", ".3f")}
+
+
+def _slice_limits(t: Thresholds, precision: str | None) -> dict[str, float]:
+    return {"cosine": t.cosine_for(precision), "centred_cosine": t.centred_cosine_for(precision),
+            "snr_db": t.min_snr_db, "score_iou": t.min_score_iou, "rank_correlation": t.min_rank_correlation}
+
+
+def _judge_slices(a: OutputAgreement, limits: dict[str, float], report: bool) -> list[str]:
+    """Mark each slice's missed figures; one failure line per figure (its worst slice, and how many miss)."""
+    failures = []
+    for figure, (label, fmt) in _SLICE_FIGURES.items():
+        missing = [s for s in a.slices if getattr(s, figure) is not None and getattr(s, figure) < limits[figure]]
+        for s in missing:
+            s.failed.append(figure)
+        if not missing or not report:
+            continue
+        worst = min(missing, key=lambda s: getattr(s, figure))
+        unit = " dB" if figure == "snr_db" else ""
+        more = f" ({len(missing)} of {len(a.slices)} slices miss it)" if len(missing) > 1 else ""
+        failures.append(f"output {a.name} slice {worst.index} (axis {worst.axis}): {label} "
+                        f"{format(getattr(worst, figure) + 0.0, fmt)}{unit} < {limits[figure]}{unit}{more}")
+    return failures
+
+
+def _margin(s: SliceAgreement, limits: dict[str, float]) -> float:
+    """How far the slice's worst figure is above its threshold, comparable across figures (< 0: missed):
+    for the 0-1 figures in units of (1 - threshold), for SNR in units of the threshold."""
+    margins = []
+    for figure in _SLICE_FIGURES:
+        value = getattr(s, figure)
+        if value is None:
+            continue
+        limit = limits[figure]
+        scale = max(abs(limit), 1.0) if figure == "snr_db" else max(1.0 - limit, 1e-6)
+        margins.append((value - limit) / scale)
+    return min(margins) if margins else float("inf")
 
 
 def _min_or_none(values: Any) -> float | None:
@@ -155,6 +301,14 @@ def _min_or_none(values: Any) -> float | None:
 
 def _argmax(x: np.ndarray) -> np.ndarray:
     return x.reshape(len(x), -1).argmax(axis=1)
+
+
+def is_constant(ref: np.ndarray) -> bool:
+    """The output is the same for every sample (all zeros included): it does not depend on the input. Float
+    rounding alone leaves a relative variation power near 1e-14, far below CONSTANT_OUTPUT_POWER."""
+    r = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    signal = float((r**2).sum())
+    return signal == 0 or (len(r) > 1 and float(((r - r.mean(axis=0)) ** 2).sum()) <= CONSTANT_OUTPUT_POWER * signal)
 
 
 def _agreement(name: str, ref: np.ndarray, out: np.ndarray) -> OutputAgreement:
@@ -173,9 +327,11 @@ def _agreement(name: str, ref: np.ndarray, out: np.ndarray) -> OutputAgreement:
     varying = float(((r - mean) ** 2).sum())
     # An output that does not depend on the input (anchors, constants) has no centred figures; float
     # rounding alone leaves a relative power near 1e-14, far below this.
-    if len(r) > 1 and varying > CONSTANT_OUTPUT_POWER * signal:
+    constant = is_constant(ref)
+    if len(r) > 1 and not constant:
         centred_cos = _cosine((r - mean).ravel(), (o - mean).ravel())
         centred_snr = _snr_db(varying, noise)
+    axis = slice_axis(ref.shape)
     return OutputAgreement(
         name=name,
         cosine=_cosine(r.ravel(), o.ravel()),
@@ -186,7 +342,55 @@ def _agreement(name: str, ref: np.ndarray, out: np.ndarray) -> OutputAgreement:
         top1_agreement=float((_argmax(ref) == _argmax(out)).mean()) if is_classifier_output(ref.shape) else None,
         centred_cosine=centred_cos,
         centred_snr_db=centred_snr,
+        slice_axis=axis,
+        slices=[] if axis is None else [_slice(ref, out, axis, i, signal / r.size) for i in range(ref.shape[axis])],
+        constant_reference=constant,
     )
+
+
+def _slice(ref: np.ndarray, out: np.ndarray, axis: int, index: int, mean_power: float) -> SliceAgreement:
+    """One slice's figures. `mean_power`: the whole output's mean square, the scale below which a slice's
+    variation is float rounding (constant: flagged and not judged, never passed on a cosine of zeros)."""
+    r = np.take(ref, index, axis=axis).reshape(len(ref), -1)
+    o = np.take(out, index, axis=axis).reshape(len(out), -1)
+    err = r - o
+    max_err = float(np.abs(err).max()) if err.size else 0.0
+    spread = float(((r - r.mean()) ** 2).sum())
+    if not r.size or spread <= CONSTANT_OUTPUT_POWER * mean_power * r.size:
+        value = float(r.flat[0]) if r.size else 0.0
+        return SliceAgreement(axis, index, None, None, None, max_err, constant=True,
+                              note=f"constant in the reference ({value:.4g}): not judged")
+    mean = r.mean(axis=0)
+    varying = float(((r - mean) ** 2).sum())
+    centred = (_cosine((r - mean).ravel(), (o - mean).ravel())
+               if len(r) > 1 and varying > CONSTANT_OUTPUT_POWER * mean_power * r.size else None)
+    s = SliceAgreement(axis, index, _cosine(r.ravel(), o.ravel()), centred,
+                       _snr_db(float((r**2).sum()), float((err**2).sum())), max_err)
+    if float(r.min()) >= 0.0 and float(r.max()) <= 1.0:
+        s.score_like = True
+        above, hits = r > SCORE_THRESHOLD, o > SCORE_THRESHOLD
+        if above.any():
+            s.score_iou = float((above & hits).sum() / (above | hits).sum())
+        else:
+            s.note = f"no reference score above {SCORE_THRESHOLD}: score IoU not judged (an empty set is no pass)"
+        s.rank_correlation = _spearman(r.ravel(), o.ravel())
+    return s
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation, tied values sharing their mean rank (an INT8 output has only 256
+    levels; an output that collapsed to one value has no order left: 0), on an even stride through at
+    most RANK_SAMPLES values."""
+    step = max(1, -(-len(a) // RANK_SAMPLES))
+    return _cosine(_ranks(a[::step]), _ranks(b[::step]))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Mean ranks (ties share theirs), centred."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    r = (first + (counts - 1) / 2.0)[inverse.ravel()]
+    return r - r.mean()
 
 
 def _snr_db(signal: float, noise: float) -> float:

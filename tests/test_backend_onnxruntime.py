@@ -111,3 +111,64 @@ def test_entropy_calibration_is_its_own_and_keeps_the_accuracy(tmp_path: Path, d
         assert a["verification"]["reference_accuracy"] - a["verification"]["accuracy"] <= 0.01
         sums[method] = a["files"][0]["sha256"]
     assert sums["minmax"] != sums["entropy"]
+
+
+def _layernorm_model(path: Path) -> Path:
+    """A small transformer block (torch nn.LayerNorm + Linear, exported at opset 17)."""
+    torch = pytest.importorskip("torch")
+
+    class Block(torch.nn.Module):
+        def __init__(self, d: int = 32) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.fc1, self.fc2, self.head = torch.nn.Linear(d, 64), torch.nn.Linear(64, d), torch.nn.Linear(d, 4)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            x = x + self.fc2(torch.relu(self.fc1(self.ln1(x))))
+            return self.head(self.ln2(x).mean(1))
+
+    torch.manual_seed(0)
+    torch.onnx.export(Block().eval(), (torch.randn(1, 16, 32),), str(path), opset_version=17, input_names=["x"],
+                      output_names=["y"], dynamo=False)
+    return path
+
+
+def test_int8_layernorm_is_quiet_and_keeps_per_channel_where_there_is_a_channel(tmp_path: Path) -> None:
+    """Per-channel INT8 of a model with LayerNormalization: its 1-D scale is per-tensor (ORT used to log
+    "Axis 1 is out-of-range for weight ..." for each one), the Linear weights stay per-channel."""
+    from conftest import read_manifest
+
+    model = _layernorm_model(tmp_path / "ln.onnx")
+    assert "LayerNormalization" in {n.op_type for n in onnx.load(model).graph.node}
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 16, 32)).astype(np.float32))
+    out = tmp_path / "pkg"
+    r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
+                "--calib", calib, "--out", out, *FAST)
+    assert r.code == 0, r.stderr
+    assert "out-of-range" not in r.stderr, r.stderr
+    (a,) = read_manifest(out)["artifacts"]
+    assert a["verification"]["passed"] and a["verification"]["cosine_min"] > 0.99
+    q = onnx.load(out / a["entry"])
+    inits = {i.name: i for i in q.graph.initializer}
+    scale_rank: dict[int, list[int]] = {}
+    for n in q.graph.node:  # weight rank -> the ranks of their scales
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == TensorProto.INT8:
+            scale_rank.setdefault(len(inits[n.input[0]].dims), []).append(len(inits[n.input[1]].dims))
+    assert scale_rank[2] == [1, 1, 1]  # fc1, fc2, head: a scale per output channel
+    assert scale_rank[1] and set(scale_rank[1]) == {0}  # the LayerNorm scale(s): one scale for the tensor
+
+
+def test_per_tensor_weights_names_only_weights_without_a_channel_axis() -> None:
+    from edgekit.backends.onnxruntime import per_tensor_weights
+
+    inits = [numpy_helper.from_array(np.ones(s, np.float32), n)
+             for n, s in (("gamma", [8]), ("beta", [8]), ("w", [8, 8]), ("conv_w", [8, 8, 1, 1]), ("conv_b", [8]))]
+    nodes = [helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"]),
+             helper.make_node("LayerNormalization", ["c", "gamma", "beta"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert per_tensor_weights(model) == {"gamma": [{}]}
+    assert per_tensor_weights(model, {"Conv", "MatMul"}) == {}

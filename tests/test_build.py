@@ -86,7 +86,7 @@ def test_rejected_artifact_exits_1_and_leaves_no_package(mobilenet_opset11: Path
     out = tmp_path / "pkg"
     r = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--precision", "int8",
                 "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--min-snr-db", "150",
-                "--out", out, *FAST)
+                "--recover", "none", "--out", out, *FAST)
     assert r.code == 1
     assert "rejected onnxruntime int8" in r.stderr and "SNR" in r.stderr
     assert not out.exists()
@@ -161,9 +161,15 @@ def test_existing_output_folder_needs_force(tmp_path: Path, mobilenet_opset11: P
     bad = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--calib", mobilenet_npz,
                   "--input-shape", "images=1,3,32,32", "--out", out, "--force", *FAST)
     assert bad.code == 2 and (out / "keep.txt").exists()
+    # --force replaces only what edgekit wrote: a folder of the user's files stays, even with --force
     r = run_cli("build", *args, "--force")
+    assert r.code == 2 and "--force replaces only" in r.error_line() and (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    assert run_cli("build", *args, "--force").code == 0  # an empty folder is replaced
+    first = read_manifest(out)
+    r = run_cli("build", *args, "--force")  # and so is a package
     assert r.code == 0, r.stderr
-    assert not (out / "keep.txt").exists() and read_manifest(out)["passed"]
+    assert read_manifest(out)["passed"] and read_manifest(out)["created"] >= first["created"]
 
 
 ALL_NINE = {(b, p) for b in ("onnxruntime", "openvino", "ncnn") for p in ("fp32", "fp16", "int8")}
@@ -251,3 +257,79 @@ def test_detector_style_model_through_every_backend(tmp_path: Path) -> None:
             assert a["details"]["keep_fp32"] == [], (a["key"], a["notes"])
     _check_every_artifact(m, package, src)
     assert r.code == (0 if all(a["verification"]["passed"] for a in m["artifacts"]) else 1), r.stderr
+
+
+def test_all_ships_what_verifies_and_lists_the_rest(defects_data: Path, tmp_path: Path) -> None:
+    """--precision all = everything the target can do, verified: an artifact that misses the thresholds is
+    listed with its reason and not shipped; the build exits 0 with the others. --strict: all or nothing."""
+    args = ["build", BUNDLED_ONNX, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "all",
+            "--calib", defects_data / "calib", "--val", defects_data / "val", "--preprocess", BUNDLED_PREPROCESS,
+            "--val-samples", "100", "--min-snr-db", "60", "--recover", "none", *FAST]
+    r = run_cli(*args, "--out", tmp_path / "pkg")
+    assert r.code == 0, r.stderr
+    m = read_manifest(tmp_path / "pkg")
+    assert m["passed"] and [a["key"] for a in m["artifacts"]] == ["onnxruntime-fp32", "onnxruntime-fp16"]
+    assert all(a["verification"]["passed"] for a in m["artifacts"])
+    (failed,) = m["failed_artifacts"]
+    assert failed["key"] == "onnxruntime-int8" and failed["stage"] == "verification"
+    assert "SNR" in failed["error"] and failed["verification"]["passed"] is False
+    assert not (tmp_path / "pkg" / "onnxruntime-int8").exists()
+    assert (tmp_path / "pkg" / "debug" / "onnxruntime-int8.json").is_file()  # its diagnosis is kept
+    assert "left out (rejected) onnxruntime-int8" in r.stderr
+    r = run_cli(*args, "--strict", "--out", tmp_path / "strict")
+    assert r.code == 1 and not (tmp_path / "strict").exists()
+    m = read_manifest(tmp_path / "strict.rejected")
+    assert not m["passed"] and "onnxruntime-int8" in [a["key"] for a in m["artifacts"]]
+
+
+def test_one_backend_that_cannot_convert_does_not_lose_the_others(tmp_path: Path) -> None:
+    import torch
+
+    class Seq(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+            self.fc = torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.onnx.export(Seq().eval(), (torch.randn(1, 5, 8),), str(tmp_path / "lstm.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"])
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((40, 5, 8)).astype(np.float32))
+    r = run_cli("build", tmp_path / "lstm.onnx", "--target", "host-cpu", "--backend", "ncnn", "--precision", "all",
+                "--calib", tmp_path / "d.npz", "--out", tmp_path / "pkg", *FAST)
+    assert r.code == 0, r.stderr
+    m = read_manifest(tmp_path / "pkg")
+    assert "ncnn-fp32" in [a["key"] for a in m["artifacts"]] and m["passed"]
+    failed = {f["key"]: f for f in m["failed_artifacts"]}
+    assert failed["ncnn-fp16"]["stage"] == "export" and "LSTM" in failed["ncnn-fp16"]["error"]
+    assert all(".partial-" not in f["error"] for f in failed.values())  # errors name no staging path
+    assert "not built ncnn-fp16" in r.stderr
+
+
+def test_model_whose_output_ignores_the_input_is_not_verified(tmp_path: Path) -> None:
+    import torch
+
+    class Untrained(torch.nn.Module):  # a head initialised to zero: logits are exactly 0 for every image
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 5)
+            torch.nn.init.zeros_(self.fc.weight)
+            torch.nn.init.zeros_(self.fc.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    torch.onnx.export(Untrained().eval(), (torch.randn(1, 3, 16, 16),), str(tmp_path / "m.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"])
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
+    r = run_cli("build", tmp_path / "m.onnx", "--target", "host-cpu", "--backend", "onnxruntime", "--precision",
+                "fp32,int8", "--calib", tmp_path / "d.npz", "--out", tmp_path / "pkg", *FAST)
+    assert r.code == 1, r.stderr
+    m = read_manifest(tmp_path / "pkg.rejected")
+    assert not any(a["verification"]["passed"] for a in m["artifacts"])
+    assert all("degenerate" in a["verification"]["failures"][-1] for a in m["artifacts"])
+    assert any("same output for every validation sample" in w for w in m["data"]["warnings"])
+    assert not (tmp_path / "pkg").exists()

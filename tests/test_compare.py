@@ -66,7 +66,7 @@ def packages(defects_data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "openvino": (BUNDLED_ONNX, "openvino", "fp32", defects_data / "calib", []),
         "slow": (slow, "onnxruntime", "fp32,int8", defects_data / "calib", []),
         "badcal": (BUNDLED_ONNX, "onnxruntime", "fp32,int8", bad_calib.parent, loose),  # passes, less accurate
-        "rejected": (BUNDLED_ONNX, "onnxruntime", "fp32,int8", bad_calib.parent, []),  # the same, verified
+        "rejected": (BUNDLED_ONNX, "onnxruntime", "fp32,int8", bad_calib.parent, ["--recover", "none"]),  # verified
     }
     out = {}
     for name, (model, backend, precision, calib, extra) in builds.items():

@@ -121,7 +121,7 @@ def _keygen(path: Path) -> str:
 
 
 class Sshd:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sftp: bool = True, extra: tuple[str, ...] = ()) -> None:
         self.root, self.port, self.user = root, _free_port(), getpass.getuser()
         host_pub = _keygen(root / "host_ed25519")
         (root / "authorized_keys").write_text(_keygen(root / "user_ed25519") + "\n")
@@ -133,8 +133,8 @@ class Sshd:
             f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_ed25519'}",
             f"AuthorizedKeysFile {root / 'authorized_keys'}", f"PidFile {root / 'sshd.pid'}",
             "UsePAM no", "StrictModes no", "PermitRootLogin yes", "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "Subsystem sftp internal-sftp",
-            "LogLevel ERROR", "",
+            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
+            *(["Subsystem sftp internal-sftp"] if sftp else []), *extra, "LogLevel ERROR", "",
         ]))
         Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # privilege separation folder
         with open(root / "sshd.log", "w") as log:  # -D: stays in the foreground, stopped by stop()
@@ -226,8 +226,10 @@ def test_devices_add_list_check_remove(sshd: Sshd, home: Path) -> None:
     import onnxruntime
 
     for word in ("reachable", "yes", sys.version.split()[0], "onnxruntime", onnxruntime.__version__, "ncnn", "cores",
-                 "governor", "runs onnxruntime"):
+                 "governor", "runs onnxruntime", "copy (scp)"):
         assert word in r.stdout, word
+    if _scp_speaks_sftp():
+        assert "yes (SFTP)" in r.stdout  # the copy check: a real file, by the protocol it used
     r = run_cli("devices", "remove", "dev")
     assert r.code == 0
     assert "no devices" in run_cli("devices", "list").stdout
@@ -531,3 +533,203 @@ def test_plan_measures_its_candidates_on_the_device(sshd: Sshd, home: Path, tmp_
     assert (home / "profiles" / "dev").is_dir()  # the device's measurements are recorded for the cost model
     r = run_cli("plan", model, "--target", "rpi4", "--calib", calib, "--device", "dev", "--out", tmp_path / "x.yaml")
     assert r.code == 2 and "is a host-cpu, not a rpi4" in r.error_line()
+
+
+# ---------------------------------------------------------------- stopped runners, sshd without SFTP
+
+
+def _scp_speaks_sftp() -> bool:
+    from edgekit.devices import scp_speaks_sftp
+
+    return scp_speaks_sftp()
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("edgekit: error")]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, reaped any moment, is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.time() + seconds
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+@pytest.fixture()
+def decoys() -> Iterator[tuple[Path, int]]:
+    """What edgekit did not create and must never touch: a folder named like its own in /tmp, whose .pid
+    names a process of this test's whose command line has edgekit-runner.py in it. Both must survive."""
+    import secrets
+
+    while True:
+        folder = TMP / f"edgekit-{secrets.token_hex(3)}"
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
+    (folder / "keep.txt").write_text("not edgekit's\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "edgekit-runner.py"])
+    (folder / ".pid").write_text(f"{proc.pid}\n")
+    try:
+        yield folder, proc.pid
+        assert proc.poll() is None, "edgekit killed a process it did not start"
+        assert (folder / "keep.txt").read_text() == "not edgekit's\n", "edgekit removed a folder it did not create"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@needs_sshd
+@pytest.mark.parametrize("ignores_term", [False, True], ids=["stopped", "stopped-and-ignoring-SIGTERM"])
+def test_stopped_runner_is_killed_and_its_folder_removed(sshd: Sshd, home: Path, pkg: Path, tmp_path: Path,
+                                                         decoys: tuple[Path, int], ignores_term: bool) -> None:
+    """A runner stopped (SIGSTOP) during the measurement, and one that also ignores SIGTERM: the step times
+    out, cleanup sends TERM (and CONT), then KILL after the grace period, and removes only its folder."""
+    python = sys.executable
+    if ignores_term:  # an ignored signal stays ignored across exec: the runner's Python ignores TERM
+        stubborn = tmp_path / "device-python3"
+        stubborn.write_text(f"#!/bin/sh\ntrap '' TERM\nexec {sys.executable} \"$@\"\n")
+        stubborn.chmod(0o755)
+        python = str(stubborn)
+    _add(sshd, home, python=python)
+    before, tmp_before = read_manifest(pkg), _leftovers()
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", "profile", str(pkg), "--device", "dev",
+                             "--seconds", "60", "--max-runs", "100000000", "--artifact", "onnxruntime-fp32",
+                             "--timeout", "8"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    pid = None
+    try:
+        deadline = time.time() + 60
+        while pid is None and time.time() < deadline:
+            pid = next((p for p, _ in _runners_under(sshd.proc.pid)), None)
+            time.sleep(0.05)
+        assert pid is not None, "the runner never started"
+        folder = Path(os.readlink(f"/proc/{pid}/cwd"))  # the wrapper starts it in edgekit's folder
+        assert folder.parent == TMP and len(folder.name) == len("edgekit-XXXXXX") and folder != decoys[0]
+        assert (folder / ".pid").read_text().strip() == str(pid)  # what cleanup reads: the only pid it signals
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.time()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid is not None and _alive(pid):  # the runner this test's measurement started, if edgekit failed
+            os.kill(pid, signal.SIGKILL)
+    lines = _error_lines(stderr)
+    assert proc.returncode == 3 and len(lines) == 1, stderr
+    line = lines[0]
+    assert line.startswith("edgekit: error: measuring on device dev timed out after 8 s"), line
+    assert "on device dev on device" not in line and line.count("dev (ssh://") <= 1
+    assert "the runner was stopped and its temporary folder removed" in line
+    assert "raise --timeout" in line and "load" in line  # what to do about it
+    assert "warning" not in stderr, stderr
+    if ignores_term:  # TERM alone did nothing: KILL came after the grace period
+        from edgekit.remote.profile import STOP_GRACE_S
+
+        assert time.time() - t0 >= STOP_GRACE_S
+    assert _wait_gone(pid), f"runner {pid} survived the cleanup"
+    assert not folder.exists(), f"{folder} left on the device"
+    _unchanged(pkg, before, home, tmp_before)
+    assert not _runners_under(sshd.proc.pid)
+
+
+@pytest.fixture(scope="module")
+def sshd_nosftp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """An sshd with no `Subsystem sftp` line, as on minimal device images without openssh-sftp-server."""
+    require_tools(str(SSHD), "ssh-keygen", "ssh", "scp", install="apt-get install openssh-server openssh-client")
+    server = Sshd(tmp_path_factory.mktemp("sshd-nosftp"), sftp=False)
+    yield server
+    server.stop()
+
+
+def _plain_scp(sshd: Sshd, kh: Path, source: Path, remote_dir: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["scp", *extra, "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={kh}", "-i", str(sshd.key),
+                           "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-P", str(sshd.port), str(source),
+                           f"{sshd.user}@127.0.0.1:{remote_dir}/"], capture_output=True, text=True, timeout=60)
+
+
+@needs_sshd
+def test_no_sftp_subsystem_copies_with_legacy_scp(sshd_nosftp: Sshd, home: Path, pkg: Path, tmp_path: Path,
+                                                  decoys: tuple[Path, int]) -> None:
+    if not _scp_speaks_sftp():
+        pytest.skip("this machine's scp is older than OpenSSH 9: it speaks the legacy protocol already")
+    kh = sshd_nosftp.known_hosts(home / "known_hosts-nosftp")
+    probe_file, landing = tmp_path / "probe.txt", tmp_path / "landing"
+    probe_file.write_text("x\n")
+    landing.mkdir()
+    plain = _plain_scp(sshd_nosftp, kh, probe_file, str(landing))  # the failure edgekit has to get past
+    assert plain.returncode != 0 and "subsystem request failed" in plain.stderr, plain.stderr
+    assert _plain_scp(sshd_nosftp, kh, probe_file, str(landing), "-O").returncode == 0
+    _add(sshd_nosftp, home, "nosftp", known_hosts=kh)
+    before, tmp_before = read_manifest(pkg), _leftovers()
+
+    r = run_cli("devices", "check", "nosftp")
+    assert r.code == 0 and not _error_lines(r.stderr), r.stderr
+    assert "copy (scp)" in r.stdout and "legacy SCP protocol (scp -O)" in r.stdout and "no SFTP" in r.stdout
+    assert _leftovers() <= tmp_before, f"the copy check left {_leftovers() - tmp_before}"
+
+    r = run_cli("profile", pkg, "--device", "nosftp", "--artifact", "onnxruntime-fp32", *FASTP)
+    assert r.code == 0 and not _error_lines(r.stderr), r.stderr
+    assert "no SFTP subsystem: copied with the legacy SCP protocol (scp -O)" in r.stderr
+    (a,) = [a for a in read_manifest(pkg)["artifacts"] if a.get("device_latency_ms")]
+    where = f"ssh://{sshd_nosftp.user}@127.0.0.1:{sshd_nosftp.port}"
+    assert a["key"] == "onnxruntime-fp32" and a["device_latency_ms"]["where"] == where
+    assert a["device_latency_ms"]["p50"] > 0
+    assert read_manifest(pkg)["artifacts"] != before["artifacts"]
+    assert _leftovers() <= tmp_before, f"left on the device: {_leftovers() - tmp_before}"
+    assert not _runners_under(sshd_nosftp.proc.pid)
+
+
+@pytest.fixture(scope="module")
+def sshd_nocopy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """No SFTP subsystem, and no `scp` on the sessions' PATH (sh, mktemp, cat, rm and sleep only): nothing
+    can copy files there, though ssh works."""
+    require_tools(str(SSHD), "ssh-keygen", "ssh", "scp", install="apt-get install openssh-server openssh-client")
+    root = tmp_path_factory.mktemp("sshd-nocopy")
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "mktemp", "cat", "rm", "sleep"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    server = Sshd(root, sftp=False, extra=(f"SetEnv PATH={bin_dir}",))
+    yield server
+    server.stop()
+
+
+@needs_sshd
+def test_device_that_cannot_copy_says_so_and_leaves_nothing(sshd_nocopy: Sshd, home: Path, pkg: Path,
+                                                            decoys: tuple[Path, int]) -> None:
+    if not _scp_speaks_sftp():
+        pytest.skip("this machine's scp is older than OpenSSH 9: no SFTP attempt to fall back from")
+    kh = sshd_nocopy.known_hosts(home / "known_hosts-nocopy")
+    which = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={kh}", "-i", str(sshd_nocopy.key),
+                            "-o", "IdentitiesOnly=yes", "-p", str(sshd_nocopy.port), f"{sshd_nocopy.user}@127.0.0.1",
+                            "command -v scp"], capture_output=True, text=True, timeout=60)
+    if which.returncode == 0:
+        pytest.skip(f"the login shell's startup files put scp back on PATH ({which.stdout.strip()})")
+    _add(sshd_nocopy, home, "nocopy", known_hosts=kh)
+    before, tmp_before = read_manifest(pkg), _leftovers()
+    want = "failed: its sshd has no SFTP subsystem and legacy scp (scp -O) failed too"
+    r = run_cli("devices", "check", "nocopy")
+    line = r.error_line()
+    assert r.code == 3 and line.startswith("edgekit: error: copying a test file to device nocopy " + want), r.stderr
+    assert "not found" in line and "install openssh-sftp-server" in line
+    assert "copy (scp)" in r.stdout and "fails" in r.stdout  # the table still says what works
+    assert _leftovers() <= tmp_before, f"the copy check left {_leftovers() - tmp_before}"
+
+    r = run_cli("profile", pkg, "--device", "nocopy", "--artifact", "onnxruntime-fp32", *FASTP)
+    line = r.error_line()
+    assert r.code == 3 and line.startswith("edgekit: error: copying the package to device nocopy " + want), r.stderr
+    assert "warning" not in r.stderr, r.stderr
+    _unchanged(pkg, before, home, tmp_before)

@@ -68,7 +68,8 @@ def test_errors_in_json_mode_are_json_with_the_exit_code(tmp_path: Path, small: 
     assert r.code == 2 and "not found" in _json(r)["error"]
     # A verification failure: exit 1, and the manifest of the rejected build in the document.
     r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
-                "--calib", calib, "--min-snr-db", "200", "--out", tmp_path / "x", *FAST, "--json")
+                "--calib", calib, "--min-snr-db", "200", "--recover", "none", "--out", tmp_path / "x", *FAST,
+                "--json")
     doc = _json(r)
     assert r.code == 1 and not doc["passed"] and doc["package"].endswith("x.rejected")
 

@@ -67,10 +67,17 @@ def test_quantization_hostile_layer_is_planned_in_float(tmp_path: Path) -> None:
     assert any("mixed precision" in reason for reason in ap["reasons"])
     (chosen,) = [c for c in plan["candidates"] if c["chosen"]]
     assert chosen["float_nodes"] == len(floats) and chosen["verdict"] == "ok"
-    # Uniform INT8 misses what the plan meets: build it and see it rejected.
+    # Uniform INT8 misses what the plan meets: build it without recovery and see it rejected; with the
+    # default recovery an explicit INT8 request finds the same float layers itself and says so.
     r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
-                "--calib", calib, "--out", tmp_path / "uniform", *QUICK, "--no-memory")
+                "--calib", calib, "--out", tmp_path / "uniform", "--recover", "none", *QUICK, "--no-memory")
     assert r.code == 1
+    r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
+                "--calib", calib, "--out", tmp_path / "recovered", *QUICK, "--no-memory")
+    assert r.code == 0, r.stderr
+    (a,) = read_manifest(tmp_path / "recovered")["artifacts"]
+    assert a["details"]["excluded_nodes"][0] == "hostile" and len(a["details"]["excluded_nodes"]) <= 2
+    assert any(n.startswith("mixed precision: ") and "hostile" in n for n in a["notes"])
     r = run_cli("build", model, "--target", "host-cpu", "--plan", tmp_path / "plan.yaml", "--calib", calib,
                 "--out", tmp_path / "mixed", *QUICK, "--no-memory")
     assert r.code == 0, r.stderr

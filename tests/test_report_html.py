@@ -64,7 +64,8 @@ def rejected(tmp_path_factory: pytest.TempPathFactory) -> Path:
     npz = tmp / "calib.npz"
     np.savez(npz, images=np.random.default_rng(1).standard_normal((60, 3, 16, 16)).astype(np.float32))
     r = run_cli("build", _evil_model(tmp / "evil.onnx"), "--target", "host-cpu", "--backend", "onnxruntime",
-                "--precision", "int8", "--calib", npz, "--min-cosine", "0.99999", "--out", tmp / "pkg", *FAST)
+                "--precision", "int8", "--calib", npz, "--min-cosine", "0.99999", "--recover", "none",
+                "--out", tmp / "pkg", *FAST)
     assert r.code == 1, r.stderr
     return tmp / "pkg.rejected"
 
@@ -153,8 +154,9 @@ def extend_manifest(m: dict[str, Any], model: Path) -> dict[str, Any]:
     fastest["device_latency_ms"] = {**{k: round(v * 3.4, 4) for k, v in lat.items() if isinstance(v, float)},
                                     "runs": 200, "threads": 4, "where": "ssh://pi@rpi4.local:22",
                                     "conditions": {"power_mode": None, "clocks_locked": None,
-                                                   "cpu_governor": "performance", "temperature_c": 48.2,
-                                                   "temperature_c_after": 55.1}}
+                                                   "cpu_governor": "performance",
+                                                   "temperature_c": {"cpu-thermal": 48.2},
+                                                   "temperature_c_after": {"cpu-thermal": 55.1}}}
     return m
 
 

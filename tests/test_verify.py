@@ -98,3 +98,19 @@ def test_centred_threshold_follows_min_cosine_unless_set() -> None:
     assert not compare([ref], [out], ["y"], None, Thresholds()).passed
     assert compare([ref], [out], ["y"], None, Thresholds(min_cosine=0.9)).passed  # loosened by hand: 0.89
     assert not compare([ref], [out], ["y"], None, Thresholds(min_cosine=0.9, min_centred_cosine=0.97)).passed
+
+
+def test_a_reference_that_ignores_its_input_verifies_nothing() -> None:
+    """An untrained model whose logits are exactly 0 (or the same for every sample): any artifact would
+    score cosine 1.0 and SNR 200 dB against it, so it must be rejected as unverifiable, not passed."""
+    zeros = np.zeros((20, 10))
+    v = compare([zeros], [zeros.copy()], ["logits"], None, Thresholds())
+    assert not v.passed and "all zeros" in v.failures[-1] and "degenerate" in v.failures[-1]
+    same = np.tile(np.arange(10.0), (20, 1))
+    v = compare([same], [same.copy()], ["logits"], None, Thresholds())
+    assert not v.passed and "the same output" in v.failures[-1]
+    # One input-independent output beside one that varies (anchors next to scores) is fine.
+    rng = np.random.default_rng(0)
+    varying = rng.standard_normal((20, 10))
+    v = compare([same, varying], [same.copy(), varying + 1e-4], ["anchors", "scores"], None, Thresholds())
+    assert v.passed, v.failures

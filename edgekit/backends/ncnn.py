@@ -3,7 +3,9 @@ edgekit's Python ports of ncnn2table and ncnn2int8 (ncnn_int8.py), run with the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import shutil
 import subprocess
 import tempfile
@@ -13,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
 from edgekit.compress.fp16_range import fp16_range_problem, same_weights_any_layout
-from edgekit.errors import BadInput, EdgekitError
+from edgekit.errors import BadInput, EdgekitError, UnsupportedOp
 
 if TYPE_CHECKING:
     from edgekit.data import Dataset
@@ -137,8 +139,7 @@ class NcnnBackend(Backend):
 
     def export(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset | None, root: Path) -> Artifact:
         param, bin_ = root / "model.ncnn.param", root / "model.ncnn.bin"
-        self._pnnx(spec, param, bin_)
-        details: dict[str, Any] = {"converter": "pnnx", "storage": "fp32"}
+        details: dict[str, Any] = {"converter": "pnnx", "storage": "fp32", **self._pnnx(spec, param, bin_)}
         notes: list[str] = []
         if plan.precision == "fp16":
             kept, notes = self._fp16_storage(spec, plan, param, bin_)
@@ -146,7 +147,8 @@ class NcnnBackend(Backend):
         elif plan.precision == "int8":
             if calibration is None or len(calibration) == 0:
                 raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
-            details.update(self._int8(spec, plan, calibration, param, bin_, root))
+            int8_details, notes = self._int8(spec, plan, calibration, param, bin_, root)
+            details.update(int8_details)
         elif plan.precision != "fp32":
             raise BadInput(f"{self.name} cannot build precision {plan.precision}")
         inputs, outputs = _io_blobs(param)
@@ -174,29 +176,36 @@ class NcnnBackend(Backend):
     # ------------------------------------------------------------ conversion
 
     @staticmethod
-    def _pnnx(spec: ModelSpec, param: Path, bin_: Path) -> None:
-        import pnnx
-
-        shapes = ",".join("[" + ",".join(str(d) for d in i.shape) + "]" for i in spec.inputs)
-        with tempfile.TemporaryDirectory(prefix="edgekit-pnnx-") as tmp:
-            src = Path(tmp) / "model.onnx"
-            model = onnx.load(spec.onnx_path)
-            if model.ir_version > PNNX_MAX_IR_VERSION:  # pnnx embeds an older ONNX Runtime
-                model.ir_version = PNNX_MAX_IR_VERSION
-                onnx.save(model, src)
-            else:
-                shutil.copyfile(spec.onnx_path, src)
-            try:  # fp16=0: edgekit chooses the storage per layer afterwards
-                r = subprocess.run([pnnx.EXEC_PATH, str(src), f"inputshape={shapes}", "fp16=0"], cwd=tmp,
-                                   capture_output=True, text=True, timeout=PNNX_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                raise EdgekitError(f"pnnx did not finish in {PNNX_TIMEOUT_S} s") from None
-            out_param, out_bin = Path(tmp) / "model.ncnn.param", Path(tmp) / "model.ncnn.bin"
-            if r.returncode != 0 or not out_param.exists():
-                tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise EdgekitError(f"pnnx failed (exit {r.returncode}): {tail[0]}")
-            shutil.copyfile(out_param, param)
-            shutil.copyfile(out_bin, bin_)
+    def _pnnx(spec: ModelSpec, param: Path, bin_: Path) -> dict[str, Any]:
+        """pnnx on the canonical graph (rewritten where pnnx converts it badly, the rewrite checked equal in
+        ONNX Runtime). pnnx exits 0 even when it leaves torch ops ncnn has no layer for (`Tensor.slice`):
+        those are refused here, naming the ONNX node and pnnx's warning, before ncnn ever loads the file."""
+        canonical = spec.load()
+        rewritten, rewrites = pnnx_graph(canonical, spec)
+        candidates = [(rewritten, rewrites)] + ([(canonical, [])] if rewrites else [])
+        for i, (model, applied) in enumerate(candidates):
+            last = i == len(candidates) - 1
+            with tempfile.TemporaryDirectory(prefix="edgekit-pnnx-") as tmp:
+                r, out_param, out_bin = _run_pnnx(model, spec, Path(tmp))
+                if r.returncode != 0 or not out_param.exists():
+                    if not last:  # the rewritten graph broke pnnx: the graph as it is
+                        continue
+                    tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+                    raise EdgekitError(f"pnnx failed (exit {r.returncode}): {tail[0]}")
+                warnings = pnnx_warnings(r.stdout + "\n" + r.stderr)
+                refuse_unconvertible(out_param, Path(tmp) / "model.pnnx.param", model, warnings)
+                shutil.copyfile(out_param, param)
+                shutil.copyfile(out_bin, bin_)
+            details: dict[str, Any] = {}
+            if applied:
+                details["pnnx_rewrites"] = applied
+            if i:
+                details["pnnx_rewrites"] = ["pnnx failed on edgekit's rewritten graph; the graph was converted "
+                                            "as it is"]
+            if warnings:
+                details["pnnx_warnings"] = warnings
+            return details
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _fp16_storage(spec: ModelSpec, plan: ArtifactPlan, param: Path, bin_: Path) -> tuple[dict[str, str], list[str]]:
@@ -211,7 +220,8 @@ class NcnnBackend(Backend):
         for layer in model.layers:
             for i, blob in enumerate(model.weights.get(layer.name, [])):
                 what = layer.name if i == 0 else f"{layer.name} (blob {i})"
-                why = fp16_range_problem(blob.data, what) if blob.tagged else None
+                # a bias near zero loses nothing when flushed (fp16_range_problem's tiny_matters)
+                why = fp16_range_problem(blob.data, what, tiny_matters=blob.role == "weight") if blob.tagged else None
                 if why:
                     kept[layer.name] = why
                     break
@@ -233,7 +243,7 @@ class NcnnBackend(Backend):
         return kept, notes
 
     def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, param: Path, bin_: Path,
-              root: Path) -> dict[str, Any]:
+              root: Path) -> tuple[dict[str, Any], list[str]]:
         from edgekit.backends import ncnn_int8
         from edgekit.backends.ncnn_format import NcnnModel
 
@@ -242,10 +252,11 @@ class NcnnBackend(Backend):
         method = {"minmax": "minmax", "entropy": "kl", "percentile": "kl"}[q.method]
         inputs, _ = _io_blobs(param)
         batches = [dict(zip(inputs, b.values())) for b in calibration.batches(spec)[: q.samples]]
-        named = _layers_for_nodes(NcnnModel.load(param, bin_), spec.load(), q.exclude_nodes, "keep in float",
-                                  weightless_ok=True)
+        model = NcnnModel.load(param, bin_)
+        named = _layers_for_nodes(model, spec.load(), q.exclude_nodes, "keep in float", weightless_ok=True)
         exclude = {layer for layers in named.values() for layer in layers}
-        table = ncnn_int8.calibration_table(param, bin_, batches, method=method, exclude=exclude)
+        selectors = _selector_layers(model)  # edgekit's own strided-slice rewrite: exact in float, keep it so
+        table = ncnn_int8.calibration_table(param, bin_, batches, method=method, exclude=exclude | selectors)
         ncnn_int8.write_table(root / "model.table", table)
         fp32_param, fp32_bin = root / "fp32.param", root / "fp32.bin"
         param.rename(fp32_param)
@@ -253,14 +264,54 @@ class NcnnBackend(Backend):
         quantized = ncnn_int8.quantize_model(fp32_param, fp32_bin, table, param, bin_)
         fp32_param.unlink()
         fp32_bin.unlink()
+        done = set(quantized)
+        by_type: dict[str, int] = {}
+        for layer in model.layers:
+            if layer.name in done:
+                by_type[layer.type] = by_type.get(layer.type, 0) + 1
+        # Weighted layers ncnn has no int8 kernel for (LayerNorm's gamma/beta are raw fp32 anyway): float.
+        no_int8: dict[str, int] = {}
+        for layer in model.layers:
+            weighted = any(b.tagged and b.role == "weight" for b in model.weights.get(layer.name, []))
+            if weighted and layer.name not in done | exclude | selectors:
+                no_int8[layer.type] = no_int8.get(layer.type, 0) + 1
+        notes = []
+        if no_int8:
+            notes.append("ncnn layers kept in float (ncnn has no int8 kernel for them): "
+                         + ", ".join(f"{n} {t}" for t, n in sorted(no_int8.items())))
+        if selectors:
+            notes.append(f"{len(selectors)} stride-selector convolution(s) from edgekit's strided-Slice rewrite "
+                         "kept in float (exact there)")
         weights = "8-bit per output channel (6-bit for 3x3 stride-1 convolutions: int8 Winograd)"
+        if by_type.keys() & set(ncnn_int8.DYNAMIC):
+            weights += ("; Gemm: one scale per weight matrix, MultiHeadAttention: per output row for q/k/v and "
+                        "one for the output projection, inputs quantised at run time (ncnn's int8 kernels)")
         if q.reduce_range:
             weights += "; reduce_range does not apply to ncnn"
-        return {"quantizer": "edgekit ncnn2table + ncnn2int8 (Python ports)", "calibration": method,
-                "weights": weights,
-                "calibration_samples": len(batches), "table": "model.table", "storage": "int8 weights",
-                "int8_layers": len(quantized), "kept_float": sorted(exclude),
-                "runtime_options": {"use_int8_inference": True}}
+        details = {"quantizer": "edgekit ncnn2table + ncnn2int8 (Python ports)", "calibration": method,
+                   "weights": weights,
+                   "calibration_samples": len(batches), "table": "model.table", "storage": "int8 weights",
+                   "int8_layers": len(quantized), "int8_layer_types": by_type, "kept_float": sorted(exclude),
+                   "runtime_options": {"use_int8_inference": True}}
+        if no_int8:
+            details["float_layer_types"] = no_int8
+        return details, notes
+
+
+def _selector_layers(model: Any) -> set[str]:
+    """ncnn layers that only pick every s-th pixel: depthwise 1x1 convolutions with stride > 1, weights all
+    exactly 1 and no bias (what edgekit writes for a strided Slice). INT8 would only add rounding to them."""
+    found = set()
+    for layer in model.layers:
+        p = layer.int
+        if layer.type != "ConvolutionDepthWise" or p(5) or p(1) != 1 or p(11, p(1)) != 1:
+            continue
+        if p(3, 1) == 1 and p(13, p(3, 1)) == 1:
+            continue
+        blobs = model.weights.get(layer.name, [])
+        if blobs and np.all(blobs[0].data == 1.0):
+            found.add(layer.name)
+    return found
 
 
 def _weight_of(onnx_model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray | None:
@@ -312,3 +363,363 @@ def _onnx_origin(model: Any, onnx_model: onnx.ModelProto, layers: dict[str, str]
         node = next((n for n, w in weights if blobs and same_weights_any_layout(blobs[0].data, w)), None)
         origin[name] = f", ONNX node {node.name}" if node is not None else ", weights folded by pnnx"
     return origin
+
+
+# ---------------------------------------------------------------- the ONNX graph given to pnnx
+
+INT64_MAX = 2**63 - 1
+
+
+def pnnx_graph(model: onnx.ModelProto, spec: ModelSpec | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """The canonical graph with two rewrites for pnnx, each one checked to compute the same in ONNX Runtime
+    (else the graph is returned as it is):
+    - onnxslim turns a MatMul on token sequences ([1, T, K] x [K, N]) into Reshape -> Gemm -> Reshape; pnnx then
+      no longer recognises attention blocks (no MultiHeadAttention layer; nn.MultiheadAttention's 5-D
+      reshapes are left as `Tensor.reshape`, which ncnn cannot load). Restored to MatMul (+ Add).
+    - a Slice with step > 1 on H/W (a YOLOX Focus layer: x[..., ::2, ::2]), which pnnx leaves as
+      `Tensor.slice`, becomes a step-1 crop and a stride-s depthwise 1x1 convolution with weights 1 (exact);
+      SpaceToDepth the same way per block offset (pnnx maps it to ncnn Reorg, which orders the channels
+      as pixel_unshuffle does, not as ONNX does).
+    Returns (graph, what was rewritten)."""
+    if not any(n.op_type in ("Gemm", "Slice", "SpaceToDepth") for n in model.graph.node):
+        return model, []
+    new = copy.deepcopy(model)
+    shapes = _shapes(new)
+    done = []
+    matmuls = _restore_matmuls(new, shapes)
+    if matmuls:
+        done.append(f"{matmuls} Gemm on flattened token rows restored to MatMul (onnxslim's rewrite hides "
+                    "attention from pnnx)")
+    slices = _strided_slices_to_convs(new, shapes)
+    if slices:
+        listed = ", ".join(slices[:4]) + (" ..." if len(slices) > 4 else "")
+        done.append(f"{len(slices)} strided Slice/SpaceToDepth node(s) rewritten as crop + stride-s depthwise 1x1 "
+                    f"convolution (ncnn has no strided slice): {listed}")
+    if not done:
+        return model, []
+    _drop_dead(new)
+    del new.graph.value_info[:]  # shapes of rewritten tensors changed; pnnx and ONNX Runtime infer their own
+    why = _differs(model, new, spec)
+    if why:
+        return model, [f"edgekit's graph rewrite for pnnx was not used: {why}"]
+    return new, done
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shapes are a nicety here: no shapes, no rewrite
+        inferred = model
+    g = inferred.graph
+    out = {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+    for i in g.initializer:
+        out[i.name] = list(i.dims)
+    return out
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return values
+
+
+def _unique(model: onnx.ModelProto, base: str) -> str:
+    taken = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _add_init(model: onnx.ModelProto, base: str, value: np.ndarray) -> str:
+    name = _unique(model, base)
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+    return name
+
+
+def _restore_matmuls(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> int:
+    g = model.graph
+    nodes = list(g.node)  # one wrapper per node: positions (not id()) identify them below
+    consts = {i.name: i for i in g.initializer}
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for x in n.input:
+            consumers.setdefault(x, []).append(i)
+    graph_outputs = {o.name for o in g.output}
+
+    def eligible(n: onnx.NodeProto) -> bool:
+        if n.op_type != "Gemm" or len(n.input) < 2 or n.input[1] not in consts or n.output[0] in graph_outputs:
+            return False
+        a = _attrs(n)
+        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+            return False
+        w = consts[n.input[1]]
+        cols = w.dims[0 if a.get("transB") else 1] if len(w.dims) == 2 else -1
+        bias = n.input[2] if len(n.input) > 2 else ""
+        if cols < 0 or (bias and (bias not in consts or int(np.prod(consts[bias].dims)) != cols)):
+            return False
+        r = nodes[producer[n.input[0]]] if n.input[0] in producer else None
+        if r is None or r.op_type != "Reshape" or r.output[0] in graph_outputs:
+            return False
+        x, flat = shapes.get(r.input[0], []), shapes.get(r.output[0], [])
+        if len(x) < 3 or len(flat) != 2 or min(x + flat) <= 0:
+            return False
+        users = [nodes[u] for u in consumers.get(n.output[0], [])]
+        return bool(users) and all(u.op_type == "Reshape" and u.input[0] == n.output[0] for u in users)
+
+    ok = {i for i, n in enumerate(nodes) if eligible(n)}
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    reshaped: set[int] = set()
+    for i in sorted(ok):
+        n = nodes[i]
+        ri = producer[n.input[0]]
+        r = nodes[ri]
+        if not all(u in ok for u in consumers[r.output[0]]):
+            continue
+        a = _attrs(n)
+        m, k = shapes[r.output[0]]
+        x = shapes[r.input[0]]
+        w = numpy_helper.to_array(consts[n.input[1]])
+        weight = _add_init(model, f"{n.input[1]}_t", w.T) if a.get("transB", 0) else n.input[1]
+        if x[-1] == k:
+            src = r.input[0]  # the Reshape is left without users, dropped
+        else:
+            src = r.output[0]
+            if ri not in reshaped:
+                r.input[1] = _add_init(model, f"{r.name}_rows", np.array([1, m, k], np.int64))
+                reshaped.add(ri)
+        out = _unique(model, f"{n.output[0]}_matmul")
+        new = [helper.make_node("MatMul", [src, weight], [out], name=_unique(model, f"{n.name}_matmul"))]
+        if len(n.input) > 2 and n.input[2]:
+            bias = numpy_helper.to_array(consts[n.input[2]]).reshape(-1)
+            added = _unique(model, f"{n.output[0]}_add")
+            new.append(helper.make_node("Add", [out, _add_init(model, f"{n.input[2]}_row", bias)], [added],
+                                        name=_unique(model, f"{n.name}_add")))
+            out = added
+        for u in consumers[n.output[0]]:
+            nodes[u].input[0] = out
+        replaced[i] = new
+    if not replaced:
+        return 0
+    kept = []
+    for i, n in enumerate(nodes):
+        kept += replaced.get(i, [n])
+    del g.node[:]
+    g.node.extend(kept)
+    return len(replaced)
+
+
+def _strided_slices_to_convs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[str]:
+    g = model.graph
+    nodes = list(g.node)
+    consts = _constants(model)
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for i, n in enumerate(nodes):
+        dims = shapes.get(n.input[0] if n.input else "", [])
+        if len(dims) != 4 or dims[0] != 1 or min(dims) <= 0:
+            continue
+        if n.op_type == "Slice" and all(x in consts for x in n.input[1:] if x):
+            starts, ends = (consts[n.input[i]].astype(np.int64).reshape(-1) for i in (1, 2))
+            axes = (consts[n.input[3]].astype(np.int64).reshape(-1) if len(n.input) > 3 and n.input[3]
+                    else np.arange(len(starts)))
+            steps = (consts[n.input[4]].astype(np.int64).reshape(-1) if len(n.input) > 4 and n.input[4]
+                     else np.ones(len(starts), np.int64))
+            axes = [int(a) % 4 for a in axes]
+            strided = [a for a, st in zip(axes, steps) if st > 1]
+            if np.any(steps <= 0) or not strided or any(a not in (2, 3) for a in strided):
+                continue
+            begin, end, stride = [0] * 4, list(dims), [1, 1]
+            for a, s0, e0, st in zip(axes, starts, ends, steps):
+                d = dims[a]
+                lo = int(min(max(s0 + d if s0 < 0 else s0, 0), d))
+                hi = int(min(max(e0 + d if e0 < 0 else e0, 0), d))
+                begin[a], end[a] = lo, hi
+                if st > 1:
+                    stride[a - 2] = int(st)
+            if any(end[a] <= begin[a] for a in range(4)):
+                continue
+            replaced[i] = _select(model, n, n.input[0], dims, begin, end, stride, n.output[0])
+        elif n.op_type == "SpaceToDepth":
+            b = int(_attrs(n).get("blocksize", 0))
+            if b < 2 or dims[2] % b or dims[3] % b:
+                continue
+            parts, new = [], []
+            for bh in range(b):  # ONNX order: channel (bh * b + bw) * C + c
+                for bw in range(b):
+                    part = _unique(model, f"{n.output[0]}_block{bh}{bw}")
+                    new += _select(model, n, n.input[0], dims, [0, 0, bh, bw], list(dims), [b, b], part)
+                    parts.append(part)
+            new.append(helper.make_node("Concat", parts, [n.output[0]], axis=1, name=_unique(model, f"{n.name}_cat")))
+            replaced[i] = new
+    if not replaced:
+        return []
+    names, kept = [], []
+    for i, n in enumerate(nodes):
+        if i in replaced:
+            names.append(n.name or n.output[0])
+        kept += replaced.get(i, [n])
+    del g.node[:]
+    g.node.extend(kept)
+    return names
+
+
+def _select(model: onnx.ModelProto, node: onnx.NodeProto, x: str, dims: list[int], begin: list[int],
+            end: list[int], stride: list[int], out: str) -> list[onnx.NodeProto]:
+    """x[..., begin:end] (step 1), then every stride-th row/column: a depthwise 1x1 convolution, weights 1."""
+    nodes, src = [], x
+    axes = [a for a in range(4) if begin[a] or end[a] != dims[a]]
+    if axes:
+        src = _unique(model, f"{out}_crop")
+        nodes.append(helper.make_node(
+            "Slice", [x, _add_init(model, f"{src}_starts", np.array([begin[a] for a in axes], np.int64)),
+                      _add_init(model, f"{src}_ends", np.array([end[a] for a in axes], np.int64)),
+                      _add_init(model, f"{src}_axes", np.array(axes, np.int64))], [src],
+            name=_unique(model, f"{node.name or out}_crop")))
+    channels = end[1] - begin[1]
+    weight = _add_init(model, f"{out}_select", np.ones((channels, 1, 1, 1), np.float32))
+    nodes.append(helper.make_node("Conv", [src, weight], [out], name=_unique(model, f"{node.name or out}_stride"),
+                                  group=channels, kernel_shape=[1, 1], strides=stride))
+    return nodes
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Nodes nothing reads any more (a bypassed Reshape) and initializers no node reads (a transposed
+    weight's original)."""
+    g = model.graph
+    live = {o.name for o in g.output}
+    kept = []
+    for n in reversed(list(g.node)):
+        if any(o in live for o in n.output):
+            kept.append(n)
+            live.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    inits = [i for i in g.initializer if i.name in live]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+def _differs(a: onnx.ModelProto, b: onnx.ModelProto, spec: ModelSpec | None) -> str | None:
+    """Why graph b does not compute what a does on one random input (ONNX Runtime), or None."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        sa, sb = (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                  for m in (a, b))
+    except Exception as e:  # a rewrite ONNX Runtime cannot load is simply not used
+        return f"ONNX Runtime cannot load it ({type(e).__name__})"
+    rng = np.random.default_rng(0)
+    shapes = {i.name: i.shape for i in spec.inputs} if spec is not None else {}
+    feeds = {}
+    for i in sa.get_inputs():
+        shape = shapes.get(i.name) or [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        feeds[i.name] = (rng.standard_normal(shape).astype(np.float32) if "float" in i.type
+                         else np.zeros(shape, np.int64 if "int64" in i.type else np.int32))
+        if "float16" in i.type:
+            feeds[i.name] = feeds[i.name].astype(np.float16)
+    for name, x, y in zip([o.name for o in sa.get_outputs()], sa.run(None, feeds), sb.run(None, feeds)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        tolerance = 1e-4 * max(1.0, float(np.abs(x).max(initial=0)))
+        if x.shape != y.shape or not np.allclose(x, y, rtol=1e-4, atol=tolerance):
+            return f"output {name} changed"
+    return None
+
+
+def _run_pnnx(model: onnx.ModelProto, spec: ModelSpec, tmp: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    import pnnx
+
+    shapes = ",".join("[" + ",".join(str(d) for d in i.shape) + "]" for i in spec.inputs)
+    src = tmp / "model.onnx"
+    if model.ir_version > PNNX_MAX_IR_VERSION:  # pnnx embeds an older ONNX Runtime
+        model = copy.copy(model)
+        model.ir_version = PNNX_MAX_IR_VERSION
+    onnx.save(model, src)
+    try:  # fp16=0: edgekit chooses the storage per layer afterwards
+        r = subprocess.run([pnnx.EXEC_PATH, str(src), f"inputshape={shapes}", "fp16=0"], cwd=tmp,
+                           capture_output=True, text=True, timeout=PNNX_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise EdgekitError(f"pnnx did not finish in {PNNX_TIMEOUT_S} s") from None
+    return r, tmp / "model.ncnn.param", tmp / "model.ncnn.bin"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WARNING = re.compile(r"\b(not supported|unsupported|not implemented)\b", re.IGNORECASE)
+
+
+def pnnx_warnings(log: str) -> list[str]:
+    """pnnx's own complaints ("slice with step 2 is not supported", "permute 5-rank tensor is not supported
+    yet!"), each once with its count; ONNX Runtime's log lines inside pnnx are not pnnx's."""
+    counts: dict[str, int] = {}
+    for line in log.splitlines():
+        line = _ANSI.sub("", line).strip()
+        if _WARNING.search(line) and "onnxruntime" not in line and len(line) < 300:
+            counts[line] = counts.get(line, 0) + 1
+    return [f"{w} (x{n})" if n > 1 else w for w, n in counts.items()]
+
+
+# pnnx op (Tensor.slice, torch.gather, F.unfold...) -> the ONNX ops it comes from, to name the node
+_PNNX_TO_ONNX = {"slice": ("Slice",), "reshape": ("Reshape", "Flatten", "Squeeze", "Unsqueeze"), "view": ("Reshape",),
+                 "permute": ("Transpose",), "expand": ("Expand",), "repeat": ("Tile",), "select": ("Gather",),
+                 "index_select": ("Gather",), "gather": ("Gather", "GatherElements", "GatherND"),
+                 "scatter": ("ScatterElements", "ScatterND"), "unfold": ("Im2Col",), "pad": ("Pad",),
+                 "cat": ("Concat",), "split": ("Split",), "tile": ("Tile",), "flip": ("Slice",)}
+
+
+def refuse_unconvertible(param: Path, pnnx_param: Path, model: onnx.ModelProto, warnings: list[str]) -> None:
+    """Raise UnsupportedOp when pnnx left layers ncnn has no implementation for (types ncnn's layer registry
+    does not know: `Tensor.slice`, `pnnx.Expression`, ...), naming the first one's ONNX node and pnnx's
+    warning for it, on one line."""
+    import ncnn
+
+    bad: dict[str, list[str]] = {}
+    for line in param.read_text().splitlines()[2:]:
+        f = line.split()
+        if len(f) >= 2 and ncnn.layer_to_index(f[0]) < 0:
+            bad.setdefault(f[0], []).append(f[1])
+    if not bad:
+        return
+    kind, layers = next(iter(bad.items()))
+    word = kind.rsplit(".", 1)[-1].lower()
+    warning = next((w for w in warnings if w.lower().startswith(word)), warnings[0] if warnings else "")
+    node = _onnx_node_of(model, pnnx_param, layers[0], word)
+    others = sum(len(v) for v in bad.values()) - 1
+    more = f" (and {others} more pnnx op{'s' if others > 1 else ''} ncnn lacks)" if others else ""
+    where = f"op {node.op_type} (node '{node.name or node.output[0]}')" if node is not None else f"a node ({kind})"
+    why = f"pnnx: {warning}" if warning else f"pnnx left {kind}, which ncnn has no layer for"
+    raise UnsupportedOp(f"{where} is not supported by ncnn: {why}; pnnx left {kind}, which ncnn cannot load"
+                        f"{more}; rewrite that part of the model or build for another backend")
+
+
+def _onnx_node_of(model: onnx.ModelProto, pnnx_param: Path, layer: str, word: str) -> onnx.NodeProto | None:
+    """The ONNX node a pnnx layer came from: pnnx keeps neither names nor order, so by op type and output
+    shape (pnnx.param records every blob's shape)."""
+    shape = None
+    if pnnx_param.exists():
+        for line in pnnx_param.read_text().splitlines():
+            f = line.split()
+            if len(f) > 4 and f[1] == layer:
+                nin, nout = int(f[2]), int(f[3])
+                outs = f[4 + nin:4 + nin + nout]
+                m = re.search(rf"#{re.escape(outs[0])}=\(([0-9,]*)\)", line) if outs else None
+                shape = [int(v) for v in m.group(1).split(",") if v] if m else None
+                break
+    ops = _PNNX_TO_ONNX.get(word)
+    shapes = _shapes(model) if shape is not None else {}
+    candidates = [n for n in model.graph.node if ops is None or n.op_type in ops]
+    for n in candidates:
+        if shape is not None and n.output and shapes.get(n.output[0]) == shape:
+            return n
+    return candidates[0] if candidates and ops is not None else None

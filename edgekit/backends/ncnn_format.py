@@ -2,14 +2,17 @@
 the way ncnn's own C++ tools (ncnnoptimize, ncnn2int8) do.
 
 The .bin has no index: ncnn reads each layer's weights in layer order, with sizes that follow from the
-layer's params. `_weight_layout` states that order for the layer types that carry weights; every other
-layer type is taken as weightless, and `NcnnModel.load` checks that the whole .bin was consumed, so an
-unknown weighted layer is an error rather than a silently misread model.
+layer's params. `_layout` states that order, read from each layer's load_model in ncnn's src/layer/*.cpp,
+for every layer type that carries weights (WEIGHTED_TYPES: convolutions, InnerProduct, Gemm,
+MultiHeadAttention, Embed, LSTM/GRU/RNN, the norms, ...); every other layer type reads none, and
+`NcnnModel.load` checks that the whole .bin was consumed, so a layout edgekit gets wrong is an error
+rather than a silently misread model.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +61,7 @@ class WeightBlob:
     data: np.ndarray  # float32 values (int8 blobs: the int8 codes as stored)
     tagged: bool
     storage: str = "fp32"  # fp32 | fp16 | int8
+    role: str = "weight"  # weight | bias | raw (BlobSpec.role)
 
     def encode(self) -> bytes:
         if not self.tagged:
@@ -75,75 +79,154 @@ class WeightBlob:
         return struct.pack("<I", tag) + payload
 
 
-def _layout(layer: NcnnLayer) -> list[tuple[int, bool]]:
-    """(element count, tagged) of each weight blob, in the order ncnn's load_model reads them."""
+CONV_TYPES = ("Convolution", "ConvolutionDepthWise", "Deconvolution", "DeconvolutionDepthWise", "Convolution1D",
+              "Deconvolution1D", "Convolution3D", "Deconvolution3D", "ConvolutionDepthWise1D", "ConvolutionDepthWise3D",
+              "DeconvolutionDepthWise1D", "DeconvolutionDepthWise3D", "DeformableConv2D")
+# Every ncnn layer type whose load_model reads weights (src/layer/*.cpp); any other type reads none.
+WEIGHTED_TYPES = frozenset((
+    *CONV_TYPES, "InnerProduct", "Gemm", "MultiHeadAttention", "Embed", "LSTM", "GRU", "RNN", "BatchNorm", "Scale",
+    "PReLU", "Bias", "MemoryData", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "Normalize", "Padding",
+    "Quantize", "Dequantize", "Requantize"))
+
+
+@dataclass(frozen=True)
+class BlobSpec:
+    """One blob in ncnn's load order: element count, whether it carries the 4-byte storage tag (ncnn loads
+    it with type 0: fp32, fp16 or int8), and its role: "weight" (fp16/int8 candidates, range-checked),
+    "bias" (tagged, fp16-capable, never int8; a bias near zero loses nothing when flushed), "raw" (always
+    fp32: biases, norms' gamma/beta, int8 scales)."""
+
+    count: int
+    tagged: bool
+    role: str = "raw"
+
+
+def _w(count: int) -> BlobSpec:
+    return BlobSpec(count, True, "weight")
+
+
+def _b(count: int) -> BlobSpec:
+    return BlobSpec(count, True, "bias")
+
+
+def _r(count: int) -> BlobSpec:
+    return BlobSpec(count, False, "raw")
+
+
+def _gemm_c_count(p: Callable[..., int]) -> int:
+    m, n = p(7), p(8)
+    return {0: 1, 1: m, 2: m, 3: m * n, 4: n}.get(p(10), -1)
+
+
+def _layout(layer: NcnnLayer) -> list[BlobSpec]:
+    """Each weight blob of a layer, in the order ncnn's load_model reads them (src/layer/*.cpp)."""
     t, p = layer.type, layer.int
-    if t in ("Convolution", "ConvolutionDepthWise", "Deconvolution", "DeconvolutionDepthWise",
-             "Convolution1D", "Deconvolution1D", "Convolution3D", "Deconvolution3D",
-             "ConvolutionDepthWise1D", "ConvolutionDepthWise3D", "DeconvolutionDepthWise1D",
-             "DeconvolutionDepthWise3D"):
+    if t in CONV_TYPES:
         if p(19):  # dynamic_weight: weights come from a second input
             return []
-        blobs = [(p(6), True)] + ([(p(0), False)] if p(5) else [])
+        blobs = [_w(p(6))] + ([_r(p(0))] if p(5) else [])
         scale_term = p(8)
         if t in ("Convolution", "ConvolutionDepthWise") and scale_term:
             group = p(7, 1) if t == "ConvolutionDepthWise" else 1
             n_weight_scales = p(0) if t == "Convolution" else (group if scale_term % 100 == 1 else 1)
-            blobs += [(n_weight_scales, False), (1, False)]
+            blobs += [_r(n_weight_scales), _r(1)]
             if scale_term > 100:
-                blobs.append((1, False))
+                blobs.append(_r(1))
         return blobs
     if t == "InnerProduct":
-        blobs = [(p(2), True)] + ([(p(0), False)] if p(1) else [])
-        if p(8):
-            blobs += [(p(0), False), (1, False)]
+        blobs = [_w(p(2))] + ([_r(p(0))] if p(1) else [])
+        return blobs + ([_r(p(0)), _r(1)] if p(8) else [])
+    if t == "Gemm":
+        if p(18) >= 100:  # 4/6/8-bit weight-block quantised (NCNN_WEIGHT_QUANT): packed rows, not element counts
+            raise UnsupportedNcnnLayer(f"ncnn layer {layer.name} (Gemm) is weight-block quantised "
+                                       f"(quantize_term {p(18)}); edgekit cannot rewrite it")
+        blobs = []
+        if p(4):
+            blobs.append(_w(p(7) * p(9)))
+        if p(5):
+            blobs.append(_w(p(8) * p(9)))
+        if p(6) and p(10) != -1:
+            count = _gemm_c_count(p)
+            if count < 0:
+                raise UnsupportedNcnnLayer(f"ncnn layer {layer.name} (Gemm) has constant C broadcast type {p(10)}")
+            blobs.append(_b(count))
+        if p(18):
+            blobs += ([_r(p(7))] if p(4) else []) + ([_r(1)] if p(5) else [])
         return blobs
+    if t == "MultiHeadAttention":
+        if p(18) >= 100:
+            raise UnsupportedNcnnLayer(f"ncnn layer {layer.name} (MultiHeadAttention) is weight-block quantised "
+                                       f"(quantize_term {p(18)}); edgekit cannot rewrite it")
+        embed, size = p(0), p(2)
+        kdim, vdim = p(3, embed), p(4, embed)
+        qdim = size // embed if embed else 0
+        blobs = [_w(embed * qdim), _r(embed), _w(embed * kdim), _r(embed), _w(embed * vdim), _r(embed),
+                 _w(qdim * embed), _r(qdim)]
+        return blobs + ([_r(embed)] * 3 + [_r(1)] if p(18) else [])
+    if t == "Embed":
+        return [_w(p(3))] + ([_r(p(0))] if p(2) else []) + ([_r(1)] if p(18) else [])
+    if t in ("LSTM", "GRU", "RNN"):
+        num_output, size, dirs = p(0), p(1), 2 if p(2) == 2 else 1
+        hidden = p(3, num_output) if t == "LSTM" else num_output
+        gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[t]
+        bias_rows = {"LSTM": 4, "GRU": 4, "RNN": 1}[t]  # GRU keeps 4 bias rows (the hidden gate's two)
+        blobs = [_w(size), _b(hidden * bias_rows * dirs), _w(num_output * hidden * gates * dirs)]
+        if t == "LSTM" and num_output != hidden:
+            blobs.append(_w(hidden * num_output * dirs))  # projection weight_hr
+        return blobs + ([_r(hidden * gates * dirs)] * 2 if p(8) else [])
     if t == "BatchNorm":
-        return [(p(0), False)] * 4  # slope, mean, var, bias
+        return [_r(p(0))] * 4  # slope, mean, var, bias
     if t == "Scale":
         size = p(0)
-        return [] if size == -233 else [(size, False)] * (2 if p(1) else 1)
-    if t == "PReLU":
-        return [(p(0), False)]
-    if t == "Bias":
-        return [(p(0), False)]
+        return [] if size == -233 else [_r(size)] * (2 if p(1) else 1)
+    if t in ("PReLU", "Bias"):
+        return [_r(p(0))]
     if t == "MemoryData":
-        dims = [p(0), p(1), p(11), p(2)]
-        count = int(np.prod([d for d in dims if d])) if any(dims) else 1
-        return [(count, p(21, 1) == 0)]
-    if t == "LayerNorm":
-        return [(p(0), False)] * 2 if p(2, 1) else []
-    if t == "GroupNorm":
-        return [(p(1), False)] * 2 if p(3, 1) else []
-    if t == "InstanceNorm":
-        return [(p(0), False)] * 2 if p(2, 1) else []
-    if t == "Normalize":
-        return [(p(3), False)]
-    if t == "Embed":
-        return [(p(3), True)] + ([(p(0), False)] if p(2) else [])
-    if t in ("LSTM", "GRU", "RNN", "MultiHeadAttention", "Gemm", "RMSNorm", "SDPA", "Einsum"):
-        if t == "Gemm" and not (p(4) or p(5) or p(6)):
+        dims = [p(0), p(1), p(11), p(2)]  # w, h, d, c
+        if not dims[0]:
             return []
-        raise UnsupportedNcnnLayer(
-            f"edgekit cannot rewrite the weights of ncnn layer {layer.name} ({t}) for fp16/int8 storage; "
-            "build this model for ncnn with --precision fp32")
+        count = int(np.prod([d for d in dims if d]))
+        return [BlobSpec(count, p(21, 1) == 0, "raw")]
+    if t in ("LayerNorm", "InstanceNorm"):
+        return [_r(p(0))] * 2 if p(2, 1) else []
+    if t == "GroupNorm":
+        return [_r(p(1))] * 2 if p(3, 1) else []
+    if t == "RMSNorm":
+        return [_r(p(0))] if p(2, 1) else []
+    if t == "Normalize":
+        return [_r(p(3))]
+    if t == "Padding":
+        return [_r(p(6))] if p(6) else []
+    if t == "Quantize":
+        return [_r(p(0, 1))]
+    if t == "Dequantize":
+        return [_r(p(0, 1))] + ([_r(p(1))] if p(1) else [])
+    if t == "Requantize":
+        return [_r(p(0, 1)), _r(p(1, 1))] + ([_r(p(2))] if p(2) else [])
     return []
 
 
-def _read_blob(buf: memoryview, pos: int, count: int, tagged: bool) -> tuple[WeightBlob, int]:
-    if not tagged:
-        return WeightBlob(np.frombuffer(buf, "<f4", count, pos).astype(np.float32), False), pos + 4 * count
+def _read_blob(buf: memoryview, pos: int, spec: BlobSpec, layer: NcnnLayer) -> tuple[WeightBlob, int]:
+    count = spec.count
+    need = 4 * count if not spec.tagged else 4
+    if count < 0 or pos + need > len(buf):
+        raise UnsupportedNcnnLayer(f"ncnn layer {layer.name} ({layer.type}): its weights run past the end of the "
+                                   ".bin; edgekit misreads this model's layout")
+    if not spec.tagged:
+        return WeightBlob(np.frombuffer(buf, "<f4", count, pos).astype(np.float32), False, role=spec.role), pos + need
     (tag,) = struct.unpack_from("<I", buf, pos)
     pos += 4
     if tag == TAG_FP16:
         data = np.frombuffer(buf, "<f2", count, pos).astype(np.float32)
-        return WeightBlob(data, True, "fp16"), pos + (2 * count + 3) // 4 * 4
+        return WeightBlob(data, True, "fp16", spec.role), pos + (2 * count + 3) // 4 * 4
     if tag == TAG_INT8:
         data = np.frombuffer(buf, np.int8, count, pos).astype(np.float32)
-        return WeightBlob(data, True, "int8"), pos + (count + 3) // 4 * 4
+        return WeightBlob(data, True, "int8", spec.role), pos + (count + 3) // 4 * 4
     if tag in (0, TAG_FP32_RAW):
-        return WeightBlob(np.frombuffer(buf, "<f4", count, pos).astype(np.float32), True), pos + 4 * count
-    raise EdgekitError(f"ncnn weight blob with tag {tag:#x} (lookup-table quantised) is not supported")
+        data = np.frombuffer(buf, "<f4", count, pos).astype(np.float32)
+        return WeightBlob(data, True, role=spec.role), pos + 4 * count
+    raise UnsupportedNcnnLayer(f"ncnn layer {layer.name} ({layer.type}): weight blob with tag {tag:#x} "
+                               "(lookup-table quantised or misread) is not supported")
 
 
 @dataclass
@@ -163,15 +246,15 @@ class NcnnModel:
         pos, weights = 0, {}
         for layer in layers:
             blobs = []
-            for count, tagged in _layout(layer):
-                blob, pos = _read_blob(buf, pos, count, tagged)
+            for spec in _layout(layer):
+                blob, pos = _read_blob(buf, pos, spec, layer)
                 blobs.append(blob)
             if blobs:
                 weights[layer.name] = blobs
         if pos != len(buf):
             raise UnsupportedNcnnLayer(
-                f"{bin_}: read {pos} of {len(buf)} bytes; the model has a weighted ncnn layer edgekit "
-                "cannot parse: build it for ncnn with --precision fp32")
+                f"{bin_}: read {pos} of {len(buf)} bytes; the model has a weighted ncnn layer whose layout edgekit "
+                "does not know (a newer ncnn layer type)")
         return cls(layers, blob_count, weights)
 
     def layer(self, name: str) -> NcnnLayer:

@@ -9,6 +9,17 @@ quantize_model (ncnn2int8): int8 weights with the int8 tag, int8_scale_term (par
 and InnerProduct, 1 for ConvolutionDepthWise, scales appended to the .bin after the bias, and the
 requantize fusion (+100, the next layer's input scale) where a quantised conv feeds quantised convs.
 
+Transformer layers (ncnn's gemm.cpp and multiheadattention.cpp forward_int8) quantise their inputs
+dynamically at run time (per row, absmax), so they need weight scales only, no calibration:
+- Gemm with a constant operand (pnnx's Linear on token sequences): quantize_term (param 18) = 2, the
+  constant B as int8 with ONE scale for the whole matrix (the runtime reads a single B scale), stored
+  transposed (transB = 1) as ncnn2int8 does; a constant A gets one scale per row. Table key
+  `<layer>_param_0` (upstream ncnn2int8 computes these itself and quantises every Gemm; edgekit writes
+  them so a commented-out line keeps that Gemm in float).
+- MultiHeadAttention: param 18 = 2, q/k/v weights with one scale per output row (`_param_0/1/2`), the
+  output projection one scale (`_param_3`), as ncnn2table writes them.
+Everything else (LayerNorm, Softmax, the attention's MatMul between activations) stays float.
+
 Scales are multipliers (x_int8 = round(x * scale)), the reciprocal of an ONNX scale.
 """
 
@@ -24,7 +35,9 @@ from edgekit.backends.ncnn_format import NcnnLayer, NcnnModel, WeightBlob
 from edgekit.console import progress
 from edgekit.errors import BadInput, EdgekitError
 
-QUANTIZABLE = ("Convolution", "ConvolutionDepthWise", "InnerProduct")
+CALIBRATED = ("Convolution", "ConvolutionDepthWise", "InnerProduct")  # static input scale from calibration
+DYNAMIC = ("Gemm", "MultiHeadAttention")  # weight scales only: the runtime quantises their inputs per row
+QUANTIZABLE = CALIBRATED + DYNAMIC
 METHODS = ("kl", "minmax")
 HISTOGRAM_BINS = 2048
 TARGET_BINS = 128
@@ -35,7 +48,42 @@ Table = dict[str, np.ndarray]
 def quantizable_layers(model: NcnnModel, exclude: Iterable[str] = ()) -> list[NcnnLayer]:
     skip = set(exclude)
     return [layer for layer in model.layers
-            if layer.type in QUANTIZABLE and layer.name in model.weights and layer.name not in skip]
+            if layer.type in QUANTIZABLE and layer.name in model.weights and layer.name not in skip
+            and model.weights[layer.name][0].storage != "int8" and (layer.type != "Gemm" or _gemm_operand(layer))]
+
+
+def _gemm_operand(layer: NcnnLayer) -> str:
+    """The constant operand of a Gemm ncnn can run in int8 with stored weights: "A" or "B" ("" for none
+    or both: both constant is a folded constant, nothing to multiply at run time)."""
+    a, b = layer.int(4), layer.int(5)
+    return "" if a == b else ("A" if a else "B")
+
+
+def _absmax_scales(rows: np.ndarray) -> np.ndarray:
+    absmax = np.abs(rows).max(axis=1)
+    # An all-zero row has nothing to scale: 1 keeps its codes 0 instead of dividing by zero.
+    return np.where(absmax > 0, 127.0 / np.maximum(absmax, 1e-30), 1.0).astype(np.float32)
+
+
+def _mha_dims(layer: NcnnLayer) -> tuple[int, int, int, int]:
+    embed = layer.int(0)
+    return embed, layer.int(2) // embed, layer.int(3, embed), layer.int(4, embed)
+
+
+def dynamic_weight_scales(model: NcnnModel, layer: NcnnLayer) -> list[np.ndarray]:
+    """Scales of a Gemm's constant operand ([1] for B, one per row for A) or a MultiHeadAttention's q, k,
+    v (one per output row) and output projection ([1]), as ncnn2table / ncnn2int8 compute them."""
+    blobs = model.weights[layer.name]
+    if layer.type == "Gemm":
+        w = blobs[0].data
+        if _gemm_operand(layer) == "B":
+            return [_absmax_scales(w.reshape(1, -1))]
+        m, k = layer.int(7), layer.int(9)
+        rows = w.reshape(k, m).T if layer.int(2) else w.reshape(m, k)  # transA: stored K x M
+        return [_absmax_scales(rows)]
+    embed, qdim, kdim, vdim = _mha_dims(layer)
+    return [_absmax_scales(blobs[0].data.reshape(embed, qdim)), _absmax_scales(blobs[2].data.reshape(embed, kdim)),
+            _absmax_scales(blobs[4].data.reshape(embed, vdim)), _absmax_scales(blobs[6].data.reshape(1, -1))]
 
 
 def weight_scales(model: NcnnModel, layer: NcnnLayer) -> np.ndarray:
@@ -95,9 +143,17 @@ def calibration_table(param: Path, bin_: Path, batches: Sequence[dict[str, np.nd
     if not batches:
         raise BadInput("ncnn INT8 calibration needs at least one calibration sample")
     model = NcnnModel.load(param, bin_)
-    layers = quantizable_layers(model, exclude)
-    table: Table = {f"{layer.name}_param_0": weight_scales(model, layer) for layer in layers}
+    quantizable = quantizable_layers(model, exclude)
+    table: Table = {}
+    for layer in quantizable:
+        if layer.type in DYNAMIC:
+            table.update({f"{layer.name}_param_{i}": s for i, s in enumerate(dynamic_weight_scales(model, layer))})
+        else:
+            table[f"{layer.name}_param_0"] = weight_scales(model, layer)
+    layers = [layer for layer in quantizable if layer.type in CALIBRATED]
     blobs = [layer.bottoms[0] for layer in layers]
+    if not blobs:
+        return table
     absmax = np.zeros(len(blobs))
     with _FloatNet(param, bin_, threads) as net, progress() as bar:
         task = bar.add_task("ncnn calibration: blob ranges", total=len(batches))
@@ -192,7 +248,11 @@ def quantize_model(param_in: Path, bin_in: Path, table: Table | Path, param_out:
     model = NcnnModel.load(param_in, bin_in)
     done = []
     for layer in model.layers:
-        if layer.type not in QUANTIZABLE or layer.name not in table or layer.name not in model.weights:
+        if layer.type in DYNAMIC and f"{layer.name}_param_0" in table and layer.name in model.weights:
+            _quantize_dynamic(model, layer, table)
+            done.append(layer.name)
+            continue
+        if layer.type not in CALIBRATED or layer.name not in table or layer.name not in model.weights:
             continue
         key = f"{layer.name}_param_0"
         if key not in table:
@@ -212,8 +272,57 @@ def quantize_model(param_in: Path, bin_in: Path, table: Table | Path, param_out:
     return done
 
 
+def _quantize_dynamic(model: NcnnModel, layer: NcnnLayer, table: Table) -> None:
+    """Gemm / MultiHeadAttention as ncnn2int8 writes them: int8 weights, quantize_term (param 18) = 2, the
+    weight scales after the layer's other blobs (their inputs are quantised by the runtime)."""
+    blobs = model.weights[layer.name]
+    if layer.type == "Gemm":
+        operand = _gemm_operand(layer)
+        if not operand:
+            raise EdgekitError(f"ncnn table has weight scales for Gemm {layer.name}, which has no single constant "
+                               "operand to quantise")
+        (scales,) = _table_scales(table, layer, 1)
+        weight = blobs[0]
+        m, n, k = layer.int(7), layer.int(8), layer.int(9)
+        if operand == "B":
+            if len(scales) != 1:
+                raise EdgekitError(f"ncnn table: {layer.name}_param_0 has {len(scales)} scales, Gemm B takes one")
+            if not layer.int(3):  # stored K x N: ncnn2int8 transposes to N x K (transB = 1)
+                weight.data = weight.data.reshape(k, n).T.reshape(-1).copy()
+                layer.set(3, 1)
+            weight.data = _to_int8(weight.data, scales)
+        else:
+            if len(scales) != m:
+                raise EdgekitError(f"ncnn table: {layer.name}_param_0 has {len(scales)} scales, Gemm A has {m} rows")
+            if layer.int(2):  # stored K x M: transposed to M x K (transA = 0)
+                weight.data = weight.data.reshape(k, m).T.reshape(-1).copy()
+                layer.set(2, 0)
+            weight.data = _to_int8(weight.data, scales)
+        weight.storage = "int8"
+        layer.set(18, 2)
+        blobs.append(_raw(scales))
+        return
+    embed = _mha_dims(layer)[0]
+    scales = _table_scales(table, layer, 4)
+    for i, (blob, rows) in enumerate(zip(blobs[0:8:2], (embed, embed, embed, 1))):
+        if len(scales[i]) != rows:
+            raise EdgekitError(f"ncnn table: {layer.name}_param_{i} has {len(scales[i])} scales, "
+                               f"MultiHeadAttention {layer.name} needs {rows}")
+        blob.data, blob.storage = _to_int8(blob.data, scales[i]), "int8"
+    layer.set(18, 2)
+    blobs += [_raw(s) for s in scales]
+
+
+def _table_scales(table: Table, layer: NcnnLayer, n: int) -> list[np.ndarray]:
+    keys = [f"{layer.name}_param_{i}" for i in range(n)]
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise EdgekitError(f"ncnn table has no {', '.join(missing)} for {layer.type} {layer.name}")
+    return [table[k] for k in keys]
+
+
 def _raw(values: np.ndarray) -> WeightBlob:
-    return WeightBlob(np.asarray(values, dtype=np.float32), tagged=False)
+    return WeightBlob(np.asarray(values, dtype=np.float32), tagged=False, role="raw")
 
 
 def _fuse_requantize(model: NcnnModel, table: Table) -> None:

@@ -214,7 +214,7 @@ class OnnxRuntimeBackend(Backend):
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
         batches = calibration.batches(spec)[: max(1, q.samples // max(1, spec.inputs[0].shape[0]))]
-        extra = {
+        extra: dict[str, Any] = {
             "ActivationSymmetric": q.symmetric_activations,
             "WeightSymmetric": True,
             "CalibPercentile": q.percentile,
@@ -222,6 +222,8 @@ class OnnxRuntimeBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="edgekit-ort-q-") as tmp:
             pre = Path(tmp) / "pre.onnx"
             self._pre_process(spec.onnx_path, pre)
+            if q.per_channel and (flat := per_tensor_weights(onnx.load(str(pre)))):
+                extra["TensorQuantOverrides"] = flat
             ranges = kl_calibration_ranges(pre, batches, q.symmetric_activations, Path(tmp)) if q.method == "entropy" \
                 else None
             try:
@@ -265,6 +267,28 @@ class OnnxRuntimeBackend(Backend):
             except Exception:
                 continue
         shutil.copyfile(src, dst)
+
+
+# Ops whose weight ONNX Runtime's QDQ quantizer, asked for per-channel, quantizes along axis 1: the scale of
+# a normalization (input 1) and a MatMul's constant operand. A 1-D weight (LayerNormalization's gamma) has
+# no axis 1: ORT logs "Axis 1 is out-of-range for weight ..." once per use and falls back to per-tensor.
+_AXIS_1_WEIGHTS = {"LayerNormalization": slice(1, 2), "InstanceNormalization": slice(1, 2),
+                   "BatchNormalization": slice(1, 2), "MatMul": slice(0, 2)}
+
+
+def per_tensor_weights(model: onnx.ModelProto, op_types: set[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The weights per-channel quantization cannot apply to (rank < 2 where ORT wants axis 1), as
+    TensorQuantOverrides saying "per-tensor, defaults otherwise" up front: the bytes ORT's fallback gives,
+    without its warnings. Weights with a channel axis (Conv, Gemm, 2-D MatMul) stay per-channel."""
+    rank = {i.name: len(i.dims) for i in model.graph.initializer}
+    flat, elsewhere = set(), set()
+    for node in model.graph.node:
+        picked = _AXIS_1_WEIGHTS.get(node.op_type) if op_types is None or node.op_type in op_types else None
+        chosen = set(node.input[picked]) if picked is not None else set()
+        flat |= {i for i in chosen if i in rank and rank[i] < 2}
+        elsewhere |= {i for i in node.input if i not in chosen}
+    # a weight shared with another use (a Conv's bias) keeps ORT's own handling there
+    return {name: [{}] for name in sorted(flat - elsewhere)}
 
 
 def kl_calibration_ranges(model: Path, batches: list[dict[str, np.ndarray]], symmetric: bool, tmp: Path) -> Path | None:

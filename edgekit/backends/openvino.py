@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import re
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,7 @@ from onnx import numpy_helper
 
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
-from edgekit.compress.fp16_range import fp16_unsafe_nodes, same_weights
+from edgekit.compress.fp16_range import fp16_unsafe_nodes
 from edgekit.errors import BadInput, EdgekitError
 
 if TYPE_CHECKING:
@@ -131,6 +132,10 @@ class OpenVinoBackend(Backend):
                 raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
             model, qdetails = self._int8(spec, plan, calibration, model)
             details.update(qdetails)
+            if qdetails.get("fused_head_nodes"):
+                fused = qdetails["fused_head_nodes"]
+                notes.append(f"{len(fused)} detector head node(s) have no op of their own in the IR (OpenVINO "
+                             f"fused them into a neighbour): {', '.join(fused)}")
         elif plan.precision != "fp32":
             raise BadInput(f"{self.name} cannot build precision {plan.precision}")
         # FP32 and INT8 artifacts compute in f32 where not quantized (no silent bf16 on AMX/AVX512_BF16 CPUs).
@@ -155,7 +160,6 @@ class OpenVinoBackend(Backend):
     def _keep_fp32(spec: ModelSpec, plan: ArtifactPlan, model: Any) -> tuple[list[str], list[str], dict[str, Any]]:
         """The weight constants of layers outside the FP16 range (and of those a plan names) that must stay
         FP32: {friendly name: FP32 values}, put back after compression (_restore_fp32)."""
-        import openvino as ov
 
         onnx_model = spec.load()
         risks = fp16_unsafe_nodes(onnx_model)
@@ -164,20 +168,21 @@ class OpenVinoBackend(Backend):
         if unknown:  # else silently compressed while recorded as kept
             raise BadInput(f"openvino: no node named {', '.join(map(repr, unknown))} in the model to keep in FP32 "
                            "(names as `edgekit inspect` lists them)")
-        names = {r.weight for r in risks} | {i for n in onnx_model.graph.node if n.name in named for i in n.input[1:2]}
-        wanted = {i.name: numpy_helper.to_array(i) for i in onnx_model.graph.initializer if i.name in names}
+        nodes = {n.name: n for n in onnx_model.graph.node}
+        wanted = [r.node for r in risks] + sorted(named)
+        mapping = map_weighted_nodes(onnx_model, model, [n for n in dict.fromkeys(wanted) if n in nodes])
         found: dict[str, np.ndarray] = {}
-        for op in model.get_ordered_ops():
-            if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f32:
+        missing = []
+        for node in dict.fromkeys(wanted):
+            hit = mapping.get(node)
+            if hit is None or hit.weight is None:
+                missing.append(node)
                 continue
-            # By name where OpenVINO kept it, else by value (constants get renamed and shared).
-            hit = op.get_friendly_name() if op.get_friendly_name() in wanted else next(
-                (n for n, w in wanted.items() if same_weights(op.get_data(), w)), None)
-            if hit:
-                found[hit] = np.array(op.get_data(), dtype=np.float32)
-        missing = set(wanted) - set(found)
+            found[hit.weight.get_friendly_name()] = np.array(hit.weight.get_data(), dtype=np.float32)
         if missing:
-            raise EdgekitError(f"openvino: cannot find weight constant(s) {', '.join(sorted(missing))} to keep in FP32")
+            raise EdgekitError(f"openvino: no weight constant in the converted IR for node(s) {', '.join(missing)} "
+                               "(matched by name, output tensor and weights, BatchNorm/scale folding allowed), so they "
+                               "cannot be kept in FP32")
         keep = sorted({r.node for r in risks} | named)
         return keep, [f"{r.node} ({r.op_type}) kept in FP32: {r.reason}" for r in risks], found
 
@@ -204,7 +209,9 @@ class OpenVinoBackend(Backend):
             kwargs["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
         if q.model_type == "transformer":
             kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-        ignored_ops = _ignored_ops(spec, model, q.exclude_nodes) if q.exclude_nodes else []
+        # Head nodes the plan found itself (a detector's head): one OpenVINO fused away is dropped, noted.
+        automatic = set(plan.options.get("detector_head_nodes") or [])
+        ignored_ops, fused = _ignored_ops(spec, model, q.exclude_nodes, automatic) if q.exclude_nodes else ([], [])
         if ignored_ops:
             kwargs["ignored_scope"] = nncf.IgnoredScope(names=ignored_ops)  # validated: NNCF must find each
         method = "nncf.quantize"
@@ -227,6 +234,7 @@ class OpenVinoBackend(Backend):
             "model_type": q.model_type,
             "excluded_nodes": list(q.exclude_nodes),
             "ignored_ops": ignored_ops,
+            **({"fused_head_nodes": fused} if fused else {}),
         }
 
     @staticmethod
@@ -252,11 +260,15 @@ class OpenVinoBackend(Backend):
             drop_type=nncf.DropType.ABSOLUTE, **{k: v for k, v in kwargs.items() if k != "fast_bias_correction"})
 
 
-def _ignored_ops(spec: ModelSpec, model: Any, nodes: list[str]) -> list[str]:
+def _ignored_ops(spec: ModelSpec, model: Any, nodes: list[str], automatic: set[str] | None = None
+                 ) -> tuple[list[str], list[str]]:
     """The IR ops that NNCF must leave in float for these ONNX nodes, each node checked to have some: a
     misspelled name would otherwise be quantized and still recorded as excluded. OpenVINO names an op
     after its ONNX node (a biased Conv: "NODE/WithoutBiases" + an Add "NODE"), except an op producing a
-    model output, which takes the output's name: ops are matched by name and by output tensor."""
+    model output, which takes the output's name: ops are matched by name and by output tensor.
+    Nodes in `automatic` (found by edgekit, not named by the user) that no IR op matches (OpenVINO fused
+    them into a neighbour: a Reshape, a Split) are dropped instead, and returned second."""
+    automatic = automatic or set()
     by_name = {n.name: n for n in spec.load().graph.node}
     unknown = [n for n in nodes if n not in by_name]
     if unknown:
@@ -268,11 +280,118 @@ def _ignored_ops(spec: ModelSpec, model: Any, nodes: list[str]) -> list[str]:
         pattern, outputs = re.compile(re.escape(node) + "($|/.*)"), set(by_name[node].output)
         found[node] = [op.get_friendly_name() for op in ops if pattern.match(op.get_friendly_name())
                        or any(outputs & out.get_names() for out in op.outputs())]
-    missing = [n for n, hits in found.items() if not hits]
+    # Converters' names (paddle2onnx's p2o.Conv.61) do not survive OpenVINO's fusions (a Conv with the
+    # Mul/Add of a BatchNorm after it becomes one Convolution named Multiply_123): weighted nodes are
+    # matched by their weights instead, and keep the bias Add fused after them.
+    unnamed = [n for n, hits in found.items() if not hits]
+    if unnamed:
+        for node, hit in map_weighted_nodes(spec.load(), model, unnamed).items():
+            found[node] = hit.ops
+    missing = [n for n, hits in found.items() if not hits and n not in automatic]
     if missing:
-        raise EdgekitError(f"openvino: node(s) {', '.join(missing)} have no op in the converted IR "
-                           "(OpenVINO fused them away), so they cannot be kept in float")
-    return [op for hits in found.values() for op in hits]
+        raise EdgekitError(f"openvino: node(s) {', '.join(missing)} have no op in the converted IR (matched by "
+                           "name, output tensor and weights: OpenVINO fused them away), so they cannot be kept in "
+                           "float")
+    fused = [n for n, hits in found.items() if not hits]
+    return list(dict.fromkeys(op for hits in found.values() for op in hits)), fused
+
+
+WEIGHTED_ONNX = {"Conv": "conv", "ConvTranspose": "deconv", "Gemm": "matmul", "MatMul": "matmul"}
+WEIGHTED_IR = {"Convolution": "conv", "GroupConvolution": "conv", "ConvolutionBackpropData": "deconv",
+               "GroupConvolutionBackpropData": "deconv", "MatMul": "matmul"}
+_PASS_THROUGH = {"Convert", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}  # between a weight and its op
+PROPORTIONAL = 0.9999  # |cosine| of every output channel's weights: the same filter, rescaled by a folded BN
+
+
+@dataclass
+class IrMatch:
+    """The IR ops an ONNX node became: the weighted op and a bias Add fused after it; its weight constant."""
+
+    ops: list[str]
+    weight: Any  # openvino Constant node, or None
+    by: str  # "weights": by values (BatchNorm/scale folding allowed); "shape": the only op of its kind and size
+
+
+def map_weighted_nodes(onnx_model: onnx.ModelProto, model: Any, nodes: list[str]) -> dict[str, IrMatch]:
+    """ONNX weighted nodes (Conv, ConvTranspose, Gemm, MatMul with a constant weight) -> the IR op each
+    became, whatever OpenVINO named it: same kind, same number of weights, and every output channel's
+    weights proportional (OpenVINO folds a following BatchNorm or channel scale into the filter). Several
+    candidates: the first in graph order. A node with no weight, or none that matches, is left out."""
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    by_name = {n.name: n for n in onnx_model.graph.node}
+    candidates = []
+    for op in model.get_ordered_ops():
+        kind = WEIGHTED_IR.get(op.get_type_name())
+        const = _weight_constant(op) if kind else None
+        if const is not None:
+            candidates.append((kind, op, const, int(np.prod(const.get_output_shape(0)))))
+    taken: set[str] = set()
+    out: dict[str, IrMatch] = {}
+    for name in nodes:
+        node = by_name.get(name)
+        kind = WEIGHTED_ONNX.get(node.op_type) if node is not None else None
+        weight = next((inits[i] for i in node.input[1:2] or node.input[:1] if i in inits), None) if kind else None
+        if weight is None and node is not None and node.op_type == "MatMul":
+            weight = next((inits[i] for i in node.input if i in inits), None)
+        if weight is None:
+            continue
+        w = numpy_helper.to_array(weight).astype(np.float32)
+        same = [(op, const) for k, op, const, size in candidates if k == kind and size == w.size]
+        hit = next(((op, const) for op, const in same if op.get_friendly_name() not in taken
+                    and _proportional(w, np.array(const.get_data(), dtype=np.float32), kind)), None)
+        by = "weights"
+        if hit is None and len(same) == 1 and same[0][0].get_friendly_name() not in taken:
+            hit, by = same[0], "shape"  # transformed beyond a rescale, but the only op of its kind and size
+        if hit is not None:
+            taken.add(hit[0].get_friendly_name())
+            out[name] = IrMatch([hit[0].get_friendly_name(), *_bias_add(hit[0])], hit[1], by)
+    return out
+
+
+def _weight_constant(op: Any) -> Any:
+    """The Constant a weighted op's weights come from (through Convert/Reshape/Transpose), or None."""
+    for i in ((1, 0) if op.get_type_name() == "MatMul" else (1,)):
+        if i >= op.get_input_size():
+            continue
+        src = op.input_value(i).get_node()
+        while src.get_type_name() in _PASS_THROUGH and src.get_input_size():
+            src = src.input_value(0).get_node()
+        if src.get_type_name() == "Constant":
+            return src
+    return None
+
+
+def _bias_add(op: Any) -> list[str]:
+    """The Add right after a weighted op that adds a constant (its bias, or a folded BatchNorm's shift)."""
+    users = [t.get_node() for t in op.output(0).get_target_inputs()]
+    if len(users) != 1 or users[0].get_type_name() != "Add":
+        return []
+    add = users[0]
+    others = [add.input_value(i).get_node() for i in range(add.get_input_size())]
+    return [add.get_friendly_name()] if any(o.get_type_name() in ("Constant", "Convert") for o in others) else []
+
+
+def _proportional(onnx_w: np.ndarray, ir_w: np.ndarray, kind: str) -> bool:
+    """The same weights up to one scale per output channel (a folded BatchNorm or channel scale). Group
+    convolutions' [G, O/G, I/G, k...] hold ONNX's [O, I/G, k...] in the same memory order, so a reshape
+    lines them up; a MatMul's weights may be stored transposed."""
+    if kind == "matmul":
+        a = onnx_w.reshape(onnx_w.shape[0], -1) if onnx_w.ndim > 1 else onnx_w.reshape(1, -1)
+        layouts = [ir_w.reshape(a.shape), ir_w.reshape(a.T.shape).T]
+        return any(_rows_proportional(a, b) or _rows_proportional(a.T, b.T) for b in layouts)
+    b = ir_w.reshape(onnx_w.shape)
+    out_axis = 0 if kind == "conv" else 1  # ConvTranspose: [I, O/G, k...]
+    a, b = np.moveaxis(onnx_w, out_axis, 0), np.moveaxis(b, out_axis, 0)
+    return _rows_proportional(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+
+
+def _rows_proportional(a: np.ndarray, b: np.ndarray) -> bool:
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    zero = (na == 0) | (nb == 0)
+    if np.any((na == 0) != (nb == 0)):
+        return False
+    cos = np.abs((a * b).sum(axis=1)[~zero] / (na[~zero] * nb[~zero]))
+    return bool(cos.size == 0 or cos.min() >= PROPORTIONAL)
 
 
 def _restore_fp32(xml: Path, constants: dict[str, np.ndarray]) -> None:

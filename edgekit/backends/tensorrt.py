@@ -528,6 +528,8 @@ def _qdq_for_tensorrt(spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset,
                       fp16_outside: bool) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from edgekit.backends.onnxruntime import per_tensor_weights
+
     q = plan.quantization
     assert q is not None, "an int8 artifact plan carries quantization settings"
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -543,6 +545,7 @@ def _qdq_for_tensorrt(spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset,
         wanted = [n for n in tensorrt_qdq_nodes(model) if n not in set(q.exclude_nodes)]
         qdq = Path(tmp) / "qdq.onnx"
         ranges = kl_calibration_ranges(src, batches, True, Path(tmp)) if q.method == "entropy" else None
+        flat = per_tensor_weights(model, {*QDQ_OPS, "Add"})  # 1-D weights per-tensor up front, without ORT's warnings
         try:
             quantize_static(
                 str(src), str(qdq), _Reader(batches), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -551,7 +554,8 @@ def _qdq_for_tensorrt(spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset,
                 op_types_to_quantize=[*QDQ_OPS, "Add"], nodes_to_quantize=wanted,
                 calibrate_method=methods[q.method],
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                               "CalibPercentile": q.percentile},
+                               "CalibPercentile": q.percentile,
+                               **({"TensorQuantOverrides": flat} if flat else {})},
             )
         except Exception as e:
             raise EdgekitError(f"onnxruntime quantize_static (TensorRT Q/DQ) failed: {type(e).__name__}: {e}") from None

@@ -5,6 +5,12 @@ nothing written), `mktemp -d -t edgekit-XXXXXX` there with the runner written in
 manifest.json and the artifact folders (scp), run the runner inside a shell wrapper whose EXIT
 trap removes the folder, then — in a `finally`, whatever happened — one more ssh call that stops
 the runner if it still runs and removes the folder.
+
+Stopping the runner: only the pid edgekit's wrapper wrote into edgekit's own folder (and that
+process's group: the runner makes itself a group leader, so trtexec or build_engine.sh go with it).
+SIGTERM and SIGCONT (a stopped process keeps a TERM pending until it is continued), up to
+STOP_GRACE_S seconds to exit, then SIGKILL, which also ends a stopped or TERM-ignoring runner; then
+the folder is removed and checked to be gone.
 """
 
 from __future__ import annotations
@@ -12,20 +18,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from edgekit import __version__
 from edgekit.console import err, note
 from edgekit.costmodel import cost_features
 from edgekit.devices import (
     CONNECT_TIMEOUT_S,
+    LEGACY_SCP,
+    REMOTE_DIR,
     RUNNER,
     Device,
+    StepTimedOut,
     _last_json_line,
     _last_line,
     edgekit_home,
@@ -36,11 +46,38 @@ from edgekit.devices import (
     ssh,
 )
 from edgekit.errors import BackendUnavailable, BadInput, EdgekitError
-from edgekit.manifest import render_report, validate_manifest, write_json
+from edgekit.manifest import check_package_files, render_report, validate_manifest, write_json
 
 ENGINE_BUILD_S = 1200.0  # a TensorRT engine build on the device, at most (Jetson Nano: minutes)
-REMOTE_NAME = "edgekit-runner.py"  # `pkill -f edgekit-runner` on the device stops a measurement
-_REMOTE_DIR = re.compile(r"^/[A-Za-z0-9._/-]*/edgekit-[A-Za-z0-9]{6,}$")
+REMOTE_NAME = "edgekit-runner.py"  # the runner's file name in the device's temporary folder
+_REMOTE_DIR = REMOTE_DIR
+STOP_GRACE_S = 5  # seconds a runner has to exit after SIGTERM before SIGKILL
+
+
+def _stop_function(grace_s: float = STOP_GRACE_S) -> str:
+    """A POSIX sh function `stop PID`: TERM and CONT to the pid and its process group, up to grace_s
+    seconds to exit, then KILL; returns 0 once the process is gone (a zombie counts as gone)."""
+    ticks = max(1, round(grace_s / 0.2))
+    wait = ('i=0; while alive "$1" && [ "$i" -lt {n} ]; do sleep 0.2 2>/dev/null || sleep 1; i=$((i+1)); '
+            "done")
+    return "\n".join([
+        "alive() {",
+        '  kill -0 "$1" 2>/dev/null || return 1',
+        '  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0',
+        '  case "${s##*) }" in Z*) return 1;; esac',
+        "}",
+        "stop() {",
+        '  case "$1" in ""|*[!0-9]*) return 0;; esac',
+        '  [ "$1" -gt 1 ] || return 0',
+        '  alive "$1" || return 0',
+        '  kill -s TERM -- "-$1" 2>/dev/null; kill -s TERM "$1" 2>/dev/null',
+        '  kill -s CONT -- "-$1" 2>/dev/null; kill -s CONT "$1" 2>/dev/null',
+        "  " + wait.format(n=ticks),
+        '  kill -s KILL -- "-$1" 2>/dev/null; kill -s KILL "$1" 2>/dev/null',
+        "  " + wait.format(n=25),
+        '  ! alive "$1"',
+        "}",
+    ])
 
 
 @dataclass
@@ -86,8 +123,12 @@ def load_package(package_dir: str | Path) -> dict[str, Any]:
         validate_manifest(manifest)
     except ValueError as e:
         raise BadInput(f"{path}: not valid JSON ({e})") from None
+    except BadInput:
+        raise
     except Exception as e:
         raise BadInput(f"{path}: not a valid edgekit manifest ({getattr(e, 'message', e)})") from None
+    # Only the package's own files travel to a device: no path, and no link, may lead out of it.
+    check_package_files(package_dir, manifest)
     return manifest
 
 
@@ -150,6 +191,7 @@ def run_remote(package: Path, device: Device, arts: list[dict[str, Any]], settin
     if not _REMOTE_DIR.match(remote_dir):
         _cleanup(device, remote_dir, ct)
         raise EdgekitError(f"device {device.name}: mktemp gave an unexpected folder name '{remote_dir}'")
+    cleaned = False
     try:
         folders = sorted({(package / a["entry"]).parent for a in arts})
         extra = [package / "build_engine.sh"] if any(a["backend"] == "tensorrt" for a in arts) \
@@ -157,15 +199,27 @@ def run_remote(package: Path, device: Device, arts: list[dict[str, Any]], settin
         sources = [package / "manifest.json", *folders, *extra]
         size = sum(f.stat().st_size for s in sources for f in ([s] if s.is_file() else s.rglob("*")) if f.is_file())
         note(f"copy {size / 1e6:.1f} MB to {device.name}:{remote_dir}")
-        scp_to(device, sources, remote_dir, timeout=60 + size / 250e3, connect_timeout=ct)  # >= 250 kB/s
+        protocol = scp_to(device, sources, remote_dir, timeout=60 + size / 250e3, connect_timeout=ct)  # >= 250 kB/s
+        if protocol == LEGACY_SCP:
+            note(f"{device.name}'s sshd has no SFTP subsystem: copied with the legacy SCP protocol (scp -O)")
         timeout = settings.run_timeout(len(arts), engine_builds)
         builds = f", with {engine_builds} TensorRT engine build(s)" if engine_builds and not settings.timeout else ""
         note(f"measure {', '.join(a['key'] for a in arts)} on {device.name} (at most {timeout:g} s{builds})")
-        res = ssh(device, _wrapper(device, remote_dir, arts, settings, timeout), f"measuring on device {device.name}",
-                  timeout, connect_timeout=ct, check=False)
+        try:
+            res = ssh(device, _wrapper(device, remote_dir, arts, settings, timeout), "measuring", timeout,
+                      connect_timeout=ct, check=False)
+        except StepTimedOut:
+            cleaned = True  # stop the runner first, so the message can say what became of it
+            done = _cleanup(device, remote_dir, ct)
+            raise EdgekitError(
+                f"measuring on device {device.name} timed out after {timeout:g} s"
+                + ("; the runner was stopped and its temporary folder removed" if done else "")
+                + ": raise --timeout (edgekit profile) or lower --seconds/--min-runs, and check the device's load "
+                "(uptime, top: another process, thermal throttling or a stopped runner)") from None
         return _runner_result(device, res, timeout)
     finally:
-        _cleanup(device, remote_dir, ct)
+        if not cleaned:
+            _cleanup(device, remote_dir, ct)
 
 
 def _wrapper(device: Device, remote_dir: str, arts: list[dict[str, Any]], settings: RemoteSettings,
@@ -182,8 +236,10 @@ def _wrapper(device: Device, remote_dir: str, arts: list[dict[str, Any]], settin
     q = shlex.quote
     script = "\n".join([
         f"d={q(remote_dir)}",
+        _stop_function(),
+        "p=",
         "trap 'rm -rf \"$d\"' EXIT",
-        "trap 'kill \"$p\" 2>/dev/null; exit 143' HUP INT TERM",
+        "trap 'stop \"$p\"; exit 143' HUP INT TERM",
         'cd "$d" || exit 97',
         f"{python_command(device)} {REMOTE_NAME} {' '.join(q(a) for a in args)} </dev/null &",
         "p=$!",
@@ -193,17 +249,33 @@ def _wrapper(device: Device, remote_dir: str, arts: list[dict[str, Any]], settin
     return f"sh -c {q(script)}"
 
 
-def _cleanup(device: Device, remote_dir: str, connect_timeout: float) -> None:
-    """Stop the runner if it still runs and remove the folder. Never raises: it runs in a finally."""
+def _cleanup(device: Device, remote_dir: str, connect_timeout: float) -> bool:
+    """Stop the runner if it still runs (the pid in the folder's .pid: TERM, then KILL after
+    STOP_GRACE_S) and remove the folder. True when both are done; never raises: it runs in a finally."""
     if not _REMOTE_DIR.match(remote_dir):
-        return
-    d = shlex.quote(remote_dir)
-    cmd = f"if [ -f {d}/.pid ]; then kill $(cat {d}/.pid) 2>/dev/null; fi; rm -rf {d}; [ ! -e {d} ]"
+        return False
+    script = "\n".join([
+        f"d={shlex.quote(remote_dir)}",
+        _stop_function(),
+        'if [ -f "$d/.pid" ]; then',
+        '  p=$(cat "$d/.pid" 2>/dev/null)',
+        '  stop "$p" || echo "the runner (pid $p) is still running"',
+        "fi",
+        'rm -rf "$d"',
+        '[ ! -e "$d" ] || echo "the folder is still there"',
+    ])
     try:
-        ssh(device, cmd, "removing the temporary folder", 20 + connect_timeout, connect_timeout=connect_timeout)
+        r = ssh(device, f"sh -c {shlex.quote(script)}", "removing the temporary folder",
+                20 + 2 * STOP_GRACE_S + connect_timeout, connect_timeout=connect_timeout, check=False)
+        problem = r.stdout.decode(errors="replace").strip().replace("\n", "; ") \
+            or (_last_line(r.stderr.decode(errors="replace")) if r.returncode else "")
     except EdgekitError as e:
-        err.print(f"[yellow]warning:[/yellow] could not remove {remote_dir} on device {device.name}: {e}",
-                  soft_wrap=True)
+        problem = str(e)
+    if problem:
+        err.print(f"[yellow]warning:[/yellow] could not clean up {escape(remote_dir)} on device {device.name}: "
+                  f"{escape(problem)}", soft_wrap=True)
+        return False
+    return True
 
 
 def _runner_result(device: Device, res: subprocess.CompletedProcess[bytes], timeout: float) -> dict[str, Any]:
@@ -215,8 +287,9 @@ def _runner_result(device: Device, res: subprocess.CompletedProcess[bytes], time
     if out is not None and "error" not in out:
         return out
     if out is not None and out["error"] == "timeout":
-        raise EdgekitError(f"measuring on device {device.name} timed out after {timeout:g} s; the device's "
-                           "temporary folder was removed (raise --timeout, or lower --seconds/--min-runs)")
+        raise EdgekitError(f"measuring on device {device.name} timed out after {timeout:g} s (the runner's own "
+                           "deadline); its temporary folder was removed: raise --timeout (edgekit profile) or lower "
+                           "--seconds/--min-runs, and check the device's load (uptime, top)")
     if out is not None and out.get("missing"):
         raise BackendUnavailable(f"device {device.name} has {out['error']}")
     if out is not None:

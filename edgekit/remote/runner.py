@@ -20,6 +20,7 @@ Exit status: 0 measured (per-artifact errors are in "errors"), 3 could not measu
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -570,6 +571,11 @@ def main(argv=None):
     if args.probe:
         sys.stdout.write(json.dumps(probe()) + "\n")
         return 0
+    # A process group of its own: edgekit's cleanup stops the runner with what it starts (trtexec,
+    # build_engine.sh) by signalling the group of the pid it recorded, and nothing else.
+    if hasattr(os, "setpgid"):
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
     # Runtimes may print on stdout; the JSON line must be the only thing there.
     sys.stdout.flush()
     real_stdout = os.dup(1)

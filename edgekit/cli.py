@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                    "head too (default: the head, found from the graph, stays in float)")
     b.add_argument("--max-accuracy-drop", type=float, help="percentage points (default: the plan's budget with "
                    f"--plan, else {d.max_accuracy_drop})")
-    b.add_argument("--profile-seconds", type=float, default=3.0, help="timed seconds per artifact, at least")
+    b.add_argument("--profile-seconds", type=float, default=3.0, help="timed seconds per artifact on average: "
+                   "the interleaved rounds stop after artifacts x seconds, each artifact with --min-runs at least")
     b.add_argument("--min-runs", type=int, default=50)
     b.add_argument("--threads", type=int, help="runtime threads (default: the target's cores)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

@@ -220,7 +220,8 @@ def _rounds(groups: list[dict[str, _OwnFeeds]], settings: ProfileSettings) -> Si
                 rounds[k].append(float(np.median(ms)))
         rnd += 1
         runs = min(len(v) for v in times.values())
-        if (runs >= settings.min_runs and min(spent.values()) >= settings.seconds) or runs >= settings.max_runs:
+        enough = runs >= settings.min_runs and min(spent.values()) >= settings.seconds and rnd >= PAIRED_ROUNDS
+        if enough or runs >= settings.max_runs:
             break
     where = where_local()
     return SideBySide({k: _summary(v, sessions[k].threads, where) for k, v in times.items()}, rounds)
@@ -230,6 +231,9 @@ def _summary(ms: list[float], threads: int, where: str) -> Latency:
     a = np.asarray(ms)
     p50, p90, p99 = (round(float(np.percentile(a, q)), 4) for q in (50, 90, 99))
     return Latency(p50, p90, p99, round(float(a.mean()), 4), round(float(a.min()), 4), len(a), threads, where)
+
+
+PAIRED_ROUNDS = 10  # rounds at least: the paired ratio's bootstrap interval needs some (none under 5)
 
 
 def paired_ratio(rounds_a: list[float], rounds_b: list[float]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ measurement; `CostModel.fit_report` says what it was fitted to.
 The host (`host-cpu`) is read, not described: its per-precision efficiency follows the ISA detect_host
 found (INT8 gains only with VNNI, AMX or dot-product), and it is fitted to ONNX Runtime FP32 timings of
 a few small conv nets on this very machine (`host_points`, cached per CPU and runtime version), with an
-effective bandwidth of its own (small models' activations live in cache, not DRAM).
+effective bandwidth of its own (a small model's activations stay in cache: not the DRAM figure).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ HOST_SPEEDUP = {
 # FP32 compute efficiency before the host's own calibration replaces it (fitted there: 0.36 on an AMX
 # Xeon's 512-bit FMAs, which few small layers keep busy; AVX2 kernels reach nearer their peak).
 HOST_FP32_EFFICIENCY = {"amx": 0.35, "vnni": 0.35, "avx512": 0.35, "avx2": 0.45}
-HOST_BANDWIDTH_GBPS = 40.0  # effective, cache-resident activations (fitted 40 on that Xeon); DRAM says 20
-HOST_CALIBRATION = "edgekit-host-calibration/1"
+HOST_BANDWIDTH_GBPS = 30.0  # effective, before the calibration (fitted 25-40 on that Xeon; DRAM guessed 20)
+HOST_CALIBRATION = "edgekit-host-calibration/1"  # the record's schema; a change of the nets is a new one
 
 
 def host_isa_class(isa: list[str] | set[str]) -> str:
@@ -148,28 +148,23 @@ class CostModel:
     overhead: dict[str, float] = field(default_factory=dict)  # backend or "*" -> fitted ms per kernel
     points: list[CalibrationPoint] = field(default_factory=list)
     bandwidth: dict[str, float] = field(default_factory=dict)  # host: backend or "*" -> fitted effective GB/s
-    measure: bool = True  # host: time a backend here the first time it is estimated (else only what is cached)
-    host_measured: set[str] = field(default_factory=set)
 
     @classmethod
     def for_target(cls, target: Target, profiles: Path | None = None, measure: bool = True) -> CostModel:
         """Priors, fitted to the target's published benchmarks and its profiles/ records; the host also to
-        what is measured on it: ONNX Runtime now, each other backend when first estimated."""
-        model = cls(target, measure=measure)
+        ONNX Runtime timings on it (`measure=False`: only those already cached)."""
+        model = cls(target)
         model.points = benchmark_points(target) + profile_points(target, profiles)
+        if target.is_host:
+            model.points += host_points(target, measure=measure)
         model.fit()
-        model.measure_host(HOST_REFERENCE)
         return model
 
-    def measure_host(self, backend: str | None) -> None:
-        """The host only: add `backend`'s FP32 timings on this machine (host_points) and refit."""
-        if not self.target.is_host or backend is None or backend in self.host_measured:
-            return
-        self.host_measured.add(backend)
-        points = host_points(self.target, backend, measure=self.measure)
-        if points:
-            self.points += points
-            self.fit()
+    def add_points(self, points: list[CalibrationPoint]) -> CostModel:
+        """More measurements of the target (e.g. `manifest_points` of a build here), and fit again."""
+        self.points = [*self.points, *points]
+        self.fit()
+        return self
 
     # ------------------------------------------------------------ estimating
 
@@ -206,25 +201,23 @@ class CostModel:
         return HOST_BANDWIDTH_GBPS
 
     def _host_terms(self, layers: list[LayerFeatures], precision: str) -> list[tuple[int, int, bool]]:
-        """The host's (FLOPs, bytes moved, is a kernel) per layer: fused layers move nothing of their own,
-        and activations are FP32 unless the ISA computes at the precision (FP16 on x86 is storage only)."""
-        act = 1 if precision == "int8" else 2 if precision in ("fp16", "bf16") and \
-            HOST_SPEEDUP[host_isa_class(self.target.cpu.get("isa", []))].get(precision, 1.0) > 1 else 4
-        weight = BYTES_PER_ELEMENT.get(precision, 4)
+        """The host's (FLOPs, bytes moved, is a kernel) per layer. Fused layers move nothing of their own;
+        a precision the ISA does not compute in (FP16 on x86, INT8 without VNNI) runs as FP32 does, bytes
+        and all, so it is never estimated faster than FP32."""
+        gains = HOST_SPEEDUP[host_isa_class(self.target.cpu.get("isa", []))].get(precision, 1.0) > 1
+        bpe = BYTES_PER_ELEMENT.get(precision, 4) if gains else 4
         return [(0, 0, False) if la.op_type in FUSED_INTO_PREVIOUS
-                else (2 * la.macs, la.params * weight + 2 * la.out_elems * act, True) for la in layers]
+                else (2 * la.macs, (la.params + 2 * la.out_elems) * bpe, True) for la in layers]
 
     def layer_ms(self, layers: list[LayerFeatures], precision: str, backend: str | None,
-                 efficiency: float | None = None, overhead_ms: float | None = None,
-                 bandwidth_gbps: float | None = None) -> list[float]:
+                 efficiency: float | None = None, overhead_ms: float | None = None) -> list[float]:
         """Per-layer estimate (ms), the kernel overhead charged to the layers that become kernels."""
-        self.measure_host(backend)
         p = CostPriors.for_target(self.target, backend)
         eff = efficiency if efficiency is not None else self.efficiency(precision, backend)
         kernel_ms = overhead_ms if overhead_ms is not None else self.kernel_overhead(backend)
         peak = self._peak(precision, backend) * 1e12
         if self.target.is_host:
-            bw = (bandwidth_gbps if bandwidth_gbps is not None else self.host_bandwidth(backend)) * 1e9
+            bw = self.host_bandwidth(backend) * 1e9
             return [max(flops / (peak * eff), moved / bw) * 1e3 + (kernel_ms if kernel else 0.0)
                     for flops, moved, kernel in self._host_terms(layers, precision)]
         bandwidth = float(self.target.memory.get("bandwidth_gbps", 10.0)) * 1e9
@@ -238,9 +231,8 @@ class CostModel:
         return out
 
     def estimate_ms(self, layers: list[LayerFeatures], precision: str, backend: str | None,
-                    efficiency: float | None = None, overhead_ms: float | None = None,
-                    bandwidth_gbps: float | None = None) -> float:
-        return sum(self.layer_ms(layers, precision, backend, efficiency, overhead_ms, bandwidth_gbps))
+                    efficiency: float | None = None, overhead_ms: float | None = None) -> float:
+        return sum(self.layer_ms(layers, precision, backend, efficiency, overhead_ms))
 
     def estimate(self, spec: ModelSpec, precision: str, backend: str | None = None) -> Latency:
         ms = round(self.estimate_ms(LayerFeatures.of_spec(spec), precision, backend), 4)
@@ -266,7 +258,7 @@ class CostModel:
             by_backend.setdefault(pt.backend, []).append(pt)
             by_backend.setdefault("*", []).append(pt)
         self.fitted, self.overhead, self.bandwidth = {}, {}, {}
-        # the host's well-measured groups first: the others borrow their bandwidth
+        # on the host the best-measured groups first: a backend with few points borrows their overhead and bandwidth
         for backend, pts in sorted(by_backend.items(), key=lambda kv: -len(kv[1]) if self.target.is_host else 0):
             if self.target.is_host and all(p.layers is not None for p in pts):
                 self._fit_host(backend, pts)
@@ -284,15 +276,20 @@ class CostModel:
 
     def _fit_host(self, backend: str, pts: list[CalibrationPoint]) -> None:
         """The host's fit, a third parameter besides overhead and efficiency: the effective bandwidth. On a
-        grid, all at once (numpy): per precision the efficiency minimising the squared log error, for
-        each overhead and bandwidth; the pair with the least total wins."""
+        grid, all at once (numpy): per precision the efficiency minimising the squared log error for each
+        overhead and bandwidth; the pair with the least total wins. Three parameters want more than three
+        points: with fewer (one backend's FP32 build) only the efficiency is fitted, the overhead and
+        bandwidth those of ONNX Runtime's calibration."""
         import numpy as np
 
         effs = np.exp(np.linspace(*_LOG_EFF, 121))
-        overheads = np.asarray(_log_grid(*OVERHEAD_RANGE_MS, 24))
-        # three parameters want more than three points: fewer keep the best-measured group's bandwidth
-        borrowed = self.bandwidth.get(HOST_REFERENCE) or next(iter(self.bandwidth.values()), HOST_BANDWIDTH_GBPS)
-        bandwidths = np.asarray(_log_grid(5.0, 640.0, 22) if len(pts) > 3 else [borrowed])
+        if len(pts) > 3:
+            overheads = np.asarray(_log_grid(*OVERHEAD_RANGE_MS, 24))
+            bandwidths = np.asarray(_log_grid(5.0, 640.0, 22))
+        else:
+            ref = "onnxruntime" if "onnxruntime" in self.overhead else "*"
+            overheads = np.asarray([self.overhead.get(ref, CostPriors.for_target(self.target, backend).overhead_ms)])
+            bandwidths = np.asarray([self.bandwidth.get(ref, HOST_BANDWIDTH_GBPS)])
         total = np.zeros((len(overheads), len(bandwidths)))
         best_eff: dict[str, np.ndarray] = {}
         for prec, group in _by_precision(pts).items():
@@ -408,51 +405,33 @@ def profile_points(target: Target, root: Path | None = None) -> list[Calibration
 # ---------------------------------------------------------------- the host, measured
 
 _HOST_MEMO: dict[str, dict[str, Any] | None] = {}
-HOST_REFERENCE = "onnxruntime"  # timed on every calibration net; the others on three (their export is slower)
-OTHER_BACKEND_NETS = ("many-small-kernels", "residual", "compute-bound")
-ANCHOR_NET = "residual"  # ONNX Runtime's, timed beside another backend's nets: both runs on one footing
 
 
-def host_points(target: Target, backend: str = HOST_REFERENCE, threads: int | None = None,
-                measure: bool = True) -> list[CalibrationPoint]:
-    """FP32 timings of `backend` on this machine, taken as builds take them (exported by the backend,
-    timed in edgekit's interleaved timing process with the build's threads): small conv nets of unlike
-    character (compute-bound, large activations, many tiny kernels, depthwise, residual). Measured once
-    per CPU, thread count, backend and runtime version (ONNX Runtime ~2 s, ncnn's conversions ~7 s), then
-    cached in $EDGEKIT_HOME/cache/costmodel (default ~/.cache/edgekit/costmodel). Another backend's run
-    times ONNX Runtime's residual net beside its own and is scaled by it onto ONNX Runtime's run: a busy
-    machine slows both alike, and only side-by-side ratios mean something. Empty when it cannot be
-    measured (backend not installed, a process that may not spawn one): the priors stand."""
+def host_points(target: Target, threads: int | None = None, measure: bool = True) -> list[CalibrationPoint]:
+    """ONNX Runtime FP32 on this machine, timed as builds time (exported by the backend, edgekit's
+    interleaved timing process, the build's threads): five small conv nets of unlike character
+    (compute-bound, large activations, many tiny kernels, depthwise, residual). Measured once per CPU,
+    thread count and runtime version (about 3 s), then cached in $EDGEKIT_HOME/cache/costmodel (default
+    ~/.cache/edgekit/costmodel). Empty when it cannot be measured (ONNX Runtime missing, a process that
+    may not spawn one): the priors stand."""
     threads = threads or int(target.cpu.get("cores", 1))
-    rec = _host_record(target, backend, threads, measure)
-    if rec is None:
-        return []
-    scale, why = 1.0, ""
-    if backend != HOST_REFERENCE:
-        reference = _host_record(target, HOST_REFERENCE, threads, measure)
-        if reference is None:
-            return []
-        scale = float(reference["nets"][ANCHOR_NET]["p50"]) / float(rec["anchor_p50"])
-        why = f", x{scale:.2f} onto ONNX Runtime's run"
-    return [CalibrationPoint(backend, "fp32", round(float(n["p50"]) * scale, 4), f"measured here{why}: {backend} "
-                             f"fp32, calibration net '{name}'", layers=[LayerFeatures(*f) for f in n["layers"]])
-            for name, n in rec["nets"].items()]
+    rec = _host_record(target, threads, measure)
+    return [CalibrationPoint("onnxruntime", "fp32", float(n["p50"]), f"measured here: onnxruntime fp32, "
+                             f"calibration net '{name}'", layers=[LayerFeatures(*f) for f in n["layers"]])
+            for name, n in (rec or {}).get("nets", {}).items()]
 
 
-def _host_record(target: Target, backend: str, threads: int, measure: bool) -> dict[str, Any] | None:
-    """The cached calibration run of `backend` here, measured now if there is none (and `measure`)."""
+def _host_record(target: Target, threads: int, measure: bool) -> dict[str, Any] | None:
+    """The cached calibration run here, measured now if there is none (and `measure`)."""
     from edgekit import backends
 
     try:
-        runtime = backends.get_installed(backend)
-        if runtime.measure_here() is not None:
-            return None
+        runtime = backends.get_installed("onnxruntime")
         versions = runtime.versions()
     except Exception:
         return None
-    nets = list(_calibration_nets()) if backend == HOST_REFERENCE else list(OTHER_BACKEND_NETS)
-    key = hashlib.sha256(json.dumps([HOST_CALIBRATION, target.cpu, threads, backend, versions, nets],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([HOST_CALIBRATION, target.cpu, threads, versions], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
     if key in _HOST_MEMO:
         return _HOST_MEMO[key]
     home = os.environ.get("EDGEKIT_HOME")
@@ -463,7 +442,7 @@ def _host_record(target: Target, backend: str, threads: int, measure: bool) -> d
     except (OSError, ValueError, KeyError, AssertionError):
         if not measure:
             return None
-        rec = _measure_host(target, backend, nets, threads, key)
+        rec = _measure_host(target, threads, key)
         if rec is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,7 +455,7 @@ def _host_record(target: Target, backend: str, threads: int, measure: bool) -> d
     return rec
 
 
-def _measure_host(target: Target, backend: str, nets: list[str], threads: int, key: str) -> dict[str, Any] | None:
+def _measure_host(target: Target, threads: int, key: str) -> dict[str, Any] | None:
     import tempfile
     import time
 
@@ -489,36 +468,31 @@ def _measure_host(target: Target, backend: str, nets: list[str], threads: int, k
     from edgekit.plans import ArtifactPlan
     from edgekit.timing import ProfileSettings, time_artifacts, where_local
 
-    note(f"cost model: calibrating to this host ({target.cpu.get('model')}, "
-         f"{host_isa_class(target.cpu.get('isa', []))}, {threads} threads): {backend} FP32 on {len(nets)} small "
-         "nets, once (cached)")
-    started = time.perf_counter()
     models = _calibration_nets()
-    features = {}
+    note(f"cost model: calibrating to this host ({target.cpu.get('model')}, "
+         f"{host_isa_class(target.cpu.get('isa', []))}, {threads} threads): ONNX Runtime FP32 on {len(models)} "
+         "small nets, once (cached)")
+    started = time.perf_counter()
+    features, arts = {}, {}
     try:
+        runtime = backends.get_installed("onnxruntime")
         with tempfile.TemporaryDirectory(prefix="edgekit-host-cal-") as tmp:
-            arts = {}
-            runs = [(backend, name) for name in nets] + ([(HOST_REFERENCE, ANCHOR_NET)] if backend != HOST_REFERENCE
-                                                         else [])
-            for b, name in runs:
-                folder = Path(tmp) / f"{b}-{name}"
-                folder.mkdir()
-                onnx.save(models[name], str(folder / "net.onnx"))
+            for name, model in models.items():
+                folder = Path(tmp) / name
+                (folder / "artifact").mkdir(parents=True)
+                onnx.save(model, str(folder / "net.onnx"))
                 spec = ingest(str(folder / "net.onnx"), folder / "spec", simplify=False)
                 features[name] = [f.to_list() for f in LayerFeatures.of_spec(spec)]
-                (folder / "artifact").mkdir()
-                arts[f"{b}/{name}"] = backends.get_installed(b).export(spec, ArtifactPlan(b, "fp32"), None,
-                                                                       folder / "artifact")
+                arts[name] = runtime.export(spec, ArtifactPlan("onnxruntime", "fp32"), None, folder / "artifact")
             feeds = {"x": np.random.default_rng(0).random(CALIBRATION_INPUT, np.float32)}
             lat = time_artifacts(arts, feeds, ProfileSettings(warmup_runs=5, min_runs=20, seconds=0.15), threads)
-    except Exception as e:  # no process to spawn, a converter failing: the estimates keep the priors
-        note(f"cost model: could not time {backend} here ({type(e).__name__}: {e}); its estimates use the priors")
+    except Exception as e:  # no process to spawn, a runtime failing: the estimates keep the priors
+        note(f"cost model: could not time ONNX Runtime here ({type(e).__name__}: {e}); estimates use the priors")
         return None
     return {"schema": HOST_CALIBRATION, "key": key, "where": where_local(), "cpu": target.cpu, "threads": threads,
-            "backend": backend, "seconds": round(time.perf_counter() - started, 2),
-            **({"anchor_p50": lat[f"{HOST_REFERENCE}/{ANCHOR_NET}"].p50} if backend != HOST_REFERENCE else {}),
-            "nets": {name: {"p50": lat[f"{backend}/{name}"].p50, "runs": lat[f"{backend}/{name}"].runs,
-                            "layers": features[name]} for name in nets}}
+            "seconds": round(time.perf_counter() - started, 2),
+            "nets": {name: {"p50": lat[name].p50, "runs": lat[name].runs, "layers": features[name]}
+                     for name in models}}
 
 
 CALIBRATION_INPUT = (1, 3, 128, 128)
@@ -571,6 +545,21 @@ def _calibration_nets() -> dict[str, Any]:
         "depthwise": net((32, 3, 2), *[(32, 3, 1, 32), (32, 1)] * 4),
         "residual": net((24, 3, 2), (24, 3, 2), ("res", 24), (48, 3, 2), ("res", 48), (96, 3, 2), ("res", 96)),
     }
+
+
+def manifest_points(manifest: dict[str, Any]) -> list[CalibrationPoint]:
+    """A package's FP32 references measured on this machine (each artifact's `reference_latency_ms`: its
+    backend's FP32 build, timed in the same rounds as the artifacts) with the model's layer features: what
+    the host's model can be fitted to per backend (`add_points`) before its estimates of the other
+    precisions are compared with their measurements."""
+    layers = [LayerFeatures(*f) for f in cost_features(manifest.get("layers") or [])]
+    found: dict[str, float] = {}
+    for a in manifest.get("artifacts", []):
+        ref = a.get("reference_latency_ms") or {}
+        if layers and str(ref.get("where", "")).startswith("local:") and (ref.get("p50") or 0) > 0:
+            found.setdefault(a["backend"], float(ref["p50"]))
+    return [CalibrationPoint(b, "fp32", ms, f"measured here: the model's {b} fp32 build", layers=layers)
+            for b, ms in found.items()]
 
 
 def cost_features(spec_layers: list[dict[str, Any]]) -> list[list[Any]]:

@@ -242,13 +242,24 @@ def build(opts: BuildOptions) -> BuildResult:
 
         # FP32 on ONNX Runtime (the verification yardstick) and on each chosen backend (its speedup base).
         ref_backends = [REFERENCE_BACKEND, *[c.name for c in chosen if c.name != REFERENCE_BACKEND]]
-        references = {name: stages.export(spec, ArtifactPlan(name, "fp32",
-                                                             options=backends.get(name).plan_options(target)),
-                                          data, Path(work) / f"ref-{name}")
-                      for name in ref_backends}
-        verifier = _Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads, stages)
         artifacts, verifications, failed, built = [], {}, [], []
         several = len(plan.artifacts) > 1
+        references = {}
+        for name in ref_backends:
+            try:
+                references[name] = stages.export(spec, ArtifactPlan(name, "fp32",
+                                                                    options=backends.get(name).plan_options(target)),
+                                                 data, Path(work) / f"ref-{name}")
+            except EdgekitError as e:  # a backend that cannot convert the model: its artifacts fail, not the build
+                if name == REFERENCE_BACKEND or not several or (isinstance(e, BadInput) and not best_effort):
+                    raise
+                why = _public(e, staging, out)
+                failed += [{"key": f"{ap.backend}-{ap.precision}", "stage": "export", "error": why}
+                           for ap in plan.artifacts if ap.backend == name]
+                plan.artifacts = [ap for ap in plan.artifacts if ap.backend != name]
+                chosen = [c for c in chosen if c.name != name]
+                note(f"export {name} FAILED: {why}")
+        verifier = _Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads, stages)
         for ap in plan.artifacts:
             key = f"{ap.backend}-{ap.precision}"
             folder = staging.path / key
@@ -471,7 +482,7 @@ class _Stages:
 
         path = Path(source)
         origin = sha256_file(path) if path.is_file() else [source, sha256_file(weights) if weights else None]
-        key = digest("ingest", origin, shapes, _versions("onnx", "onnxslim", "torch"))
+        key = digest("ingest", origin, shapes, _versions("onnx", "onnxslim", "torch", "onnxscript"))
         meta = self.cache.get_tree("ingest", key, workdir, "ingest")
         if meta is not None:
             return ModelSpec.from_dict({**meta, "source": source, "onnx_path": str(workdir / "model.onnx"),

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from edgekit.attention import looks_like_transformer
 from edgekit.errors import BadInput
 from edgekit.ingest import ModelSpec
 from edgekit.targets import Target
@@ -161,6 +162,11 @@ def default_plan(
                 q.symmetric_activations = True
                 ap.reasons.append(f"{backend} takes symmetric INT8 only")
             ap.reasons.append(f"INT8 static Q/DQ, per-channel weights, {method} calibration on {calib_samples} samples")
+            attention = looks_like_transformer(spec.load())
+            if attention is not None and q.model_type is None:
+                q.model_type = "transformer"
+                ap.reasons.append(f"transformer recipe ({attention}): the attention MatMuls stay in float "
+                                  "(NNCF model_type=transformer, ONNX Runtime MatMulConstBOnly)")
             head = _detector_head(spec, backend) if (backend_requests or {}).get("detector_head", True) else None
             if head is not None:  # one INT8 scale for pixels and 0-1 scores wipes the scores out
                 why, nodes = head

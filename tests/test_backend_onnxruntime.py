@@ -115,7 +115,7 @@ def test_entropy_calibration_is_its_own_and_keeps_the_accuracy(tmp_path: Path, d
 
 def _layernorm_model(path: Path) -> Path:
     """A small transformer block (torch nn.LayerNorm + Linear, exported at opset 17)."""
-    torch = pytest.importorskip("torch")
+    import torch
 
     class Block(torch.nn.Module):
         def __init__(self, d: int = 32) -> None:
@@ -123,7 +123,7 @@ def _layernorm_model(path: Path) -> Path:
             self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
             self.fc1, self.fc2, self.head = torch.nn.Linear(d, 64), torch.nn.Linear(64, d), torch.nn.Linear(d, 4)
 
-        def forward(self, x):  # noqa: ANN001, ANN202
+        def forward(self, x):
             x = x + self.fc2(torch.relu(self.fc1(self.ln1(x))))
             return self.head(self.ln2(x).mean(1))
 

@@ -283,29 +283,35 @@ def test_all_ships_what_verifies_and_lists_the_rest(defects_data: Path, tmp_path
 
 
 def test_one_backend_that_cannot_convert_does_not_lose_the_others(tmp_path: Path) -> None:
+    """A step-2 slice over channels: ncnn has nothing for it (pnnx warns, leaves a layer ncnn cannot load).
+    --backend all ships the ONNX Runtime and OpenVINO artifacts and lists ncnn's with its one-line reason;
+    an explicit list naming ncnn stays all-or-nothing."""
     import torch
 
-    class Seq(torch.nn.Module):
+    class ChannelStride(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
-            self.fc = torch.nn.Linear(16, 3)
+            self.conv = torch.nn.Conv2d(2, 4, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.lstm(x)[0][:, -1])
+            return self.conv(x[:, ::2])
 
-    torch.onnx.export(Seq().eval(), (torch.randn(1, 5, 8),), str(tmp_path / "lstm.onnx"), dynamo=False,
+    torch.onnx.export(ChannelStride().eval(), (torch.randn(1, 4, 8, 8),), str(tmp_path / "m.onnx"), dynamo=False,
                       opset_version=17, input_names=["x"], output_names=["y"])
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((40, 5, 8)).astype(np.float32))
-    r = run_cli("build", tmp_path / "lstm.onnx", "--target", "host-cpu", "--backend", "ncnn", "--precision", "all",
-                "--calib", tmp_path / "d.npz", "--out", tmp_path / "pkg", *FAST)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((40, 4, 8, 8)).astype(np.float32))
+    args = ["build", tmp_path / "m.onnx", "--target", "host-cpu", "--precision", "fp32", "--calib", tmp_path / "d.npz",
+            *FAST]
+    r = run_cli(*args, "--backend", "all", "--out", tmp_path / "pkg")
     assert r.code == 0, r.stderr
     m = read_manifest(tmp_path / "pkg")
-    assert "ncnn-fp32" in [a["key"] for a in m["artifacts"]] and m["passed"]
-    failed = {f["key"]: f for f in m["failed_artifacts"]}
-    assert failed["ncnn-fp16"]["stage"] == "export" and "LSTM" in failed["ncnn-fp16"]["error"]
-    assert all(".partial-" not in f["error"] for f in failed.values())  # errors name no staging path
-    assert "not built ncnn-fp16" in r.stderr
+    assert [a["key"] for a in m["artifacts"]] == ["onnxruntime-fp32", "openvino-fp32"] and m["passed"]
+    (failed,) = m["failed_artifacts"]
+    assert failed["key"] == "ncnn-fp32" and failed["stage"] == "export"
+    assert "Slice" in failed["error"] and ".partial-" not in failed["error"]  # no staging path in the reason
+    assert "not built ncnn-fp32" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(*args, "--backend", "onnxruntime,ncnn", "--out", tmp_path / "explicit")
+    assert r.code == 2 and "Slice" in r.error_line()
+    assert not (tmp_path / "explicit").exists() and not (tmp_path / "explicit.rejected").exists()
 
 
 def test_model_whose_output_ignores_the_input_is_not_verified(tmp_path: Path) -> None:

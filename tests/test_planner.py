@@ -24,7 +24,8 @@ def test_plan_then_build_with_the_plan(tmp_path: Path) -> None:
     chosen = [c for c in plan["candidates"] if c["chosen"]]
     assert len(plan["candidates"]) == 6 and len(chosen) == 1
     assert chosen[0]["measured_ms"] == min(c["measured_ms"] for c in ok)  # the measured-fastest that passes
-    assert plan["cost_model"]["compared"] == 6 and plan["cost_model"]["mape_percent"] is not None
+    # The FP32 builds calibrate the host's cost model: its error is judged on the 4 FP16 and INT8 candidates.
+    assert plan["cost_model"]["compared"] == 4 and plan["cost_model"]["mape_percent"] is not None
     assert len(plan["artifacts"]) == 1 and f"{plan['artifacts'][0]['backend']}-{plan['artifacts'][0]['precision']}" \
         == chosen[0]["key"]
     assert "fastest of" in r.stdout and "mean absolute percentage error" in r.stdout

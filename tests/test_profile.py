@@ -61,7 +61,8 @@ def test_interleaved_time_is_bounded_by_sessions_times_seconds(tmp_path: Path) -
     """A fast and a slow session: the rounds stop at about 2 x seconds in all, not when the fast one has
     `seconds` of its own (that took max_runs rounds of the slow one: seconds of extra wall time)."""
     ort = backends.get("onnxruntime")
-    sessions = {"fast": ort.load(_ort_model(tmp_path / "fast", 0), 1), "slow": ort.load(_ort_model(tmp_path / "slow", 6), 1)}
+    sessions = {"fast": ort.load(_ort_model(tmp_path / "fast", 0), 1),
+                "slow": ort.load(_ort_model(tmp_path / "slow", 6), 1)}
     feeds = {"x": np.random.default_rng(1).standard_normal((64, 512)).astype(np.float32)}
     settings = ProfileSettings(warmup_runs=2, min_runs=8, seconds=0.25)
     t0 = time.perf_counter()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -549,7 +551,7 @@ def _strided_slices_to_convs(model: onnx.ModelProto, shapes: dict[str, list[int]
                     stride[a - 2] = int(st)
             if any(end[a] <= begin[a] for a in range(4)):
                 continue
-            replaced[i] = _select(model, n, n.input[0], dims, begin, end, stride, n.output[0])
+            replaced[i] = _select(model, n.input[0], dims, begin, end, stride, n.output[0])
         elif n.op_type == "SpaceToDepth":
             b = int(_attrs(n).get("blocksize", 0))
             if b < 2 or dims[2] % b or dims[3] % b:
@@ -558,9 +560,9 @@ def _strided_slices_to_convs(model: onnx.ModelProto, shapes: dict[str, list[int]
             for bh in range(b):  # ONNX order: channel (bh * b + bw) * C + c
                 for bw in range(b):
                     part = _unique(model, f"{n.output[0]}_block{bh}{bw}")
-                    new += _select(model, n, n.input[0], dims, [0, 0, bh, bw], list(dims), [b, b], part)
+                    new += _select(model, n.input[0], dims, [0, 0, bh, bw], list(dims), [b, b], part)
                     parts.append(part)
-            new.append(helper.make_node("Concat", parts, [n.output[0]], axis=1, name=_unique(model, f"{n.name}_cat")))
+            new.append(helper.make_node("Concat", parts, [n.output[0]], axis=1, name=f"{n.output[0]}_cat"))
             replaced[i] = new
     if not replaced:
         return []
@@ -574,9 +576,10 @@ def _strided_slices_to_convs(model: onnx.ModelProto, shapes: dict[str, list[int]
     return names
 
 
-def _select(model: onnx.ModelProto, node: onnx.NodeProto, x: str, dims: list[int], begin: list[int],
-            end: list[int], stride: list[int], out: str) -> list[onnx.NodeProto]:
-    """x[..., begin:end] (step 1), then every stride-th row/column: a depthwise 1x1 convolution, weights 1."""
+def _select(model: onnx.ModelProto, x: str, dims: list[int], begin: list[int], end: list[int], stride: list[int],
+            out: str) -> list[onnx.NodeProto]:
+    """x[..., begin:end] (step 1), then every stride-th row/column: a depthwise 1x1 convolution, weights 1.
+    Nodes are named after their (unique) outputs."""
     nodes, src = [], x
     axes = [a for a in range(4) if begin[a] or end[a] != dims[a]]
     if axes:
@@ -585,11 +588,11 @@ def _select(model: onnx.ModelProto, node: onnx.NodeProto, x: str, dims: list[int
             "Slice", [x, _add_init(model, f"{src}_starts", np.array([begin[a] for a in axes], np.int64)),
                       _add_init(model, f"{src}_ends", np.array([end[a] for a in axes], np.int64)),
                       _add_init(model, f"{src}_axes", np.array(axes, np.int64))], [src],
-            name=_unique(model, f"{node.name or out}_crop")))
+            name=src))
     channels = end[1] - begin[1]
     weight = _add_init(model, f"{out}_select", np.ones((channels, 1, 1, 1), np.float32))
-    nodes.append(helper.make_node("Conv", [src, weight], [out], name=_unique(model, f"{node.name or out}_stride"),
-                                  group=channels, kernel_shape=[1, 1], strides=stride))
+    nodes.append(helper.make_node("Conv", [src, weight], [out], name=f"{out}_stride", group=channels,
+                                  kernel_shape=[1, 1], strides=stride))
     return nodes
 
 
@@ -689,18 +692,54 @@ def refuse_unconvertible(param: Path, pnnx_param: Path, model: onnx.ModelProto, 
         f = line.split()
         if len(f) >= 2 and ncnn.layer_to_index(f[0]) < 0:
             bad.setdefault(f[0], []).append(f[1])
-    if not bad:
-        return
-    kind, layers = next(iter(bad.items()))
-    word = kind.rsplit(".", 1)[-1].lower()
-    warning = next((w for w in warnings if w.lower().startswith(word)), warnings[0] if warnings else "")
-    node = _onnx_node_of(model, pnnx_param, layers[0], word)
-    others = sum(len(v) for v in bad.values()) - 1
-    more = f" (and {others} more pnnx op{'s' if others > 1 else ''} ncnn lacks)" if others else ""
-    where = f"op {node.op_type} (node '{node.name or node.output[0]}')" if node is not None else f"a node ({kind})"
-    why = f"pnnx: {warning}" if warning else f"pnnx left {kind}, which ncnn has no layer for"
-    raise UnsupportedOp(f"{where} is not supported by ncnn: {why}; pnnx left {kind}, which ncnn cannot load"
-                        f"{more}; rewrite that part of the model or build for another backend")
+    if bad:
+        kind, layers = next(iter(bad.items()))
+        word = kind.rsplit(".", 1)[-1].lower()
+        warning = next((w for w in warnings if w.lower().startswith(word)), warnings[0] if warnings else "")
+        others = sum(len(v) for v in bad.values()) - 1
+        more = f" (and {others} more pnnx op{'s' if others > 1 else ''} ncnn lacks)" if others else ""
+        why = f"pnnx: {warning}; " if warning else ""
+        raise UnsupportedOp(f"{_where(model, pnnx_param, layers[0], word, kind)} is not supported by ncnn: {why}"
+                            f"pnnx left {kind}, which ncnn cannot load{more}; rewrite that part of the model or "
+                            "build for another backend")
+    problem = _load_param_problem(param)
+    if problem:  # a known layer with params ncnn rejects ("layer load_param 6 GRU_1 failed")
+        layer, kind = problem
+        raise UnsupportedOp(f"{_where(model, pnnx_param, layer, kind.lower(), kind)} is not supported by ncnn: "
+                            f"ncnn cannot load pnnx's {kind} layer {layer} (its load_param fails); rewrite that "
+                            "part of the model or build for another backend")
+
+
+def _where(model: onnx.ModelProto, pnnx_param: Path, layer: str, word: str, kind: str) -> str:
+    node = _onnx_node_of(model, pnnx_param, layer, word)
+    return f"op {node.op_type} (node '{node.name or node.output[0]}')" if node is not None else f"a node (pnnx {kind})"
+
+
+def _load_param_problem(param: Path) -> tuple[str, str] | None:
+    """(layer, type) of the first layer ncnn's load_param rejects, or None when the param file loads. ncnn
+    writes its reason to the C stderr; it is captured here, not left as a stray line in the console."""
+    import ncnn
+
+    net = ncnn.Net()
+    net.opt.use_vulkan_compute = False
+    with tempfile.TemporaryFile() as log:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            ret = net.load_param(str(param))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    net.clear()
+    if ret == 0:
+        return None
+    types = {f[1]: f[0] for f in (ln.split() for ln in param.read_text().splitlines()[2:]) if len(f) >= 2}
+    m = re.search(r"layer load_param \d+ (\S+) failed", text)
+    name = m.group(1) if m else next(iter(types), "?")
+    return name, types.get(name, "?")
 
 
 def _onnx_node_of(model: onnx.ModelProto, pnnx_param: Path, layer: str, word: str) -> onnx.NodeProto | None:
@@ -716,7 +755,7 @@ def _onnx_node_of(model: onnx.ModelProto, pnnx_param: Path, layer: str, word: st
                 m = re.search(rf"#{re.escape(outs[0])}=\(([0-9,]*)\)", line) if outs else None
                 shape = [int(v) for v in m.group(1).split(",") if v] if m else None
                 break
-    ops = _PNNX_TO_ONNX.get(word)
+    ops = _PNNX_TO_ONNX.get(word) or tuple({n.op_type for n in model.graph.node if n.op_type.lower() == word}) or None
     shapes = _shapes(model) if shape is not None else {}
     candidates = [n for n in model.graph.node if ops is None or n.op_type in ops]
     for n in candidates:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from edgekit.attention import attention_nodes
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
 from edgekit.compress.fp16_range import fp16_unsafe_nodes
@@ -226,6 +227,9 @@ class OnnxRuntimeBackend(Backend):
                 extra["TensorQuantOverrides"] = flat
             ranges = kl_calibration_ranges(pre, batches, q.symmetric_activations, Path(tmp)) if q.method == "entropy" \
                 else None
+            # transformer: attention (its activation x activation MatMuls and Softmax) stays in float; ORT's
+            # MatMulConstBOnly does this for the QOperator format only, in Q/DQ they are excluded by name
+            attention = attention_nodes(onnx.load(str(pre))) if q.model_type == "transformer" else []
             try:
                 quantize_static(
                     str(pre), str(out), _Reader(batches),
@@ -235,7 +239,7 @@ class OnnxRuntimeBackend(Backend):
                     reduce_range=q.reduce_range,
                     activation_type=QuantType.QInt8 if q.symmetric_activations else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
-                    nodes_to_exclude=q.exclude_nodes or None,
+                    nodes_to_exclude=[*q.exclude_nodes, *attention] or None,
                     calibrate_method=methods[q.method],
                     extra_options=extra,
                 )
@@ -253,6 +257,7 @@ class OnnxRuntimeBackend(Backend):
             "activations": "int8 symmetric" if q.symmetric_activations else "uint8 asymmetric",
             "weights": "int8 symmetric",
             "excluded_nodes": list(q.exclude_nodes),
+            **({"attention_nodes_in_float": len(attention)} if attention else {}),
         }
 
     @staticmethod

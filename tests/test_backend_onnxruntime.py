@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import FAST, run_cli
+from conftest import FAST, read_manifest, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit import backends
@@ -172,3 +172,36 @@ def test_per_tensor_weights_names_only_weights_without_a_channel_axis() -> None:
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     assert per_tensor_weights(model) == {"gamma": [{}]}
     assert per_tensor_weights(model, {"Conv", "MatMul"}) == {}
+
+
+def test_attention_stays_in_float_by_default(tmp_path: Path) -> None:
+    """A model with attention gets the transformer recipe: its activation x activation MatMuls and the Softmax
+    between them stay in float (ONNX Runtime by name; NNCF model_type=transformer), said in the notes."""
+    import torch
+
+    class Attention(torch.nn.Module):
+        def __init__(self, d: int = 32) -> None:
+            super().__init__()
+            self.embed = torch.nn.Conv2d(3, d, 4, stride=4)
+            self.q, self.k, self.v = torch.nn.Linear(d, d), torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+            self.head = torch.nn.Linear(d, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = self.embed(x).flatten(2).transpose(1, 2)  # [1, 16, d] tokens
+            w = torch.softmax(self.q(t) @ self.k(t).transpose(1, 2) / 32 ** 0.5, dim=-1)
+            return self.head((w @ self.v(t)).mean(1))
+
+    torch.manual_seed(0)
+    torch.onnx.export(Attention().eval(), (torch.randn(1, 3, 16, 16),), str(tmp_path / "m.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"])
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.uniform(-1, 1, (64, 3, 16, 16)).astype(np.float32))
+    r = run_cli("build", tmp_path / "m.onnx", "--target", "host-cpu", "--backend", "onnxruntime,openvino",
+                "--precision", "int8", "--calib", tmp_path / "d.npz", "--recover", "none", "--out", tmp_path / "pkg",
+                *FAST)
+    m = read_manifest(tmp_path / "pkg" if r.code == 0 else tmp_path / "pkg.rejected")
+    ort, ov = (next(a for a in m["artifacts"] if a["backend"] == b) for b in ("onnxruntime", "openvino"))
+    assert ort["details"]["attention_nodes_in_float"] == 3  # the two MatMuls and the Softmax
+    assert ov["details"]["model_type"] == "transformer"
+    assert all(any(n.startswith("transformer recipe (2 activation x activation MatMul") for n in a["notes"])
+               for a in (ort, ov))

@@ -202,32 +202,6 @@ def _ort_reference(spec, tmp_path: Path, name: str = "ref"):
     return run_all(ort.load(art, 1), _calib(8).batches(spec))
 
 
-def test_a_layer_the_rewriter_cannot_handle_fails_that_artifact_only(tmp_path: Path) -> None:
-    """An LSTM converts for ncnn FP32, but edgekit cannot rewrite its weights: FP16 is reported as not
-    built with the reason, FP32 is still built and verified, and the build is rejected as a whole."""
-    import torch
-    from conftest import FAST, read_manifest, run_cli
-
-    class Seq(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
-            self.fc = torch.nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.lstm(x)[0][:, -1])
-
-    torch.onnx.export(Seq().eval(), (torch.randn(1, 5, 8),), str(tmp_path / "lstm.onnx"), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["y"])
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((20, 5, 8)).astype(np.float32))
-    r = run_cli("build", tmp_path / "lstm.onnx", "--target", "host-cpu", "--backend", "ncnn", "--precision",
-                "fp32,fp16", "--calib", tmp_path / "d.npz", "--out", tmp_path / "pkg", *FAST)
-    assert r.code == 1 and "not built ncnn-fp16" in r.stderr and "LSTM" in r.stderr
-    m = read_manifest(tmp_path / "pkg.rejected")
-    assert [a["key"] for a in m["artifacts"]] == ["ncnn-fp32"] and m["artifacts"][0]["verification"]["passed"]
-    assert m["failed_artifacts"][0]["key"] == "ncnn-fp16" and not (tmp_path / "pkg").exists()
-
-
 # ---------------------------------------------------------------- FP16 range on the stored ncnn weights
 
 C = 8

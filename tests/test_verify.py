@@ -40,9 +40,12 @@ def test_classifier_detection() -> None:
 
 
 def test_identical_outputs_are_finite() -> None:
-    x = np.ones((3, 5))
+    x = np.random.default_rng(0).standard_normal((3, 5))
     v = compare([x], [x], ["y"], None, Thresholds())
     assert v.cosine_min == pytest.approx(1.0) and v.snr_db_min == 200.0 and v.passed
+    ones = np.ones((3, 5))  # the same figures, but a reference that never varies verifies nothing
+    v = compare([ones], [ones], ["y"], None, Thresholds())
+    assert v.snr_db_min == 200.0 and not v.passed and "degenerate" in v.failures[-1]
 
 
 def test_mean_centred_cosine_is_not_fooled_by_a_constant_offset() -> None:
@@ -78,8 +81,9 @@ def test_fp16_artifacts_are_held_to_their_own_cosine() -> None:
 
 def test_input_independent_output_has_no_centred_figures() -> None:
     anchors = np.tile(np.linspace(0, 1, 40), (10, 1))  # the same for every sample
-    v = compare([anchors], [anchors + 1e-4], ["anchors"], None, Thresholds())
-    assert v.outputs[0].centred_cosine is None and v.centred_cosine_min is None and v.passed
+    scores = np.random.default_rng(0).standard_normal((10, 40))  # beside an output that depends on the input
+    v = compare([anchors, scores], [anchors + 1e-4, scores], ["anchors", "scores"], None, Thresholds())
+    assert v.outputs[0].centred_cosine is None and v.outputs[1].centred_cosine is not None and v.passed
 
 
 def test_nan_outputs_fail() -> None:

@@ -213,10 +213,18 @@ class NcnnBackend(Backend):
     def _fp16_storage(spec: ModelSpec, plan: ArtifactPlan, param: Path, bin_: Path) -> tuple[dict[str, str], list[str]]:
         """FP16 storage for every weighted layer except those whose stored weights leave the FP16 range
         (checked on the ncnn blobs themselves: pnnx transposes and folds weights, so the ONNX values
-        need not be what is stored) and those the plan keeps in FP32. Returns {ncnn layer: why}."""
-        from edgekit.backends.ncnn_format import NcnnModel, set_storage
+        need not be what is stored) and those the plan keeps in FP32. Returns {ncnn layer: why}.
+        A .bin edgekit cannot read (a layer type newer than its layout table) keeps pnnx's FP32 storage,
+        with a note, rather than failing the artifact: ncnn still runs it with fp16 storage."""
+        from edgekit.backends.ncnn_format import NcnnModel, UnsupportedNcnnLayer, set_storage
 
-        model = NcnnModel.load(param, bin_)
+        try:
+            model = NcnnModel.load(param, bin_)
+        except UnsupportedNcnnLayer as e:
+            if plan.keep_fp32:
+                raise
+            return {}, [f"weights left in FP32 storage as pnnx wrote them (ncnn casts them to fp16 at load time; "
+                        f"no FP16 range check): {e}"]
         onnx_model = spec.load()
         kept: dict[str, str] = {}
         for layer in model.layers:
@@ -278,9 +286,14 @@ class NcnnBackend(Backend):
             if weighted and layer.name not in done | exclude | selectors:
                 no_int8[layer.type] = no_int8.get(layer.type, 0) + 1
         notes = []
-        if no_int8:
+        unported = {t: n for t, n in no_int8.items() if t in ncnn_int8.NOT_PORTED}
+        no_kernel = {t: n for t, n in no_int8.items() if t not in ncnn_int8.NOT_PORTED}
+        if no_kernel:
             notes.append("ncnn layers kept in float (ncnn has no int8 kernel for them): "
-                         + ", ".join(f"{n} {t}" for t, n in sorted(no_int8.items())))
+                         + ", ".join(f"{n} {t}" for t, n in sorted(no_kernel.items())))
+        if unported:
+            notes.append("ncnn layers kept in float (ncnn2int8 quantises them; edgekit's port does not yet): "
+                         + ", ".join(f"{n} {t}" for t, n in sorted(unported.items())))
         if selectors:
             notes.append(f"{len(selectors)} stride-selector convolution(s) from edgekit's strided-Slice rewrite "
                          "kept in float (exact there)")
@@ -373,8 +386,8 @@ INT64_MAX = 2**63 - 1
 
 
 def pnnx_graph(model: onnx.ModelProto, spec: ModelSpec | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """The canonical graph with two rewrites for pnnx, each one checked to compute the same in ONNX Runtime
-    (else the graph is returned as it is):
+    """The canonical graph with rewrites for pnnx, all checked to compute the same in ONNX Runtime (else the
+    graph is returned as it is):
     - onnxslim turns a MatMul on token sequences ([1, T, K] x [K, N]) into Reshape -> Gemm -> Reshape; pnnx then
       no longer recognises attention blocks (no MultiHeadAttention layer; nn.MultiheadAttention's 5-D
       reshapes are left as `Tensor.reshape`, which ncnn cannot load). Restored to MatMul (+ Add).
@@ -382,12 +395,18 @@ def pnnx_graph(model: onnx.ModelProto, spec: ModelSpec | None = None) -> tuple[o
       `Tensor.slice`, becomes a step-1 crop and a stride-s depthwise 1x1 convolution with weights 1 (exact);
       SpaceToDepth the same way per block offset (pnnx maps it to ncnn Reorg, which orders the channels
       as pixel_unshuffle does, not as ONNX does).
+    - ReduceSum with its axes as an input (opset 13+): pnnx drops the axes and writes a Reduction with an
+      empty axes list (wrong results, or a crash in ncnn); it becomes ReduceMean (axes attribute) x count.
     Returns (graph, what was rewritten)."""
-    if not any(n.op_type in ("Gemm", "Slice", "SpaceToDepth") for n in model.graph.node):
+    if not any(n.op_type in ("Gemm", "Slice", "SpaceToDepth", "ReduceSum") for n in model.graph.node):
         return model, []
     new = copy.deepcopy(model)
     shapes = _shapes(new)
     done = []
+    sums = _reduce_sums_to_means(new, shapes)
+    if sums:
+        done.append(f"{sums} ReduceSum (axes as an input, opset 13+) rewritten as ReduceMean x count: pnnx drops "
+                    "that axes input and writes a Reduction ncnn runs wrongly or crashes on")
     matmuls = _restore_matmuls(new, shapes)
     if matmuls:
         done.append(f"{matmuls} Gemm on flattened token rows restored to MatMul (onnxslim's rewrite hides "
@@ -512,6 +531,36 @@ def _restore_matmuls(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> in
         for u in consumers[n.output[0]]:
             nodes[u].input[0] = out
         replaced[i] = new
+    if not replaced:
+        return 0
+    kept = []
+    for i, n in enumerate(nodes):
+        kept += replaced.get(i, [n])
+    del g.node[:]
+    g.node.extend(kept)
+    return len(replaced)
+
+
+def _reduce_sums_to_means(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> int:
+    g = model.graph
+    nodes = list(g.node)
+    consts = _constants(model)
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for i, n in enumerate(nodes):
+        if n.op_type != "ReduceSum" or len(n.input) < 2 or not n.input[1] or n.input[1] not in consts:
+            continue
+        dims = shapes.get(n.input[0], [])
+        axes = [int(a) for a in consts[n.input[1]].reshape(-1)]
+        if not dims or min(dims) <= 0 or not axes:
+            continue
+        axes = [a % len(dims) for a in axes]
+        count = float(np.prod([dims[a] for a in axes]))
+        keepdims = int(_attrs(n).get("keepdims", 1))
+        mean = _unique(model, f"{n.output[0]}_mean")
+        replaced[i] = [
+            helper.make_node("ReduceMean", [n.input[0]], [mean], name=mean, axes=axes, keepdims=keepdims),
+            helper.make_node("Mul", [mean, _add_init(model, f"{n.output[0]}_count", np.array(count, np.float32))],
+                             [n.output[0]], name=f"{n.output[0]}_sum")]
     if not replaced:
         return 0
     kept = []

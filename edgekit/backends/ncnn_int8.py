@@ -18,7 +18,8 @@ dynamically at run time (per row, absmax), so they need weight scales only, no c
   them so a commented-out line keeps that Gemm in float).
 - MultiHeadAttention: param 18 = 2, q/k/v weights with one scale per output row (`_param_0/1/2`), the
   output projection one scale (`_param_3`), as ncnn2table writes them.
-Everything else (LayerNorm, Softmax, the attention's MatMul between activations) stays float.
+Everything else stays float: LayerNorm, Softmax, the MatMul between activations, and the layers ncnn2int8
+quantises that this port does not yet (NOT_PORTED: Embed, LSTM, GRU, RNN).
 
 Scales are multipliers (x_int8 = round(x * scale)), the reciprocal of an ONNX scale.
 """
@@ -38,6 +39,7 @@ from edgekit.errors import BadInput, EdgekitError
 CALIBRATED = ("Convolution", "ConvolutionDepthWise", "InnerProduct")  # static input scale from calibration
 DYNAMIC = ("Gemm", "MultiHeadAttention")  # weight scales only: the runtime quantises their inputs per row
 QUANTIZABLE = CALIBRATED + DYNAMIC
+NOT_PORTED = ("Embed", "LSTM", "GRU", "RNN")  # ncnn2int8 quantises their weights; this port keeps them float
 METHODS = ("kl", "minmax")
 HISTOGRAM_BINS = 2048
 TARGET_BINS = 128

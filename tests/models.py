@@ -544,3 +544,24 @@ def export_fixed(model: nn.Module, path: Path, size: int = 32, name: str = "imag
     torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
                       input_names=[name], output_names=["logits"])
     return path
+
+
+class ChannelStride(nn.Module):
+    """A step-2 slice over channels before a 1x1 conv: ONNX Runtime and OpenVINO run it, ncnn has nothing for
+    it (pnnx warns and leaves a layer ncnn cannot load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x[:, ::2])
+
+
+def export_channel_stride(path: Path, samples: int) -> tuple[Path, Path]:
+    """The ChannelStride model as ONNX (input x [1, 4, 8, 8]) and `samples` seeded inputs as .npz beside it."""
+    torch.onnx.export(ChannelStride().eval(), (torch.randn(1, 4, 8, 8),), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"])
+    data = path.with_suffix(".npz")
+    np.savez(data, x=np.random.default_rng(0).standard_normal((samples, 4, 8, 8)).astype(np.float32))
+    return path, data

@@ -286,21 +286,10 @@ def test_one_backend_that_cannot_convert_does_not_lose_the_others(tmp_path: Path
     """A step-2 slice over channels: ncnn has nothing for it (pnnx warns, leaves a layer ncnn cannot load).
     --backend all ships the ONNX Runtime and OpenVINO artifacts and lists ncnn's with its one-line reason;
     an explicit list naming ncnn stays all-or-nothing."""
-    import torch
+    from models import export_channel_stride
 
-    class ChannelStride(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(2, 4, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x[:, ::2])
-
-    torch.onnx.export(ChannelStride().eval(), (torch.randn(1, 4, 8, 8),), str(tmp_path / "m.onnx"), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["y"])
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((40, 4, 8, 8)).astype(np.float32))
-    args = ["build", tmp_path / "m.onnx", "--target", "host-cpu", "--precision", "fp32", "--calib", tmp_path / "d.npz",
-            *FAST]
+    model, data = export_channel_stride(tmp_path / "m.onnx", 40)
+    args = ["build", model, "--target", "host-cpu", "--precision", "fp32", "--calib", data, *FAST]
     r = run_cli(*args, "--backend", "all", "--out", tmp_path / "pkg")
     assert r.code == 0, r.stderr
     m = read_manifest(tmp_path / "pkg")

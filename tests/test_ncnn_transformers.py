@@ -121,21 +121,11 @@ def test_focus_stem_is_rewritten_and_verifies(images, tmp_path: Path) -> None:
 def test_a_strided_slice_ncnn_cannot_run_is_refused_on_one_line(tmp_path: Path) -> None:
     """A step-2 slice over channels has no ncnn equivalent: refused before ncnn loads anything (exit 2, not a
     loader failure), one line naming the ONNX node and pnnx's own warning."""
-    import torch
+    from models import export_channel_stride
 
-    class ChannelStride(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(2, 4, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x[:, ::2])
-
-    torch.onnx.export(ChannelStride().eval(), (torch.randn(1, 4, 8, 8),), str(tmp_path / "m.onnx"), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["y"])
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((16, 4, 8, 8)).astype(np.float32))
-    r = run_cli("build", tmp_path / "m.onnx", "--target", "host-cpu", "--backend", "ncnn", "--precision",
-                "fp32,fp16", "--calib", tmp_path / "d.npz", "--out", tmp_path / "pkg", *FAST)
+    model, data = export_channel_stride(tmp_path / "m.onnx", 16)
+    r = run_cli("build", model, "--target", "host-cpu", "--backend", "ncnn", "--precision",
+                "fp32,fp16", "--calib", data, "--out", tmp_path / "pkg", *FAST)
     assert r.code == 2, r.stderr
     line = r.error_line()
     assert "op Slice (node '/Slice')" in line and "slice with step 2 is not supported" in line

@@ -66,6 +66,14 @@ def _opt(net: Any, precision: str, threads: int) -> None:
     o.use_int8_inference = precision == "int8"
 
 
+def to_mat(ncnn: Any, x: np.ndarray) -> Any:
+    """An ncnn Mat of this array as ncnn's own allocations lay it out. A Mat wrapped around a numpy array
+    has its channels packed back to back (cstep = h * w); ncnn aligns each channel to 16 bytes and some
+    layers (Crop) assume it: for a 3x31x15 input, every channel after the first was read shifted. clone()
+    copies into an aligned Mat."""
+    return ncnn.Mat(np.ascontiguousarray(x, dtype=np.float32)).clone()
+
+
 class NcnnSession:
     def __init__(self, param: Path, bin_: Path, precision: str, threads: int, inputs: list[str],
                  outputs: list[str], output_shapes: list[list[int]]) -> None:
@@ -82,14 +90,14 @@ class NcnnSession:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         ex = self.net.create_extractor()
         for blob, x in zip(self.inputs, feeds.values()):
-            ex.input(blob, self._ncnn.Mat(np.ascontiguousarray(x[0], dtype=np.float32)))  # ncnn has no batch axis
+            ex.input(blob, to_mat(self._ncnn, x[0]))  # ncnn has no batch axis
         return [self._extract(ex, blob).reshape(shape) for blob, shape in zip(self.outputs, self.output_shapes)]
 
     def run_intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
         """Every layer's output blob, in layer order (Split only copies its input: skipped)."""
         ex = self.net.create_extractor()
         for blob, x in zip(self.inputs, feeds.values()):
-            ex.input(blob, self._ncnn.Mat(np.ascontiguousarray(x[0], dtype=np.float32)))
+            ex.input(blob, to_mat(self._ncnn, x[0]))
         blob_names = [b.name for b in self.net.blobs()]
         return [([blob_names[t]], self._extract(ex, blob_names[t]).astype(np.float32))
                 for layer in self.net.layers() if layer.type not in ("Input", "Split") for t in layer.tops]

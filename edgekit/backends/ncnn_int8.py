@@ -186,6 +186,12 @@ def calibration_table(param: Path, bin_: Path, batches: Sequence[dict[str, np.nd
     return table
 
 
+def to_mat(ncnn: object, x: np.ndarray) -> object:
+    from edgekit.backends.ncnn import to_mat as aligned
+
+    return aligned(ncnn, x)
+
+
 class _FloatNet:
     """The FP32 ncnn net, every reduced-precision path off, so statistics describe the float model."""
 
@@ -211,7 +217,7 @@ class _FloatNet:
     def extract(self, feeds: dict[str, np.ndarray], blobs: Sequence[str]) -> list[np.ndarray]:
         ex = self.net.create_extractor()
         for name, x in feeds.items():
-            ex.input(name, self._ncnn.Mat(np.ascontiguousarray(x[0], dtype=np.float32)))  # ncnn has no batch axis
+            ex.input(name, to_mat(self._ncnn, x[0]))  # ncnn has no batch axis
         out = []
         for blob in blobs:
             ret, mat = ex.extract(blob)

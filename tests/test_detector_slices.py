@@ -62,6 +62,55 @@ def test_slices_that_cannot_be_judged_are_flagged_not_passed() -> None:
     assert compare([ref], [bad], ["y"], None, Thresholds()).outputs[0].slices[3].cosine is None
 
 
+def _background(ref: np.ndarray, axis: int, scores: slice) -> np.ndarray:
+    """[n, anchors]: no reference score reaches 0.25 there."""
+    return np.moveaxis(ref, axis, -1)[..., scores].max(axis=-1) < 0.25
+
+
+def test_boxes_are_judged_where_something_is_detected() -> None:
+    """Box rows at background anchors (which a detector's score cut discards) may swing by 100 px and pass;
+    40 px of noise on the anchors that are detected fails; a background anchor whose score rises past the cut
+    fails the score IoU."""
+    rng = np.random.default_rng(4)
+    ref = _yolo_like(rng)
+    back = _background(ref, 1, slice(4, 8))
+    assert 0.2 < back.mean() < 0.8
+    noisy = ref + rng.standard_normal(ref.shape) * 0.05 * (np.arange(8) < 4)[None, :, None]
+    noisy[:, :4] += rng.standard_normal((len(ref), 4, ref.shape[2])) * 100 * back[:, None, :]
+    v = compare([ref], [noisy], ["output0"], None, Thresholds(), "int8")
+    assert v.passed, v.failures
+    assert any("slices 0-3 (axis 1, not score-like) judged only at the" in n for n in v.notes), v.notes
+    everywhere = compare([ref[:, :4]], [noisy[:, :4]], ["boxes_alone"], None, Thresholds(), "int8")
+    assert not everywhere.passed  # the same boxes judged at every anchor: what rejected YOLOv8n's INT8
+
+    wrong = ref.copy()
+    wrong[:, 2] += rng.standard_normal(back.shape) * 40.0 * ~back  # 40 px on one coordinate of detected boxes
+    v = compare([ref], [wrong], ["output0"], None, Thresholds(), "int8")
+    assert not v.passed and any("slice 2 (axis 1)" in f for f in v.failures), v.failures
+
+    ghosts = ref.copy()
+    ghosts[:, 5] = np.where(back, 0.9, ghosts[:, 5])  # background anchors now detected as class 1
+    v = compare([ref], [ghosts], ["output0"], None, Thresholds(), "int8")
+    assert not v.passed and any("slice 5 (axis 1): score IoU" in f for f in v.failures), v.failures
+
+
+def test_separate_box_outputs_are_judged_where_the_score_output_detects() -> None:
+    """SSD / PicoDet layout: scores [n, anchors, classes] (softmax) and boxes [n, anchors, 4] in two outputs."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((16, 400, 6)) * 2
+    scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    boxes = rng.uniform(0, 320, (16, 400, 4))
+    back = scores.max(-1) < 0.25
+    assert 0.0 < back.mean() < 0.5
+    swung = boxes + rng.standard_normal(boxes.shape) * 100 * back[..., None]
+    v = compare([scores, boxes], [scores, swung], ["scores", "boxes"], None, Thresholds(), "int8")
+    assert v.passed, v.failures
+    assert any(n.startswith("output boxes: its values (box-like, beside a score output) judged only") for n in v.notes)
+    wrong = boxes + rng.standard_normal(boxes.shape) * 40.0 * ~back[..., None]
+    v = compare([scores, boxes], [scores, wrong], ["scores", "boxes"], None, Thresholds(), "int8")
+    assert not v.passed and any("output boxes" in f for f in v.failures), v.failures
+
+
 def test_which_outputs_are_sliced() -> None:
     assert slice_axis((1, 8, 2100)) == 1 and slice_axis((1, 3549, 6)) == 2 and slice_axis((5, 3, 12, 12)) == 1
     assert slice_axis((1, 100, 4)) == 2

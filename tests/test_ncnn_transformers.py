@@ -153,6 +153,39 @@ def test_space_to_depth_is_converted_in_onnx_channel_order(tmp_path: Path) -> No
     np.testing.assert_allclose(NCNN.load(art, 1).run(batches[0])[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_odd_sizes_single_axis_strides_and_reduce_sum_convert_exactly(tmp_path: Path) -> None:
+    """A 31x15 input (channels not 16-byte aligned: ncnn's Crop read every channel after the first shifted when
+    the input Mat wrapped the numpy array), a step-2 slice on H only (crop + stride (2, 1) selection), and
+    ReduceSum with its axes as an input (pnnx drops them: a Reduction over nothing): FP32 equals ONNX
+    Runtime."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x[..., 1::2, :])
+            return y.sum(-1, keepdim=True) + y.sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    torch.onnx.export(Net().eval(), (torch.randn(1, 3, 31, 15),), str(tmp_path / "m.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"])
+    spec = ingest(str(tmp_path / "m.onnx"), tmp_path / "w")
+    (tmp_path / "a").mkdir()
+    art = NCNN.export(spec, ArtifactPlan("ncnn", "fp32"), None, tmp_path / "a")
+    rewrites = " ".join(art.details["pnnx_rewrites"])
+    assert "2 ReduceSum" in rewrites and "1 strided Slice" in rewrites
+    batches = Dataset({"x": np.random.default_rng(1).standard_normal((4, 3, 31, 15)).astype(np.float32)}).batches(spec)
+    ort = backends.get("onnxruntime")
+    (tmp_path / "r").mkdir()
+    reference = run_all(ort.load(ort.export(spec, ArtifactPlan("onnxruntime", "fp32"), None, tmp_path / "r"), 1),
+                        batches)
+    v = compare(reference, run_all(NCNN.load(art, 1), batches), ["y"], None, Thresholds())
+    assert v.passed and v.snr_db_min > 90, (v.snr_db_min, v.failures)
+
+
 # ---------------------------------------------------------------- Gemm INT8 in every layout pnnx may write
 
 M, N, K = 6, 5, 16

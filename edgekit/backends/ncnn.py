@@ -1,5 +1,7 @@
-"""NCNN backend: param/bin by pnnx from the canonical ONNX; FP16 weight storage per layer; INT8 by
-edgekit's Python ports of ncnn2table and ncnn2int8 (ncnn_int8.py), run with the ncnn runtime."""
+"""NCNN backend: param/bin by pnnx from the canonical ONNX (rewritten where pnnx converts it badly:
+pnnx_graph; what pnnx leaves unconvertible refused before ncnn loads it: refuse_unconvertible); FP16
+weight storage per layer; INT8 by edgekit's Python ports of ncnn2table and ncnn2int8 (ncnn_int8.py), run
+with the ncnn runtime."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
+from edgekit.backends.ncnn_format import to_mat
 from edgekit.compress.fp16_range import fp16_range_problem, same_weights_any_layout
 from edgekit.errors import BadInput, EdgekitError, UnsupportedOp
 
@@ -64,14 +67,6 @@ def _opt(net: Any, precision: str, threads: int) -> None:
     o.use_fp16_storage = o.use_fp16_packed = precision == "fp16"
     o.use_fp16_arithmetic = False  # arithmetic precision follows storage only on ARMv8.2 devices
     o.use_int8_inference = precision == "int8"
-
-
-def to_mat(ncnn: Any, x: np.ndarray) -> Any:
-    """An ncnn Mat of this array as ncnn's own allocations lay it out. A Mat wrapped around a numpy array
-    has its channels packed back to back (cstep = h * w); ncnn aligns each channel to 16 bytes and some
-    layers (Crop) assume it: for a 3x31x15 input, every channel after the first was read shifted. clone()
-    copies into an aligned Mat."""
-    return ncnn.Mat(np.ascontiguousarray(x, dtype=np.float32)).clone()
 
 
 class NcnnSession:

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -285,6 +286,14 @@ def _parse_layer(line: str) -> NcnnLayer:
             arrays.add(key)
         params[key] = v
     return NcnnLayer(f[0], f[1], f[4:4 + nb], f[4 + nb:4 + nb + nt], params, arrays)
+
+
+def to_mat(ncnn: Any, x: np.ndarray) -> Any:
+    """An ncnn Mat of this array laid out as ncnn's own allocations are. A Mat wrapped around a numpy array
+    packs its channels back to back (cstep = h * w); ncnn aligns each channel to 16 bytes and some layers
+    (Crop) rely on it: for a 3x31x15 input every channel after the first was read shifted. clone() copies
+    into an aligned Mat."""
+    return ncnn.Mat(np.ascontiguousarray(x, dtype=np.float32)).clone()
 
 
 def set_storage(model: NcnnModel, layer_name: str, storage: str) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.backends.ncnn_format import NcnnLayer, NcnnModel, WeightBlob
+from edgekit.backends.ncnn_format import NcnnLayer, NcnnModel, WeightBlob, to_mat
 from edgekit.console import progress
 from edgekit.errors import BadInput, EdgekitError
 
@@ -184,12 +184,6 @@ def calibration_table(param: Path, bin_: Path, batches: Sequence[dict[str, np.nd
     for layer, threshold in zip(layers, thresholds):
         table[layer.name] = np.array([127.0 / threshold if threshold > 0 else 1.0], dtype=np.float32)
     return table
-
-
-def to_mat(ncnn: object, x: np.ndarray) -> object:
-    from edgekit.backends.ncnn import to_mat as aligned
-
-    return aligned(ncnn, x)
 
 
 class _FloatNet:

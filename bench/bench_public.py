@@ -8,8 +8,9 @@ Each model goes through `edgekit build SRC --target host-cpu --backend all --pre
 rule out before any work, with the op named). The log of every build is checked: no exit 3, no traceback,
 every error one line. Results: bench/results/public-host-cpu.json; `--table` prints the README table.
 
-Needs the public libraries (not edgekit's dependencies): `pip install transformers efficientnet_pytorch` and,
-for YOLOv8n, `pip install --no-deps ultralytics` plus opencv-python-headless (bench/public_models.py).
+Needs the public libraries: the `public` extra (transformers, efficientnet_pytorch, opencv-python-headless) and
+`pip install --no-deps ultralytics` for YOLOv8n; scripts/setup.sh installs both. Rows of models not run this
+time are kept from the previous result; each row records its own `recover` setting.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import public_sources as ps  # noqa: E402
 
 BACKENDS = ("onnxruntime", "openvino", "ncnn")
 PRECISIONS = ("fp32", "fp16", "int8")
-TENSOR_ONLY = "random weights: judged on tensor figures only (top-1 agreement not judged, a coin toss on them)"
+TRAINED = ("trained briefly on a generated 4-class task (public_sources.quadrant_images): every figure, top-1 "
+           "agreement and accuracy included")
 
 
 def sources(cache: Path) -> dict[str, dict[str, Any]]:
@@ -52,11 +54,11 @@ def sources(cache: Path) -> dict[str, dict[str, Any]]:
                                  ("EfficientNet-B0 (efficientnet_pytorch)", "efficientnet_b0", (1, 3, 224, 224))):
         lib = "efficientnet_pytorch" if "Efficient" in name else "transformers"
         out[f"{name}, {lib} via --model"] = {
-            "src": lambda f=factory: f"public_sources:{f}", "shape": shape, "input": "input", "judged": TENSOR_ONLY,
-            "shape_arg": True}
+            "src": lambda f=factory, s=shape: (ps.trained(f, s, cache), f"public_sources:{f}")[1], "shape": shape,
+            "input": "input", "judged": TRAINED, "shape_arg": True}
         out[f"{name}, {lib} via its ONNX export"] = {
-            "src": lambda f=factory, s=shape: str(ps.export_onnx(getattr(ps, f), cache / f"{f}.onnx", s)),
-            "shape": shape, "input": "pixel_values", "judged": TENSOR_ONLY}
+            "src": lambda f=factory, s=shape: str(ps.export_onnx(getattr(ps, f), cache / f"{f}-trained.onnx", s)),
+            "shape": shape, "input": "pixel_values", "judged": TRAINED}
     out["YOLOv8n (Ultralytics definition, trained here)"] = {"yolo": True, "judged": "trained briefly on generated "
                                                              "boxes: tensor and per-slice figures"}
     return out
@@ -69,7 +71,9 @@ def _yolo(cache: Path) -> tuple[str, str, str]:
     return str(built.onnx), str(built.calib), str(built.val)
 
 
-def run_model(name: str, how: dict[str, Any], work: Path, cache: Path, recover: str) -> dict[str, Any]:
+def run_model(name: str, how: dict[str, Any], work: Path, cache: Path, recover: str,
+              fast: bool = False) -> dict[str, Any]:
+    """One matrix row. `fast` (the tests): timing cut to a minimum; the verdicts are the same."""
     t0 = time.monotonic()
     if how.get("yolo"):
         src, calib, val = _yolo(cache)
@@ -78,16 +82,20 @@ def run_model(name: str, how: dict[str, Any], work: Path, cache: Path, recover: 
         src = how["src"]()
         n_cal, n_val = how.get("samples", (64, 48))
         stem = "".join(c if c.isalnum() else "-" for c in name)[:40]
-        calib = str(ps.images_npz(cache / f"{stem}-calib.npz", how["input"], how["shape"], n_cal, 1))
-        val = str(ps.images_npz(cache / f"{stem}-val.npz", how["input"], how["shape"], n_val, 2))
+        if how["judged"] == TRAINED:  # the task's own images, labelled: accuracy is judged too
+            calib = str(ps.quadrant_npz(cache / f"{stem}-calib.npz", how["input"], how["shape"], n_cal, 11))
+            val = str(ps.quadrant_npz(cache / f"{stem}-val.npz", how["input"], how["shape"], n_val, 12))
+        else:
+            calib = str(ps.images_npz(cache / f"{stem}-calib.npz", how["input"], how["shape"], n_cal, 1))
+            val = str(ps.images_npz(cache / f"{stem}-val.npz", how["input"], how["shape"], n_val, 2))
         extra = ["--input-shape", f"{how['input']}={','.join(map(str, how['shape']))}"] if how.get("shape_arg") else []
-        if how["judged"] == TENSOR_ONLY:
-            extra += ["--min-top1-agreement", "0"]
     out = work / "".join(c if c.isalnum() else "-" for c in name)[:60]
     cmd = [sys.executable, "-m", "edgekit", "build", src, "--target", "host-cpu", "--backend", "all",
            "--precision", ",".join(PRECISIONS), "--calib", calib, "--val", val, "--out", str(out), "--force",
-           "--recover", recover, "--profile-seconds", "1", "--min-runs", "20", "--no-memory", "--json", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+           "--recover", recover, "--profile-seconds", "0.1" if fast else "1", "--min-runs", "10" if fast else "20",
+           "--no-memory", "--json", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "EDGEKIT_PUBLIC_CACHE": str(cache)}
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=7200)
     log = p.stderr
     problems = _log_problems(p.returncode, log)
@@ -98,7 +106,8 @@ def run_model(name: str, how: dict[str, Any], work: Path, cache: Path, recover: 
     package = Path(doc.get("package") or out)
     manifest = json.loads((package / "manifest.json").read_text()) if (package / "manifest.json").is_file() else None
     row: dict[str, Any] = {"model": name, "source": Path(src).name if src.endswith(".onnx") else src,
-                           "judged": how["judged"], "exit_code": p.returncode, "seconds": round(time.monotonic() - t0),
+                           "recover": recover, "judged": how["judged"], "exit_code": p.returncode,
+                           "seconds": round(time.monotonic() - t0),
                            "log_problems": problems, "error": doc.get("error"), "cells": _cells(manifest)}
     print(f"{name}: exit {p.returncode} in {row['seconds']} s; " + ", ".join(
         f"{c['backend']}-{c['precision']} {c['verdict']}" for c in row["cells"]), flush=True)
@@ -194,6 +203,12 @@ def main() -> int:
             rows.append({"model": name, "judged": how["judged"], "exit_code": None, "error": f"{type(e).__name__}: {e}",
                          "cells": [], "log_problems": []})
             print(f"{name}: could not be made here: {type(e).__name__}: {e}", flush=True)
+    # rows of models not run this time are kept from the last result (the matrix is built a part at a time)
+    previous = json.loads(Path(args.out).read_text()).get("models", []) if Path(args.out).is_file() else []
+    ran = {r["model"] for r in rows}
+    order = list(sources(cache))
+    rows = sorted([r for r in previous if r["model"] not in ran and r["model"] in order] + rows,
+                  key=lambda r: order.index(r["model"]))
     result = {"host": platform.processor() or platform.machine(), "recover": args.recover,
               "command": "edgekit build SRC --target host-cpu --backend all --precision fp32,fp16,int8 ...",
               "models": rows}

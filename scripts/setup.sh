@@ -11,5 +11,8 @@ stamp=.venv/.edgekit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e ".[all]"
+  # Ultralytics' YOLOv8 definition for the public-detector test: without its dependencies (torchvision would
+  # replace the CPU torch pin; the rest is in the `public` extra)
+  .venv/bin/python -m pip install --quiet --no-deps "ultralytics==8.4.190"
   touch "$stamp"
 fi

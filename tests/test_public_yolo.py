@@ -85,26 +85,10 @@ def test_the_whole_yolov8_head_is_found(yolov8n) -> None:
                    for n in head)
 
 
-def _box_slice_failures_only(a: dict) -> bool:
-    """True when every figure this artifact missed is a mean-centred cosine of the whole output or of a box
-    row (not score-like), while scores, cosines and SNRs pass."""
-    v = a["verification"]
-    if v["passed"]:
-        return True
-    for o in v["outputs"]:
-        if o["cosine"] < 0.99 or o["snr_db"] < 15 or o["non_finite"]:
-            return False
-        for s in o["slices"]:
-            if s["failed"] and (s["score_like"] or set(s["failed"]) != {"centred_cosine"}):
-                return False
-    return all("mean-centred cosine" in f for f in v["failures"])
-
-
 def test_int8_verifies_on_every_backend_and_its_boxes_match_fp32(yolov8n, tmp_path: Path) -> None:
     built, images, labels = yolov8n
     out = tmp_path / "y8"
-    # --recover none: the first attempt is the default recipe; the retries (7-bit weights, mixed precision)
-    # take 15+ minutes here and cannot change the figures that fail today (see the xfail below).
+    # --recover none: the default recipe must verify at the first attempt (no retry hides a weak default).
     r = run_cli("build", built.onnx, "--target", "host-cpu", "--backend", ",".join(BACKENDS),
                 "--precision", "fp32,int8", "--calib", built.calib, "--val", built.val, "--out", out,
                 "--recover", "none", *FAST)
@@ -137,16 +121,10 @@ def test_int8_verifies_on_every_backend_and_its_boxes_match_fp32(yolov8n, tmp_pa
         scores = [s for o in arts[f"{b}-int8"]["verification"]["outputs"] for s in o["slices"] if s["score_like"]]
         assert len(scores) == 4 and all(s["score_iou"] >= 0.8 and s["rank_correlation"] >= 0.95 for s in scores)
 
-    rejected = {b: arts[f"{b}-int8"]["verification"]["failures"] for b in BACKENDS
-                if not arts[f"{b}-int8"]["verification"]["passed"]}
-    if rejected:
-        # What fails today (edgekit/verify.py, not the head): the mean-centred cosine of the box rows (and so
-        # of the whole output) over all 525 anchors. Over 99% of that error is on background anchors
-        # (reference score < 0.05), whose DFL boxes no loss trains (some 480 px wide on a 160 px image) and
-        # which swing by tens of pixels under any INT8 noise; on the anchors scored >= 0.25 the same figure
-        # is 0.998+ and the decoded boxes match FP32 (checked above).
-        assert all(_box_slice_failures_only(arts[f"{b}-int8"]) for b in rejected), rejected
-        pytest.xfail(f"INT8 rejected on box-row mean-centred cosine over background anchors only: {rejected}")
+    for b in BACKENDS:  # verified by the tensor figures too: box rows judged where a score reaches 0.25
+        v = arts[f"{b}-int8"]["verification"]
+        assert v["passed"], (b, v["failures"])
+        assert any("slices 0-3 (axis 1, not score-like) judged only at the" in n for n in v["notes"]), v["notes"]
     assert r.code == 0, r.stderr + r.stdout
 
 

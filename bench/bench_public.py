@@ -1,6 +1,6 @@
 """The public-model conformance matrix: models made by other tools, through the real CLI on host-cpu.
 
-    .venv/bin/python bench/bench_public.py [--models a,b] [--recover auto|none] [--cache DIR]
+    .venv/bin/python bench/bench_public.py [--models "a;b"] [--recover auto|none] [--cache DIR]
 
 Each model goes through `edgekit build SRC --target host-cpu --backend all --precision fp32,fp16,int8`
 (an explicit list: every cell is built and judged; the manifest lists each). A cell is `verified`,
@@ -33,7 +33,7 @@ import public_sources as ps  # noqa: E402
 
 BACKENDS = ("onnxruntime", "openvino", "ncnn")
 PRECISIONS = ("fp32", "fp16", "int8")
-TRAINED = ("trained briefly on a generated 4-class task (public_sources.quadrant_images): every figure, top-1 "
+TRAINED = ("trained briefly here on a generated 4-class task (public_sources.trained): every figure, top-1 "
            "agreement and accuracy included")
 
 
@@ -81,7 +81,7 @@ def run_model(name: str, how: dict[str, Any], work: Path, cache: Path, recover: 
     else:
         src = how["src"]()
         n_cal, n_val = how.get("samples", (64, 48))
-        stem = "".join(c if c.isalnum() else "-" for c in name)[:40]
+        stem = "".join(c if c.isalnum() else "-" for c in name)  # the whole name: two rows may share a prefix
         if how["judged"] == TRAINED:  # the task's own images, labelled: accuracy is judged too
             calib = str(ps.quadrant_npz(cache / f"{stem}-calib.npz", how["input"], how["shape"], n_cal, 11))
             val = str(ps.quadrant_npz(cache / f"{stem}-val.npz", how["input"], how["shape"], n_val, 12))
@@ -182,7 +182,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", help="comma list of substrings of model names (default: all)")
+    ap.add_argument("--models", help="substrings of model names, separated by ; (names hold commas; default: all)")
     ap.add_argument("--recover", default="auto", choices=["auto", "none"])
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "edgekit-public"))
     ap.add_argument("--out", default=str(HERE / "results" / "public-host-cpu.json"))
@@ -194,7 +194,7 @@ def main() -> int:
     cache, work = Path(args.cache), Path(args.cache) / "packages"
     work.mkdir(parents=True, exist_ok=True)
     chosen = {k: v for k, v in sources(cache).items()
-              if not args.models or any(s.strip().lower() in k.lower() for s in args.models.split(","))}
+              if not args.models or any(s.strip().lower() in k.lower() for s in args.models.split(";"))}
     rows = []
     for name, how in chosen.items():
         try:

@@ -570,6 +570,12 @@ def _versions(*modules: str) -> dict[str, str | None]:
     return out
 
 
+# The INT8 recovery keeps at most this share of the quantizable layers in float. Past it an "INT8" artifact
+# is a float model under an INT8 label (PP-LCNet's ncnn INT8 kept 33 of 33 layers: the FP32 file, byte for
+# byte); rejected instead, the user is pointed at FP16.
+MAX_FLOAT_FRACTION = 0.25
+
+
 def _retry_int8(spec: ModelSpec, ap: ArtifactPlan, art: Artifact, v: Verification, data: DataSplit,
                 root: Path, verifier: _Verifier, work: str, plan: Plan | None = None) -> tuple[Artifact, Verification]:
     """Measured fallbacks for a rejected INT8 artifact, on every backend, each kept only if it passes:
@@ -624,7 +630,7 @@ def _mixed_precision(spec: ModelSpec, ap: ArtifactPlan, q: Any, v: Verification,
     note(f"{ap.backend} int8 rejected; searching the fewest layers to keep in float (mixed precision)")
     try:
         res = mixed_precision(spec, ap.backend, data.calibration, data.validation, verifier.thresholds, q,
-                              options=ap.options, threads=verifier.threads)
+                              max_float_fraction=MAX_FLOAT_FRACTION, options=ap.options, threads=verifier.threads)
     except EdgekitError as e:
         note(f"mixed-precision search for {ap.backend} int8 failed: {e}")
         return None

@@ -354,6 +354,7 @@ def mixed_precision(
     sensitivities: list[LayerSensitivity] | None = None,
     max_float_nodes: int | None = None,
     *,
+    max_float_fraction: float | None = None,
     method: str = "leave_one_out",
     max_nodes: int = 64,
     max_batches: int | None = None,
@@ -365,7 +366,9 @@ def mixed_precision(
     """The fewest most-sensitive nodes to keep in float so that INT8 meets `thresholds`.
 
     Verification uses all validation batches by default (`max_batches=None`), as the build does, so a
-    configuration accepted here passes the build's verification on the same data."""
+    configuration accepted here passes the build's verification on the same data. `max_float_fraction`
+    caps the float nodes at that share of the measured quantizable nodes (rounded, at least 1): past it the
+    result would be a float model under an INT8 label (no smaller, no faster), so the search stops."""
     if calibration is None or len(calibration) == 0:
         raise BadInput("mixed precision needs calibration data for the INT8 builds")
     batches, labels = _validation(spec, validation, max_batches)
@@ -389,8 +392,14 @@ def mixed_precision(
                                           threads=threads, options=options)
     ranked = [s.node for s in sensitivities if s.node not in set(settings.exclude_nodes)]
     limit = len(ranked) if max_float_nodes is None else min(len(ranked), max(0, max_float_nodes))
+    capped_by = "max_float_nodes" if limit < len(ranked) else "every measured node"
+    allowed = None if max_float_fraction is None else max(1, int(max_float_fraction * len(sensitivities) + 0.5))
+    if allowed is not None and allowed < limit:
+        limit = allowed
+        capped_by = (f"at most {max_float_fraction:.0%} of the {len(sensitivities)} quantizable layers may stay "
+                     "float: more would be a float model labelled INT8")
     if limit == 0:
-        why = "no quantizable nodes to keep in float" if not ranked else "max_float_nodes is 0"
+        why = "no quantizable nodes to keep in float" if not ranked else f"the cap is 0 ({capped_by})"
         return result([], False, f"uniform INT8 misses the thresholds and {why}")
 
     # Search over prefixes of the ranked list (the k most sensitive nodes in float): grow k as 1, 2, 4,
@@ -410,9 +419,8 @@ def mixed_precision(
         low = k
         if k >= limit:
             best = max(tried.values(), key=lambda s: s.snr_db_min)
-            cap = "max_float_nodes" if limit < len(ranked) else "every measured node"
             return result(best.float_nodes, False, f"thresholds still missed with {k} nodes in float "
-                          f"({cap}); best step kept: {', '.join(best.failures)}")
+                          f"({capped_by}); best step: {', '.join(best.failures)}")
         k = min(2 * k, limit)
     high = k
     while high - low > 1:

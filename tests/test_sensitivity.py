@@ -117,6 +117,18 @@ def test_mixed_precision_keeps_the_hostile_layer_first_in_float(hostile, tmp_pat
     assert [s.float_nodes for s in r.steps[:2]] == [[], ["hostile"]]
 
 
+def test_the_search_stops_before_int8_becomes_a_float_model(hostile, tmp_path: Path) -> None:
+    """Thresholds no INT8 meets (cosine 1 - 1e-12): the search may keep at most a quarter of the 6 quantizable
+    layers in float (2, rounded), never all of them (an FP32 model under an INT8 label), and says why."""
+    spec, calib, val = hostile
+    exact = Thresholds(min_cosine=1 - 1e-12, min_snr_db=150.0)
+    r = mixed_precision(spec, "onnxruntime", calib, val, exact, QuantizationSettings(samples=32),
+                        cache_dir=tmp_path, max_float_fraction=0.25)
+    assert not r.passed and len(r.sensitivities) == 6
+    assert max(len(s.float_nodes) for s in r.steps) == 2, [s.float_nodes for s in r.steps]
+    assert "at most 25% of the 6 quantizable layers may stay float" in r.reason, r.reason
+
+
 def test_healthy_int8_keeps_nothing_in_float(hostile, tmp_path: Path) -> None:
     spec, calib, val = hostile
     loose = Thresholds(min_cosine=0.0, min_snr_db=-100.0, min_top1_agreement=0.0, max_accuracy_drop=100.0)

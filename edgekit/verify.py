@@ -261,7 +261,12 @@ _SLICE_FIGURES = {"cosine": ("cosine", ".4f"), "centred_cosine": ("mean-centred 
 
 
 def _slice_limits(t: Thresholds, precision: str | None) -> dict[str, float]:
-    return {"cosine": t.cosine_for(precision), "centred_cosine": t.centred_cosine_for(precision),
+    """Slices are held to the base thresholds at every precision. They are there to catch a part of an
+    output destroyed while the whole looks fine (scores wiped out by a shared INT8 scale: 0.0); FP16's own
+    bound (0.999) stays on the whole outputs. Per slice it measures rounding against the slice's sliver of
+    input-dependent signal: healthy FP16 of PP-PicoDet gave DFL-bin slices a mean-centred cosine of
+    0.9982-0.9988 on all three backends (whole outputs 0.9999+)."""
+    return {"cosine": t.cosine_for(None), "centred_cosine": t.centred_cosine_for(None),
             "snr_db": t.min_snr_db, "score_iou": t.min_score_iou, "rank_correlation": t.min_rank_correlation}
 
 

@@ -111,6 +111,26 @@ def test_separate_box_outputs_are_judged_where_the_score_output_detects() -> Non
     assert not v.passed and any("output boxes" in f for f in v.failures), v.failures
 
 
+def test_fp16_slices_are_held_to_the_base_thresholds_and_its_whole_outputs_to_fp16s() -> None:
+    """Rounding noise that leaves one slice at a mean-centred cosine near 0.998 (PP-PicoDet's DFL bins in FP16)
+    passes FP16; the same slice wiped out fails it; noise that takes the whole output below 0.999 fails it."""
+    rng = np.random.default_rng(6)
+    ref = _yolo_like(rng)
+    out = ref.copy()
+    spread = float(ref[:, 5].std())
+    out[:, 5] += rng.standard_normal(out[:, 5].shape) * 0.06 * spread
+    v = compare([ref], [out], ["output0"], None, Thresholds(), "fp16")
+    s5 = v.outputs[0].slices[5]
+    assert 0.99 < s5.centred_cosine < 0.999 and v.cosine_min > 0.999, (s5.centred_cosine, v.cosine_min)
+    assert v.passed, v.failures
+    wiped = ref.copy()
+    wiped[:, 5] = 0.0
+    assert not compare([ref], [wiped], ["output0"], None, Thresholds(), "fp16").passed
+    noisy = ref + rng.standard_normal(ref.shape) * 0.06 * float(ref.std())
+    v = compare([ref], [noisy], ["output0"], None, Thresholds(), "fp16")
+    assert not v.passed and any(f.startswith("cosine ") and "< 0.999" in f for f in v.failures), v.failures
+
+
 def test_which_outputs_are_sliced() -> None:
     assert slice_axis((1, 8, 2100)) == 1 and slice_axis((1, 3549, 6)) == 2 and slice_axis((5, 3, 12, 12)) == 1
     assert slice_axis((1, 100, 4)) == 2

@@ -56,10 +56,10 @@ def sources(cache: Path) -> dict[str, dict[str, Any]]:
         lib = "efficientnet_pytorch" if "Efficient" in name else "transformers"
         out[f"{name}, {lib} via --model"] = {
             "src": lambda f=factory, s=shape: (ps.trained(f, s, cache), f"public_sources:{f}")[1], "shape": shape,
-            "input": "input", "judged": TRAINED, "shape_arg": True}
+            "input": "input", "judged": TRAINED, "shape_arg": True, "factory": factory}
         out[f"{name}, {lib} via its ONNX export"] = {
             "src": lambda f=factory, s=shape: str(ps.export_onnx(getattr(ps, f), cache / f"{f}-trained.onnx", s)),
-            "shape": shape, "input": "pixel_values", "judged": TRAINED}
+            "shape": shape, "input": "pixel_values", "judged": TRAINED, "factory": factory}
     out["YOLOv8n (Ultralytics definition, trained here)"] = {"yolo": True, "judged": "trained briefly on generated "
                                                              "boxes: tensor and per-slice figures"}
     return out
@@ -93,7 +93,7 @@ def run_model(name: str, how: dict[str, Any], work: Path, cache: Path, recover: 
             calib = str(ps.images_npz(cache / f"{stem}-calib.npz", how["input"], how["shape"], n_cal, 1))
             val = str(ps.images_npz(cache / f"{stem}-val.npz", how["input"], how["shape"], n_val, 2))
         extra = ["--input-shape", f"{how['input']}={','.join(map(str, how['shape']))}"] if how.get("shape_arg") else []
-    out = work / "".join(c if c.isalnum() else "-" for c in name)[:60]
+    out = work / "".join(c if c.isalnum() else "-" for c in name)  # the whole name, as for the data
     cmd = [sys.executable, "-m", "edgekit", "build", src, "--target", "host-cpu", "--backend", "all",
            "--precision", ",".join(PRECISIONS), "--calib", calib, "--val", val, "--out", str(out), "--force",
            "--recover", recover, "--profile-seconds", "0.1" if fast else "1", "--min-runs", "10" if fast else "20",
@@ -113,6 +113,8 @@ def run_model(name: str, how: dict[str, Any], work: Path, cache: Path, recover: 
                            "recover": recover, "judged": how["judged"], "exit_code": p.returncode,
                            "seconds": round(time.monotonic() - t0),
                            "log_problems": problems, "error": doc.get("error"), "cells": _cells(manifest)}
+    if how["judged"] == TRAINED:  # how far the brief training got (accuracy on held-out generated images)
+        row["training"] = ps.training_meta(how["factory"], cache)
     print(f"{name}: exit {p.returncode} in {row['seconds']} s; " + ", ".join(
         f"{c['backend']}-{c['precision']} {c['verdict']}" for c in row["cells"]), flush=True)
     return row
@@ -180,8 +182,11 @@ def table(result: dict[str, Any]) -> str:
                     out.append(f"– ({row['error'] or 'no package'})"[:60] if not row["cells"] else "–")
                 elif c["verdict"] == "verified":
                     out.append(f"ok {c['cosine']:.4f}, {c['speedup_vs_onnxruntime_fp32'] or 0:.2f}x")
-                else:
-                    out.append(f"{c['verdict']}: {(c.get('reason') or '')[:70]}")
+                else:  # the first reason and, where localised, the first layer that drops
+                    reason = c.get("reason") or ""
+                    first, _, rest = reason.partition("; ")
+                    where = rest[rest.rfind(" [first drop"):] if "[first drop" in rest else ""
+                    out.append(f"{c['verdict']}: {first[:90]}{where}")
         lines.append(f"| {row['model']} | {row['judged'].split(':')[0]} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 

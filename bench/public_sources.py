@@ -209,6 +209,12 @@ def trained(name: str, shape: tuple[int, ...], cache: Path | None = None) -> Any
     return model
 
 
+def training_meta(name: str, cache: Path | None = None) -> dict[str, Any] | None:
+    """What `trained` recorded for this factory (steps, seconds, loss, held-out accuracy), if it ran."""
+    path = (cache or CACHE) / f"{name}-stripes-{TRAIN_STEPS[name]}x{TRAIN_BATCH}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def quadrant_images(shape: tuple[int, ...], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A generated 4-class task: structured_images at half contrast with a patch of stripes (half the side,
     somewhere in the image; period 6-14 px, random phase) whose orientation is the label (0, 45, 90, 135

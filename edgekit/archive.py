@@ -42,6 +42,7 @@ from typing import IO, Any
 import jsonschema
 
 from edgekit.errors import BadInput, VerificationFailed
+from edgekit.ingest import sha256_file
 from edgekit.manifest import validate_manifest
 from edgekit.workspace import Staging
 
@@ -154,7 +155,7 @@ def create_archive(package: str | Path, out: str | Path | None = None, fmt: str 
         raise BadInput(f"--out {dest} is not a file")
 
     files = _package_files(root)
-    hashes = {name: _sha256_path(root / name) for name in files}
+    hashes = {name: sha256_file(root / name) for name in files}
     _check_against_manifest(root, manifest, hashes)
     checksums = "".join(f"{hashes[n]}  {n}\n" for n in files).encode()
     entries: list[tuple[str, Path | bytes, int]] = [(CHECKSUMS, checksums, 0o644)]
@@ -173,7 +174,7 @@ def create_archive(package: str | Path, out: str | Path | None = None, fmt: str 
     finally:
         tmp.unlink(missing_ok=True)
     return {"archive": str(dest), "format": fmt, "bytes": dest.stat().st_size, "files": len(entries),
-            "sha256": _sha256_path(dest), "package": str(root), "target": manifest.get("target"),
+            "sha256": sha256_file(dest), "package": str(root), "target": manifest.get("target"),
             "passed": manifest.get("passed")}
 
 
@@ -278,14 +279,6 @@ def _load_manifest_file(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -385,7 +378,7 @@ def _read(archive: Path, limits: Limits, dest: Path | None, allow_rejected: bool
             raise  # a real I/O failure (disk full...), not a malformed archive
         raise UnsafeArchive(f"{label}: malformed {fmt} archive ({why})") from None
     problems, manifest = _compare(label, hashes, meta, allow_rejected)
-    result = VerifyResult(archive, fmt, archive.stat().st_size, _sha256_path(archive), sorted(hashes), manifest,
+    result = VerifyResult(archive, fmt, archive.stat().st_size, sha256_file(archive), sorted(hashes), manifest,
                           problems=problems)
     if problems:
         n = len(problems) - 1

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 
 from edgekit import __version__
+from edgekit.home import cache_dir
+from edgekit.jsonable import jsonable as _jsonable
 
 SCHEMA = "edgekit-build-cache/1"
 
 
 def default_root() -> Path:
-    home = os.environ.get("EDGEKIT_HOME")
-    return (Path(home) / "cache" if home else Path.home() / ".cache" / "edgekit") / "build"
+    return cache_dir("build")
 
 
 @functools.cache
@@ -182,9 +183,3 @@ class BuildCache:
             shutil.rmtree(tmp, ignore_errors=True)  # a full or read-only cache only costs time
 
 
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    if is_dataclass(x) and not isinstance(x, type):
-        return asdict(x)
-    return str(x)

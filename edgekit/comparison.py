@@ -10,7 +10,6 @@ Ratios are always B / A: in `check`, new / baseline.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -24,6 +23,7 @@ import numpy as np
 
 from edgekit.backends.base import Artifact
 from edgekit.errors import BadInput
+from edgekit.ingest import sha256_file
 from edgekit.timing import Latency, ProfileSettings, where_local
 
 SIDE_BY_SIDE = "side by side"  # re-measured now, on this host, in one interleaved run
@@ -94,19 +94,11 @@ def artifact_of(package: Package, record: dict[str, Any], check_sha256: bool = T
         p = package.path / f["path"]
         if not p.is_file():
             raise BadInput(f"{package.path}: {record['key']} file {f['path']} is missing")
-        if check_sha256 and f.get("sha256") and _sha256(p) != f["sha256"]:
+        if check_sha256 and f.get("sha256") and sha256_file(p) != f["sha256"]:
             raise BadInput(f"{package.path}: {f['path']} does not match its sha256 in manifest.json")
     return Artifact(record["backend"], record["precision"], str(package.path / folder),
                     [str(Path(f["path"]).relative_to(folder)) for f in record["files"]],
                     str(Path(record["entry"]).relative_to(folder)), dict(record.get("details") or {}))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def feeds_of(manifest: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -15,6 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from edgekit.jsonable import jsonable as _jsonable
+
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
 _width = None if sys.stdout.isatty() else 160
 out = Console(highlight=False, width=_width)
@@ -56,12 +58,6 @@ def emitted() -> bool:
     return _emitted
 
 
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    if hasattr(x, "to_dict"):
-        return x.to_dict()
-    return str(x)
 
 
 def progress() -> Progress:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekit.home import cache_dir
 from edgekit.ingest import ModelSpec
 from edgekit.targets import Target
 from edgekit.timing import Latency
@@ -434,8 +435,7 @@ def _host_record(target: Target, threads: int, measure: bool) -> dict[str, Any] 
                                     default=str).encode()).hexdigest()[:16]
     if key in _HOST_MEMO:
         return _HOST_MEMO[key]
-    home = os.environ.get("EDGEKIT_HOME")
-    path = (Path(home) / "cache" if home else Path.home() / ".cache" / "edgekit") / "costmodel" / f"host-{key}.json"
+    path = cache_dir("costmodel") / f"host-{key}.json"
     try:
         rec = json.loads(path.read_text())
         assert rec["schema"] == HOST_CALIBRATION and rec["key"] == key

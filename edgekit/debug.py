@@ -21,6 +21,7 @@ import onnx
 
 from edgekit.backends.base import Artifact
 from edgekit.ingest import ModelSpec
+from edgekit.ops import WEIGHTED_OPS
 from edgekit.verify import Thresholds
 
 LOOKAHEAD = 6  # reference tensors a renamed backend tensor may skip (fused ops produce no tensor)
@@ -246,7 +247,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb)) if na and nb else 0.0
 
 
-WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def _describe(row: LayerAgreement, model: onnx.ModelProto, producer: dict[str, onnx.NodeProto],

@@ -17,9 +17,9 @@ from typing import Any
 
 import onnx
 
+from edgekit.ops import WEIGHTED_OPS
 from edgekit.verify import slice_axis
 
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # Ops without weights a detection head decodes with; the walk goes back through these only.
 HEAD_OPS = frozenset({
     "Concat", "Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid", "Reshape", "Transpose", "Split", "Slice",

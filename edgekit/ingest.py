@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
+from onnx import TensorProto, helper, shape_inference, version_converter
 
-from edgekit.errors import BadInput, EdgekitError
+from edgekit.errors import BadInput
+from edgekit.ops import WEIGHTED_OPS
 
 CANONICAL_OPSET = 17
 MIN_OPSET = 11
@@ -378,7 +379,6 @@ def _tidy_torch_export(model: onnx.ModelProto) -> onnx.ModelProto:
     return _down_to_canonical_opset(model)  # after the renaming: the converter drops the nodes' metadata
 
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _down_to_canonical_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -767,15 +767,3 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
             k = a[0] if trans_a and len(a) == 2 else k
         return _prod(out) * k if k > 0 else 0
     return 0
-
-
-def numpy_initializer(model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    for i in model.graph.initializer:
-        if i.name == name:
-            return numpy_helper.to_array(i)
-    return None
-
-
-def ensure(condition: bool, message: str) -> None:
-    if not condition:
-        raise EdgekitError(message)

@@ -13,10 +13,9 @@ from typing import Any
 from edgekit.backends.base import Artifact
 from edgekit.costmodel import CostModel, LayerFeatures
 from edgekit.ingest import ModelSpec
+from edgekit.ops import WEIGHTED_OPS as QUANTIZED_OPS
 from edgekit.plans import ArtifactPlan
 from edgekit.targets import Target
-
-QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ops every INT8 path of edgekit quantizes
 
 
 def layer_precision(op_type: str, node: str, precision: str, details: dict[str, Any], ap: ArtifactPlan | None) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 
 from edgekit.ingest import sha256_file
+from edgekit.jsonable import strict_jsonable as _jsonable
 
 MANIFEST_SCHEMA_ID = "edgekit-manifest/1"
 
@@ -115,12 +116,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 # ---------------------------------------------------------------- report

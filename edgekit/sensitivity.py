@@ -37,11 +37,12 @@ import numpy as np
 from edgekit import backends
 from edgekit.data import Dataset
 from edgekit.errors import BadInput
+from edgekit.home import cache_dir
 from edgekit.ingest import ModelSpec
+from edgekit.ops import WEIGHTED_OPS as QUANTIZABLE_OPS
 from edgekit.plans import ArtifactPlan, QuantizationSettings
 from edgekit.verify import Thresholds, Verification, compare, run_all
 
-QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 METHODS = ("leave_one_out", "only")
 REFERENCE_BACKEND = "onnxruntime"  # every artifact is verified against ORT FP32 (README: Verification)
 CACHE_SCHEMA = "edgekit-sensitivity/1"
@@ -129,8 +130,7 @@ class MixedPrecisionResult:
 
 
 def default_cache_dir() -> Path:
-    home = os.environ.get("EDGEKIT_HOME")
-    return Path(home) / "cache" / "sensitivity" if home else Path.home() / ".cache" / "edgekit" / "sensitivity"
+    return cache_dir("sensitivity")
 
 
 def layer_sensitivity(

@@ -534,13 +534,17 @@ def _restore_matmuls(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> in
         for u in consumers[n.output[0]]:
             nodes[u].input[0] = out
         replaced[i] = new
-    if not replaced:
-        return 0
-    kept = []
-    for i, n in enumerate(nodes):
-        kept += replaced.get(i, [n])
-    del g.node[:]
-    g.node.extend(kept)
+    return _splice(g, nodes, replaced)
+
+
+def _splice(g: onnx.GraphProto, nodes: list[onnx.NodeProto], replaced: dict[int, list[onnx.NodeProto]]) -> int:
+    """The graph's nodes with node i replaced by replaced[i], in place; how many were replaced."""
+    if replaced:
+        kept: list[onnx.NodeProto] = []
+        for i, n in enumerate(nodes):
+            kept += replaced.get(i, [n])
+        del g.node[:]
+        g.node.extend(kept)
     return len(replaced)
 
 
@@ -564,14 +568,7 @@ def _reduce_sums_to_means(model: onnx.ModelProto, shapes: dict[str, list[int]]) 
             helper.make_node("ReduceMean", [n.input[0]], [mean], name=mean, axes=axes, keepdims=keepdims),
             helper.make_node("Mul", [mean, _add_init(model, f"{n.output[0]}_count", np.array(count, np.float32))],
                              [n.output[0]], name=f"{n.output[0]}_sum")]
-    if not replaced:
-        return 0
-    kept = []
-    for i, n in enumerate(nodes):
-        kept += replaced.get(i, [n])
-    del g.node[:]
-    g.node.extend(kept)
-    return len(replaced)
+    return _splice(g, nodes, replaced)
 
 
 def _strided_slices_to_convs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[str]:

@@ -49,7 +49,6 @@ OPTIMIZATION_STYLE = "Runtime"
 TARGET_PLATFORM = "arm"  # QDQIsInt8Allowed as on ARM, and no x86-only NCHWc layout
 # Session config the app sets to replay the saved runtime optimizations (the CPU-EP fusions).
 RUNTIME_OPTIONS = {"session.enable_saved_runtime_optimizations": "1"}
-ORT_FILE_IDENTIFIER = b"ORTM"  # flatbuffer file identifier, bytes 4..8 of an ORT format model
 
 
 def reduced_build_command(ort_version: str) -> str:

@@ -36,6 +36,7 @@ from edgekit.backends.onnxruntime import OnnxRuntimeBackend, OrtSession, _Reader
 from edgekit.compress.fp16_range import fp16_unsafe_nodes
 from edgekit.console import note
 from edgekit.errors import BadInput, EdgekitError
+from edgekit.ops import WEIGHTED_OPS as QDQ_OPS
 
 if TYPE_CHECKING:
     from edgekit.data import Dataset
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
     from edgekit.plans import ArtifactPlan
     from edgekit.targets import Target
 
-QDQ_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 STRONGLY_TYPED_FROM = (10, 0)
 LAYER_PRECISIONS_FROM = (8, 4)  # trtexec --layerPrecisions / --precisionConstraints
 INT8_MIN_COMPUTE_CAPABILITY = (6, 1)  # no fast INT8 on Maxwell (sm_53, Jetson Nano)

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -283,8 +282,3 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
     student.eval()
     return DistillReport(asdict(settings), len(history), round(time.perf_counter() - t0, 1), best_epoch, metric_name,
                          round(best, 5), history, stopped)
-
-
-def as_tensors(inputs: np.ndarray, labels: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.from_numpy(np.ascontiguousarray(inputs, np.float32)), (
-        torch.from_numpy(labels.astype(np.int64)) if labels is not None else None)

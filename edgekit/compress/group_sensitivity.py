@@ -27,6 +27,7 @@ import numpy as np
 
 from edgekit.console import progress
 from edgekit.data import Dataset
+from edgekit.home import cache_dir
 from edgekit.ingest import ModelSpec
 
 CACHE_SCHEMA = "edgekit-prune-sensitivity/1"
@@ -46,9 +47,7 @@ class GroupSensitivity:
 
 
 def default_cache_dir() -> Path:
-    home = os.environ.get("EDGEKIT_HOME")
-    base = Path(home) / "cache" if home else Path.home() / ".cache" / "edgekit"
-    return base / "prune-sensitivity"
+    return cache_dir("prune-sensitivity")
 
 
 def group_sensitivity(spec: ModelSpec, validation: Dataset, ratio: float, importance: str = "l1",

@@ -226,6 +226,8 @@ def artifact_runner(package: Path, artifact: dict[str, Any]) -> Any:
     if backend == "ncnn":
         import ncnn
 
+        from edgekit.backends.ncnn_format import to_mat
+
         net = ncnn.Net()
         net.opt.use_vulkan_compute = False
         net.opt.use_bf16_storage = False
@@ -239,9 +241,8 @@ def artifact_runner(package: Path, artifact: dict[str, Any]) -> Any:
         shape = (details.get("output_shapes") or [None])[0]
 
         def run(x: np.ndarray) -> np.ndarray:
-            x0 = np.ascontiguousarray(x[0])  # no batch axis; the Mat shares x0's memory
             ex = net.create_extractor()
-            ex.input(details["input_blobs"][0], ncnn.Mat(x0))
+            ex.input(details["input_blobs"][0], to_mat(ncnn, x[0]))  # no batch axis; channels aligned as ncnn's
             ret, out = ex.extract(details["output_blobs"][0])
             if ret != 0:
                 raise RuntimeError(f"ncnn could not compute {details['output_blobs'][0]} (error {ret})")

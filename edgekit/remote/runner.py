@@ -353,12 +353,15 @@ def load_ncnn(package, art, inputs, threads):
     in_blobs, out_blobs = details.get("input_blobs"), details.get("output_blobs")
     if not in_blobs or not out_blobs:
         raise RunnerError("the manifest gives no input_blobs/output_blobs for " + art["key"])
-    arrays = [np.ascontiguousarray(x[0], dtype=np.float32) for _, x in random_feeds(inputs)]  # no batch axis
+    # No batch axis. clone(): a Mat wrapped around a numpy array packs its channels back to back, where ncnn
+    # aligns each to 16 bytes and layers such as Crop read it so (shifted, and past the end of the buffer).
+    # Made once, outside the timed call.
+    mats = [ncnn.Mat(np.ascontiguousarray(x[0], dtype=np.float32)).clone() for _, x in random_feeds(inputs)]
 
     def run():
         ex = net.create_extractor()
-        for blob, x in zip(in_blobs, arrays):
-            ex.input(blob, ncnn.Mat(x))
+        for blob, mat in zip(in_blobs, mats):
+            ex.input(blob, mat)
         for blob in out_blobs:
             ret, mat = ex.extract(blob)
             if ret != 0:

@@ -26,9 +26,11 @@ if net.load_param(str(param)) != 0 or net.load_model(str(param).replace(".param"
     raise SystemExit(f"ncnn could not load {param}")
 
 for image in args.images:
-    x = ek.preprocess(image, manifest)[0]  # ncnn has no batch axis; the Mat shares x's memory: keep x alive
+    x = ek.preprocess(image, manifest)[0]  # ncnn has no batch axis
+    # clone(): a Mat wrapped around a numpy array packs its channels back to back; ncnn aligns each to 16 bytes
+    # and some layers (Crop) read it so: without the copy, odd sizes (a 31x15 input) come out shifted.
     ex = net.create_extractor()
-    ex.input(details["input_blobs"][0], ncnn.Mat(x))
+    ex.input(details["input_blobs"][0], ncnn.Mat(x).clone())
     ret, out = ex.extract(details["output_blobs"][0])
     if ret != 0:
         raise SystemExit(f"ncnn could not compute {details['output_blobs'][0]} (error {ret})")

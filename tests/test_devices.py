@@ -632,7 +632,7 @@ def test_stopped_runner_is_killed_and_its_folder_removed(sshd: Sshd, home: Path,
     line = lines[0]
     assert line.startswith("edgekit: error: measuring on device dev timed out after 8 s"), line
     assert "on device dev on device" not in line and line.count("dev (ssh://") <= 1
-    assert "the runner was stopped and its temporary folder removed" in line
+    assert "the runner was stopped and its temporary folder removed" in line, stderr
     assert "raise --timeout" in line and "load" in line  # what to do about it
     assert "warning" not in stderr, stderr
     if ignores_term:  # TERM alone did nothing: KILL came after the grace period

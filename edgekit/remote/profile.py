@@ -261,16 +261,22 @@ def _cleanup(device: Device, remote_dir: str, connect_timeout: float) -> bool:
         '  p=$(cat "$d/.pid" 2>/dev/null)',
         '  stop "$p" || echo "the runner (pid $p) is still running"',
         "fi",
-        'rm -rf "$d"',
+        # The wrapper's own EXIT trap may be removing the folder at the same moment: retry briefly.
+        'i=0; while [ -e "$d" ] && [ "$i" -lt 10 ]; do rm -rf "$d" 2>/dev/null; [ -e "$d" ] || break; '
+        'sleep 0.2 2>/dev/null || sleep 1; i=$((i+1)); done',
         '[ ! -e "$d" ] || echo "the folder is still there"',
     ])
-    try:
-        r = ssh(device, f"sh -c {shlex.quote(script)}", "removing the temporary folder",
-                20 + 2 * STOP_GRACE_S + connect_timeout, connect_timeout=connect_timeout, check=False)
-        problem = r.stdout.decode(errors="replace").strip().replace("\n", "; ") \
-            or (_last_line(r.stderr.decode(errors="replace")) if r.returncode else "")
-    except EdgekitError as e:
-        problem = str(e)
+    problem = ""
+    for _attempt in range(2):  # one retry: on a loaded device the first connection can fail or time out
+        try:
+            r = ssh(device, f"sh -c {shlex.quote(script)}", "removing the temporary folder",
+                    20 + 2 * STOP_GRACE_S + connect_timeout, connect_timeout=connect_timeout, check=False)
+            problem = r.stdout.decode(errors="replace").strip().replace("\n", "; ") \
+                or (_last_line(r.stderr.decode(errors="replace")) if r.returncode else "")
+        except EdgekitError as e:
+            problem = str(e)
+        if not problem:
+            break
     if problem:
         err.print(f"[yellow]warning:[/yellow] could not clean up {escape(remote_dir)} on device {device.name}: "
                   f"{escape(problem)}", soft_wrap=True)

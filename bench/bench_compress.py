@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from edgekit.compress.stage import CompressOptions
-    from edgekit.pipeline import BuildOptions, build
-    from edgekit.timing import ProfileSettings
+    from edgekit.pipeline.build import BuildOptions, build
+    from edgekit.profiling.timing import ProfileSettings
     from edgekit.zoo.defects_data import generate
 
     data_dir = generate(Path(args.data))

@@ -34,7 +34,7 @@ def _library_defaults(spec: Any, batches: list[dict], tmp: Path) -> dict[str, An
     from onnxruntime.quantization import quantize_static
 
     from edgekit.backends.base import Artifact
-    from edgekit.backends.ncnn import _io_blobs
+    from edgekit.backends.ncnn.backend import _io_blobs
 
     class Reader:
         def __init__(self) -> None:
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.backends.base import Artifact
     from edgekit.data import Preprocess, prepare_data
     from edgekit.ingest import ingest
-    from edgekit.pipeline import BuildOptions, build
-    from edgekit.timing import ProfileSettings, time_artifacts
-    from edgekit.verify import Thresholds, compare, run_all
+    from edgekit.pipeline.build import BuildOptions, build
+    from edgekit.profiling.timing import ProfileSettings, time_artifacts
+    from edgekit.verify.verifier import Thresholds, compare, run_all
     from edgekit.zoo.defects_data import generate
 
     data_dir = generate(Path(args.data))

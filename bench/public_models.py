@@ -226,7 +226,7 @@ def artifact_runner(package: Path, artifact: dict[str, Any]) -> Any:
     if backend == "ncnn":
         import ncnn
 
-        from edgekit.backends.ncnn_format import to_mat
+        from edgekit.backends.ncnn.param_bin import to_mat
 
         net = ncnn.Net()
         net.opt.use_vulkan_compute = False

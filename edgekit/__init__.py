@@ -2,13 +2,13 @@
 
 Stages, one module each: ingest -> targets -> data -> plan -> (compress) -> backends (export)
 -> verify -> profile -> package; `pipeline` chains them, `cli` exposes each verb and `api` the same
-verbs in Python (`edgekit.build`, `edgekit.plans`, ...; imported on first use, so `import edgekit` stays
+verbs in Python (`edgekit.build`, `edgekit.planning.types`, ...; imported on first use, so `import edgekit` stays
 light).
 """
 
 from typing import Any
 
-__version__ = "0.1.0"
+from edgekit.version import __version__
 
 API = ("build", "plan", "profile", "inspect", "package", "verify_package", "compare", "check", "Manifest")
 

@@ -26,7 +26,7 @@ class Manifest(dict):  # type: ignore[type-arg]
 
     @classmethod
     def load(cls, package: str | Path) -> Manifest:
-        from edgekit.comparison import load_package  # BadInput when it is not a package
+        from edgekit.packaging.compare import load_package  # BadInput when it is not a package
 
         loaded = load_package(package)
         return cls(loaded.manifest, loaded.path)
@@ -47,9 +47,9 @@ class Manifest(dict):  # type: ignore[type-arg]
 
 
 def _options(model: str, target: str, precision: str | list[str] | None, **kwargs: Any) -> Any:
-    from edgekit.pipeline import BuildOptions
-    from edgekit.timing import ProfileSettings
-    from edgekit.verify import Thresholds
+    from edgekit.pipeline.build import BuildOptions
+    from edgekit.profiling.timing import ProfileSettings
+    from edgekit.verify.verifier import Thresholds
 
     known = {f.name for f in fields(BuildOptions)}
     thresholds = {f.name: kwargs.pop(f.name) for f in fields(Thresholds) if f.name in kwargs}
@@ -68,7 +68,7 @@ def build(model: str | Path, target: str, *, precision: str | list[str] | None =
     """`edgekit build`. Options are BuildOptions' fields (out, backend, calib, val, preprocess, plan,
     input_shapes, calib_method, threads, force, cache, ...), Thresholds' fields (min_cosine,
     max_accuracy_drop, ...), profile_seconds and min_runs."""
-    from edgekit.pipeline import build as run_build
+    from edgekit.pipeline.build import build as run_build
 
     result = run_build(_options(str(model), target, precision, **options))
     return Manifest(result.manifest, result.path, result.exit_code)
@@ -78,9 +78,9 @@ def plan(model: str | Path, target: str, *, out: str | Path = "plan.yaml", max_a
          max_latency_ms: float | None = None, max_size_mb: float | None = None, objective: str = "latency",
          prune: list[float] | None = None, train: str | None = None, device: str | None = None,
          precision: str | list[str] | None = None, **options: Any) -> Any:
-    """`edgekit plan`: returns the Plan (edgekit.plans.Plan; `.candidates` lists every candidate) and
+    """`edgekit plan`: returns the Plan (edgekit.planning.types.Plan; `.candidates` lists every candidate) and
     writes it to `out`."""
-    from edgekit.planner import Budgets, PruneSearch, plan_model
+    from edgekit.planning.search import Budgets, PruneSearch, plan_model
 
     opts = _options(str(model), target, precision, memory=False, **options)
     search = PruneSearch(list(prune), train=train) if prune else None
@@ -92,8 +92,8 @@ def plan(model: str | Path, target: str, *, out: str | Path = "plan.yaml", max_a
 def profile(package: str | Path, device: str, *, seconds: float = 3.0, min_runs: int = 50,
             artifacts: list[str] | None = None) -> Manifest:
     """`edgekit profile PACKAGE --device NAME`: measures on the device; returns the updated manifest."""
-    from edgekit.devices import get_device
-    from edgekit.remote.profile import RemoteSettings, profile_package
+    from edgekit.profiling.device import RemoteSettings, profile_package
+    from edgekit.profiling.devices import get_device
 
     profile_package(package, get_device(device), RemoteSettings(seconds=seconds, min_runs=min_runs), artifacts)
     return Manifest.load(package)
@@ -113,7 +113,7 @@ def package(directory: str | Path, *, format: str = "zip", out: str | Path | Non
             force: bool = False) -> dict[str, Any]:
     """`edgekit package DIR --format zip|tar.gz`: one archive with checksums; returns its path, bytes,
     files and sha256."""
-    from edgekit.archive import create_archive
+    from edgekit.packaging.archive import create_archive
 
     return create_archive(directory, out, format, force=force)
 
@@ -121,7 +121,7 @@ def package(directory: str | Path, *, format: str = "zip", out: str | Path | Non
 def verify_package(archive: str | Path) -> Any:
     """`edgekit package --verify ARCHIVE`: raises on a tampered (VerificationFailed) or unsafe (BadInput)
     archive, else returns what was checked."""
-    from edgekit.archive import verify_archive
+    from edgekit.packaging.archive import verify_archive
 
     return verify_archive(archive)
 
@@ -129,8 +129,8 @@ def verify_package(archive: str | Path) -> Any:
 def compare(package_a: str | Path, package_b: str | Path, *, recorded: bool = False) -> dict[str, Any]:
     """`edgekit compare A B`: the differences (ratios B / A), latencies re-timed side by side here unless
     `recorded`."""
-    from edgekit.comparison import CompareOptions, load_package
-    from edgekit.comparison import compare as run_compare
+    from edgekit.packaging.compare import CompareOptions, load_package
+    from edgekit.packaging.compare import compare as run_compare
 
     return run_compare(load_package(package_a), load_package(package_b), CompareOptions(recorded=recorded))
 
@@ -140,8 +140,8 @@ def check(package: str | Path, baseline: str | Path, *, max_latency_regression: 
           ) -> dict[str, Any]:
     """`edgekit check PKG --baseline OLD`: the regression gate (percentages as numbers: 5.0 = 5%);
     `passed` is False when the new package is worse, `checks` says where."""
-    from edgekit.comparison import CompareOptions, Limits
-    from edgekit.comparison import check as run_check
+    from edgekit.packaging.compare import CompareOptions, Limits
+    from edgekit.packaging.compare import check as run_check
 
     limits = Limits(latency=max_latency_regression / 100, accuracy_points=max_accuracy_drop,
                     size=None if max_size_increase is None else max_size_increase / 100)

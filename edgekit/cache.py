@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from edgekit import __version__
 from edgekit.home import cache_dir
 from edgekit.jsonable import jsonable as _jsonable
+from edgekit.version import __version__
 
 SCHEMA = "edgekit-build-cache/1"
 

@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper, shape_inference, version_converter
 
 from edgekit.errors import BadInput
-from edgekit.ops import WEIGHTED_OPS
+from edgekit.quantize.ops import WEIGHTED_OPS
 
 CANONICAL_OPSET = 17
 MIN_OPSET = 11

@@ -87,7 +87,7 @@ TARGET_SCHEMA: dict[str, Any] = {
         },
         "dla_cores": {"type": "integer", "minimum": 0},
         # Published whole-model latencies on this device (e.g. benchncnn): the cost model fits its
-        # per-precision efficiency to them (edgekit/costmodel.py).
+        # per-precision efficiency to them (edgekit/profiling/costmodel.py).
         "benchmarks": {
             "type": "array",
             "items": {

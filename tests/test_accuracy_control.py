@@ -7,8 +7,8 @@ from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS
 from edgekit import backends
 from edgekit.data import Preprocess, prepare_data
 from edgekit.ingest import ingest
-from edgekit.plans import ArtifactPlan, QuantizationSettings
-from edgekit.verify import Thresholds, compare, run_all
+from edgekit.planning.types import ArtifactPlan, QuantizationSettings
+from edgekit.verify.verifier import Thresholds, compare, run_all
 
 
 def test_openvino_accuracy_control_keeps_accuracy(defects_data: Path, tmp_path: Path) -> None:

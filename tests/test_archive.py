@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, read_manifest, run_cli
 
-from edgekit.archive import Limits, UnsafeArchive, safe_name, verify_archive
+from edgekit.packaging.archive import Limits, UnsafeArchive, safe_name, verify_archive
 
 ARTIFACT = "onnxruntime-int8/model.onnx"
 

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgekit import backends
 from edgekit.data import Dataset
 from edgekit.ingest import ingest
-from edgekit.plans import ArtifactPlan, QuantizationSettings
-from edgekit.verify import Thresholds, compare, run_all
+from edgekit.planning.types import ArtifactPlan, QuantizationSettings
+from edgekit.verify.verifier import Thresholds, compare, run_all
 
 
 def _conv_model(path: Path, weight_scale: float = 1.0, extra: list | None = None) -> Path:

@@ -11,8 +11,8 @@ from test_backend_onnxruntime import _calib, _conv_model, _mk
 from edgekit import backends
 from edgekit.errors import BadInput
 from edgekit.ingest import ingest
-from edgekit.plans import ArtifactPlan, QuantizationSettings
-from edgekit.verify import Thresholds, compare, run_all
+from edgekit.planning.types import ArtifactPlan, QuantizationSettings
+from edgekit.verify.verifier import Thresholds, compare, run_all
 
 
 def _reference(spec, tmp_path: Path, batches):

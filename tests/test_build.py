@@ -12,7 +12,7 @@ import onnx
 import pytest
 from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, read_manifest, run_cli
 
-from edgekit.manifest import validate_manifest
+from edgekit.packaging.manifest import validate_manifest
 from edgekit.zoo.defects_data import CLASSES
 
 

@@ -13,8 +13,8 @@ import pytest
 from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, read_manifest, run_cli
 from onnx import helper, numpy_helper
 
-from edgekit.comparison import parse_percent
 from edgekit.errors import BadInput
+from edgekit.packaging.compare import parse_percent
 
 # Side-by-side timing in tests: short, but enough rounds for the paired ratio's interval.
 TIMING = ["--seconds", "0.2", "--min-runs", "100"]

@@ -145,7 +145,7 @@ def test_prune_verb_rounds_for_every_precision_factorises_and_times(residual, tm
 
 
 def test_channel_multiple_covers_every_precision_built() -> None:
-    from edgekit.cli import _rounding_precisions
+    from edgekit.cli.main import _rounding_precisions
     from edgekit.compress.stage import channel_multiple
     from edgekit.targets import load_target
 
@@ -164,7 +164,7 @@ def test_channel_multiple_covers_every_precision_built() -> None:
 
 
 def test_report_prints_a_signed_accuracy_change() -> None:
-    from edgekit.manifest import _compression_section
+    from edgekit.packaging.manifest import _compression_section
 
     base = {"metric": "accuracy", "accuracy": {"original": 0.9675, "distilled": 0.97}, "macs_before": 2e7,
             "macs_after": 6e6, "macs_ratio": 0.3, "params_before": 7, "params_after": 2, "speedup_fp32": 2.5,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import BUNDLED_ONNX
 
-from edgekit.costmodel import CostModel, LayerFeatures, cost_features, profile_points
 from edgekit.ingest import ingest
-from edgekit.layer_table import layer_table
+from edgekit.packaging.layer_table import layer_table
+from edgekit.profiling.costmodel import CostModel, LayerFeatures, cost_features, profile_points
 from edgekit.targets import load_target
 
 
@@ -108,8 +108,8 @@ def test_host_is_calibrated_here_and_near_the_measured_fp32(bundled_spec) -> Non
     (AVX2, AVX-512, VNNI, AMX): its estimate of the bundled model is within 2.5x of the model's FP32
     latency measured here (the raw peaks were 4.7x off on an AVX-512 VNNI host)."""
     from edgekit.backends.base import Artifact
-    from edgekit.costmodel import host_isa_class, host_points
-    from edgekit.timing import ProfileSettings, time_artifacts
+    from edgekit.profiling.costmodel import host_isa_class, host_points
+    from edgekit.profiling.timing import ProfileSettings, time_artifacts
 
     host = load_target("host-cpu")
     model = CostModel.for_target(host)
@@ -125,7 +125,7 @@ def test_host_is_calibrated_here_and_near_the_measured_fp32(bundled_spec) -> Non
     est = model.estimate(bundled_spec, "fp32", "onnxruntime").p50
     assert measured / 2.5 < est < measured * 2.5, (est, measured, report)
     # measured once: the next model (another process too) reads the cache, and never re-times
-    from edgekit import costmodel
+    from edgekit.profiling import costmodel
 
     costmodel._HOST_MEMO.clear()
     assert list((Path(os.environ["EDGEKIT_HOME"]) / "cache" / "costmodel").glob("host-*.json"))
@@ -135,7 +135,7 @@ def test_host_is_calibrated_here_and_near_the_measured_fp32(bundled_spec) -> Non
 def test_a_builds_fp32_references_fit_each_backend_on_the_host(bundled_spec) -> None:
     """manifest_points: the FP32 references a build timed here (per backend) pull that backend's host
     estimate onto them, and leave the other backends' fits alone."""
-    from edgekit.costmodel import manifest_points
+    from edgekit.profiling.costmodel import manifest_points
 
     model = CostModel.for_target(load_target("host-cpu"))
     before = {b: model.estimate(bundled_spec, "fp32", b).p50 for b in ("openvino", "onnxruntime")}

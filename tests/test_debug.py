@@ -185,7 +185,7 @@ def test_ncnn_edited_bin_is_blamed_on_the_edited_layer(defects_data: Path, tmp_p
 
 def test_non_finite_layer_outputs_are_named() -> None:
     """An FP16 overflow gives inf/NaN: it must break agreement there, not compare false with everything."""
-    from edgekit.debug import _row
+    from edgekit.verify.localise import _row
 
     ref = np.linspace(-1, 1, 64)
     bad = ref.copy()

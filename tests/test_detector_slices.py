@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import FAST, read_manifest, run_cli
 
-from edgekit.verify import Thresholds, compare, slice_axis
+from edgekit.verify.verifier import Thresholds, compare, slice_axis
 
 # ---------------------------------------------------------------- verify, on arrays
 
@@ -175,8 +175,8 @@ def yolo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_head_is_found_from_the_graph(yolo: dict[str, Path], tmp_path: Path) -> None:
     import onnx
 
-    from edgekit.detection_head import WEIGHTED_OPS, detector_head, head_nodes, looks_like_detector
     from edgekit.ingest import ingest
+    from edgekit.quantize.detection_head import WEIGHTED_OPS, detector_head, head_nodes, looks_like_detector
 
     spec = ingest(str(yolo["model"]), tmp_path / "spec")
     assert "output output0 [1, 8, 336]" in (looks_like_detector(spec) or "")

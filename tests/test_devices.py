@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from conftest import FAST, REPO, read_manifest, require_tools, run_cli
 
-from edgekit.devices import Device, missing_runtime, parse_url
 from edgekit.errors import BadInput
-from edgekit.manifest import validate_manifest
+from edgekit.packaging.manifest import validate_manifest
+from edgekit.profiling.devices import Device, missing_runtime, parse_url
 
 SSHD = Path("/usr/sbin/sshd")
-RUNNER = REPO / "edgekit" / "remote" / "runner.py"
+RUNNER = REPO / "edgekit" / "profiling" / "runner.py"
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_urls_and_messages() -> None:
 
 def test_host_and_runner_ask_the_same_runtimes() -> None:
     """TensorRT artifacts need trtexec, not numpy, on both sides; the others need their module and numpy."""
-    from edgekit.remote.runner import BACKEND_NEEDS
+    from edgekit.profiling.runner import BACKEND_NEEDS
 
     dev = Device("orin", "nvidia", "orin.local", 22, "jetson-orin-nano")
     bare = {"python": "3.6.9", "trtexec": "/usr/src/tensorrt/bin/trtexec", "runtimes": {}}  # JetPack: no numpy
@@ -539,7 +539,7 @@ def test_plan_measures_its_candidates_on_the_device(sshd: Sshd, home: Path, tmp_
 
 
 def _scp_speaks_sftp() -> bool:
-    from edgekit.devices import scp_speaks_sftp
+    from edgekit.profiling.devices import scp_speaks_sftp
 
     return scp_speaks_sftp()
 
@@ -636,7 +636,7 @@ def test_stopped_runner_is_killed_and_its_folder_removed(sshd: Sshd, home: Path,
     assert "raise --timeout" in line and "load" in line  # what to do about it
     assert "warning" not in stderr, stderr
     if ignores_term:  # TERM alone did nothing: KILL came after the grace period
-        from edgekit.remote.profile import STOP_GRACE_S
+        from edgekit.profiling.device import STOP_GRACE_S
 
         assert time.time() - t0 >= STOP_GRACE_S
     assert _wait_gone(pid), f"runner {pid} survived the cleanup"

@@ -1,11 +1,11 @@
-"""Which constants keep a node in FP32 in FP16 artifacts (edgekit/compress/fp16_range.py)."""
+"""Which constants keep a node in FP32 in FP16 artifacts (edgekit/quantize/fp16_range.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.compress.fp16_range import fp16_unsafe_nodes
+from edgekit.quantize.fp16_range import fp16_unsafe_nodes
 
 
 def _model(op: str, constant: np.ndarray) -> object:

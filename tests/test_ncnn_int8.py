@@ -13,9 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from test_backend_onnxruntime import _calib, _conv_model, _mk
 
 from edgekit import backends
-from edgekit.backends.ncnn import NcnnSession
-from edgekit.backends.ncnn_format import TAG_FP16, TAG_INT8, NcnnModel
-from edgekit.backends.ncnn_int8 import (
+from edgekit.backends.ncnn.backend import NcnnSession
+from edgekit.backends.ncnn.int8 import (
     HISTOGRAM_BINS,
     calibration_table,
     kl_threshold_bin,
@@ -23,11 +22,12 @@ from edgekit.backends.ncnn_int8 import (
     read_table,
     write_table,
 )
+from edgekit.backends.ncnn.param_bin import TAG_FP16, TAG_INT8, NcnnModel
 from edgekit.data import Preprocess, prepare_data
 from edgekit.errors import BadInput, EdgekitError
 from edgekit.ingest import ingest
-from edgekit.plans import ArtifactPlan, QuantizationSettings
-from edgekit.verify import Thresholds, compare, run_all
+from edgekit.planning.types import ArtifactPlan, QuantizationSettings
+from edgekit.verify.verifier import Thresholds, compare, run_all
 
 NCNN = backends.get("ncnn")
 

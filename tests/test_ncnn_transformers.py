@@ -15,13 +15,13 @@ from conftest import FAST, read_manifest, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit import backends
-from edgekit.backends.ncnn import NcnnSession, pnnx_warnings
-from edgekit.backends.ncnn_format import NcnnModel
-from edgekit.backends.ncnn_int8 import calibration_table, quantize_model
+from edgekit.backends.ncnn.backend import NcnnSession, pnnx_warnings
+from edgekit.backends.ncnn.int8 import calibration_table, quantize_model
+from edgekit.backends.ncnn.param_bin import NcnnModel
 from edgekit.data import Dataset
 from edgekit.ingest import ingest
-from edgekit.plans import ArtifactPlan, QuantizationSettings
-from edgekit.verify import Thresholds, compare, run_all
+from edgekit.planning.types import ArtifactPlan, QuantizationSettings
+from edgekit.verify.verifier import Thresholds, compare, run_all
 
 NCNN = backends.get("ncnn")
 SIZE = 32

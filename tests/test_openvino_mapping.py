@@ -21,7 +21,7 @@ from edgekit import backends
 from edgekit.backends.openvino import _ignored_ops, map_weighted_nodes
 from edgekit.data import Dataset
 from edgekit.ingest import ingest
-from edgekit.plans import ArtifactPlan, QuantizationSettings
+from edgekit.planning.types import ArtifactPlan, QuantizationSettings
 
 
 def _paddle_like(path: Path) -> Path:

@@ -8,7 +8,7 @@ from conftest import BUNDLED_ONNX
 
 from edgekit import backends
 from edgekit.backends.base import Artifact
-from edgekit.timing import ProfileSettings, interleaved, peak_memory_mb, time_artifacts
+from edgekit.profiling.timing import ProfileSettings, interleaved, peak_memory_mb, time_artifacts
 
 
 def _artifact() -> Artifact:

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from conftest import FAST, REPO, read_manifest, run_cli
 
-from edgekit.detection_head import head_nodes
+from edgekit.quantize.detection_head import head_nodes
 
 sys.path.insert(0, str(REPO / "bench"))
 # Ultralytics is installed by scripts/setup.sh (--no-deps): missing, the fixture fails rather than skips

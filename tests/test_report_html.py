@@ -16,8 +16,8 @@ import pytest
 from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, REPO, read_manifest, require_tools, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.report_html import render_html
-from edgekit.report_svg import esc
+from edgekit.packaging.report_html import render_html
+from edgekit.packaging.report_svg import esc
 
 EVIL = "<script>alert(1)</script>"
 RELU = 'relu "1" & <b>'
@@ -93,8 +93,8 @@ def extend_manifest(m: dict[str, Any], model: Path) -> dict[str, Any]:
     """The lead's planned fields (layers, candidates) filled from the real model: layer costs from
     ingest, the host cost model's estimates, a real ORT profile; sensitivities, a compression record
     and a device measurement are plausible made-up figures (no such run here)."""
-    from edgekit.costmodel import CostModel, LayerFeatures
     from edgekit.ingest import ingest
+    from edgekit.profiling.costmodel import CostModel, LayerFeatures
     from edgekit.targets import load_target
 
     m = json.loads(json.dumps(m))
@@ -116,7 +116,7 @@ def extend_manifest(m: dict[str, Any], model: Path) -> dict[str, Any]:
             "output_shape": la.output_shape, "est_ms": {p: round(v[i], 5) for p, v in est.items()},
             "measured_ms": measured.get(la.name),
             "sensitivity_db": round(float(rng.gamma(1.5, 1.2)) + 6 * (la.name in sensitive), 2) if q else None,
-            # as edgekit/layer_table.py: "–" for ops that follow their neighbours in an INT8 artifact
+            # as edgekit/packaging/layer_table.py: "–" for ops that follow their neighbours in an INT8 artifact
             "precision": {a["key"]: ("–" if not q else "fp32" if a["backend"] == "openvino" and la.name in sensitive
                                      else "int8") if a["precision"] == "int8" else a["precision"]
                           for a in m["artifacts"]},

@@ -12,9 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.data import Dataset
 from edgekit.ingest import ModelSpec, ingest
-from edgekit.plans import QuantizationSettings
-from edgekit.sensitivity import layer_sensitivity, mixed_precision
-from edgekit.verify import Thresholds
+from edgekit.planning.types import QuantizationSettings
+from edgekit.quantize.sensitivity import layer_sensitivity, mixed_precision
+from edgekit.verify.verifier import Thresholds
 
 C = 16
 # Tight enough that uniform INT8 of the hostile model fails clearly, loose enough for a healthy INT8.

@@ -24,8 +24,8 @@ from onnx import TensorProto, numpy_helper
 from test_backend_onnxruntime import _calib, _conv_model, _mk
 
 from edgekit import backends
-from edgekit.backends import tensorrt_build
-from edgekit.backends.tensorrt import (
+from edgekit.backends.tensorrt import build_engine as tensorrt_build
+from edgekit.backends.tensorrt.backend import (
     EngineSettings,
     local_engine_blocker,
     parse_trtexec,
@@ -34,7 +34,7 @@ from edgekit.backends.tensorrt import (
     trtexec_command,
 )
 from edgekit.ingest import ingest
-from edgekit.plans import ArtifactPlan, QuantizationSettings
+from edgekit.planning.types import ArtifactPlan, QuantizationSettings
 from edgekit.targets import load_target
 
 TRT = backends.get("tensorrt")
@@ -102,7 +102,7 @@ def test_qdq_for_tensorrt_follows_the_rules_and_agrees(tmp_path: Path) -> None:
                                                                                  TensorProto.FLOAT16)}
         assert floats == {float_regions}, (target, floats)
         assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # the app feeds float32
-        from edgekit.verify import Thresholds, compare, run_all
+        from edgekit.verify.verifier import Thresholds, compare, run_all
 
         batches = data.validation.batches(spec)
         ort = backends.get("onnxruntime")
@@ -138,7 +138,7 @@ def test_fp16_keeps_out_of_range_layers_and_simulated_fp16_agrees(tmp_path: Path
     assert art.details["keep_fp32"] == ["tiny_conv"]
     assert "--layerPrecisions=tiny_conv:fp32" in (Path(art.root) / "build_engine.sh").read_text()
     assert {"model.onnx", "build_engine.sh", "build_engine.py", "engine.json"} <= set(art.files)
-    from edgekit.verify import Thresholds, compare, run_all
+    from edgekit.verify.verifier import Thresholds, compare, run_all
 
     ort = backends.get("onnxruntime")
     batches = _calib(8).batches(spec)
@@ -246,7 +246,7 @@ def test_tensorrt_op_check_names_the_node(tmp_path: Path) -> None:
 def test_device_measurement_of_a_tensorrt_artifact_uses_trtexec_gpu_compute_time() -> None:
     from types import SimpleNamespace
 
-    from edgekit.remote.profile import _latencies
+    from edgekit.profiling.device import _latencies
 
     device = SimpleNamespace(where="ssh://nvidia@orin:22")
     out = {"conditions": {"power_mode": "15W"}, "results": {"tensorrt-int8": {
@@ -533,7 +533,7 @@ def test_qdq_outputs_stay_float_and_the_ort_proxy_is_faithful_on_unnormalised_in
     graph and wrecks the result (cosine -0.82 measured) although TensorRT keeps biases in float: the
     verification proxy must not apply it. And no Q/DQ may clip the model's outputs."""
     from edgekit.data import prepare_data
-    from edgekit.verify import Thresholds, compare, run_all
+    from edgekit.verify.verifier import Thresholds, compare, run_all
     from edgekit.zoo.defects_data import generate
 
     spec = ingest(str(BUNDLED_ONNX), tmp_path / "w")

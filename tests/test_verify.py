@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgekit.verify import Thresholds, compare, is_classifier_output
+from edgekit.verify.verifier import Thresholds, compare, is_classifier_output
 
 
 def test_metrics_on_known_errors() -> None:

@@ -21,9 +21,10 @@ def register(cls: type[Backend]) -> type[Backend]:
 
 def _discover() -> None:
     # Backend modules import their heavy library lazily, so importing them all is cheap.
+    # A backend is one module here, or one folder whose backend.py registers it.
     for mod in pkgutil.iter_modules(__path__):
         if mod.name != "base":
-            importlib.import_module(f"{__name__}.{mod.name}")
+            importlib.import_module(f"{__name__}.{mod.name}" + (".backend" if mod.ispkg else ""))
 
 
 def names() -> list[str]:

@@ -19,7 +19,7 @@ import onnx
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plans import ArtifactPlan, QuantizationSettings
+    from edgekit.planning.types import ArtifactPlan, QuantizationSettings
 
 
 @dataclass

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from edgekit.attention import attention_nodes
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
-from edgekit.compress.fp16_range import fp16_unsafe_nodes
 from edgekit.errors import BadInput, EdgekitError
+from edgekit.quantize.attention import attention_nodes
+from edgekit.quantize.fp16_range import fp16_unsafe_nodes
 
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plans import ArtifactPlan
+    from edgekit.planning.types import ArtifactPlan
 
 PROVIDER = "CPUExecutionProvider"
 
@@ -314,7 +314,7 @@ def kl_calibration_ranges(model: Path, batches: list[dict[str, np.ndarray]], sym
         return None
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-    from edgekit.backends.ncnn_int8 import HISTOGRAM_BINS, kl_threshold_bin
+    from edgekit.backends.ncnn.int8 import HISTOGRAM_BINS, kl_threshold_bin
 
     m = onnx.load(str(model))
     io = {i.name for i in m.graph.input} | {o.name for o in m.graph.output}

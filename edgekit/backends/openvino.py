@@ -16,13 +16,13 @@ from onnx import numpy_helper
 
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
-from edgekit.compress.fp16_range import fp16_unsafe_nodes
 from edgekit.errors import BadInput, EdgekitError
+from edgekit.quantize.fp16_range import fp16_unsafe_nodes
 
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plans import ArtifactPlan
+    from edgekit.planning.types import ArtifactPlan
 
 DEVICE = "CPU"
 

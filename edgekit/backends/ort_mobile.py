@@ -41,7 +41,7 @@ from edgekit.errors import BadInput, EdgekitError
 if TYPE_CHECKING:
     from edgekit.data import Dataset
     from edgekit.ingest import ModelSpec
-    from edgekit.plans import ArtifactPlan
+    from edgekit.planning.types import ArtifactPlan
 
 ENTRY = "model.ort"
 CONFIG = "required_operators.config"

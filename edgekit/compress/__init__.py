@@ -1,2 +1,2 @@
-"""Compression algorithms that are independent of any one backend (FP16 range checks; later pruning
-and distillation). Backends call these and apply the result through their own libraries."""
+"""Compression in torch, independent of any one backend: structured pruning (Torch-Pruning), group
+sensitivity, distillation, low rank, and the ONNX -> torch conversion they need; `stage` chains them."""

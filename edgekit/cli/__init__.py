@@ -1,0 +1,1 @@
+"""The `edgekit` command: main.py parses and dispatches; one module per verb (or pair of verbs)."""

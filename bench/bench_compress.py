@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from edgekit.compress.stage import CompressOptions
-    from edgekit.pipeline.build import BuildOptions, build
+    from edgekit.pipeline.build import build
+    from edgekit.pipeline.options import BuildOptions
     from edgekit.profiling.timing import ProfileSettings
     from edgekit.zoo.defects_data import generate
 

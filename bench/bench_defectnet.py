@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.backends.base import Artifact
     from edgekit.data import Preprocess, prepare_data
     from edgekit.ingest import ingest
-    from edgekit.pipeline.build import BuildOptions, build
+    from edgekit.pipeline.build import build
+    from edgekit.pipeline.options import BuildOptions
     from edgekit.profiling.timing import ProfileSettings, time_artifacts
-    from edgekit.verify.verifier import Thresholds, compare, run_all
+    from edgekit.verify.verifier import Thresholds, run_all
+    from edgekit.verify.verifier import verify_outputs as compare
     from edgekit.zoo.defects_data import generate
 
     data_dir = generate(Path(args.data))

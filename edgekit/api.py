@@ -11,7 +11,6 @@ Manifest with `passed` False (and `path` pointing at OUT.rejected), as the CLI e
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ class Manifest(dict):  # type: ignore[type-arg]
 
     @classmethod
     def load(cls, package: str | Path) -> Manifest:
-        from edgekit.packaging.compare import load_package  # BadInput when it is not a package
+        from edgekit.packaging.model import load_package  # BadInput when it is not a package
 
         loaded = load_package(package)
         return cls(loaded.manifest, loaded.path)
@@ -46,31 +45,14 @@ class Manifest(dict):  # type: ignore[type-arg]
         raise KeyError(f"no artifact {key} in {self.path} (it has {', '.join(a['key'] for a in self.artifacts)})")
 
 
-def _options(model: str, target: str, precision: str | list[str] | None, **kwargs: Any) -> Any:
-    from edgekit.pipeline.build import BuildOptions
-    from edgekit.profiling.timing import ProfileSettings
-    from edgekit.verify.verifier import Thresholds
-
-    known = {f.name for f in fields(BuildOptions)}
-    thresholds = {f.name: kwargs.pop(f.name) for f in fields(Thresholds) if f.name in kwargs}
-    profile = {k: kwargs.pop(k) for k in ("profile_seconds", "min_runs") if k in kwargs}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise TypeError(f"unknown build option(s): {', '.join(unknown)}")
-    if isinstance(precision, str):
-        precision = None if precision == "auto" else [p.strip() for p in precision.split(",") if p.strip()]
-    return BuildOptions(model=str(model), target=target, precisions=precision, thresholds=Thresholds(**thresholds),
-                        profile=ProfileSettings(seconds=profile.get("profile_seconds", 3.0),
-                                                min_runs=profile.get("min_runs", 50)), **kwargs)
-
-
 def build(model: str | Path, target: str, *, precision: str | list[str] | None = None, **options: Any) -> Manifest:
     """`edgekit build`. Options are BuildOptions' fields (out, backend, calib, val, preprocess, plan,
     input_shapes, calib_method, threads, force, cache, ...), Thresholds' fields (min_cosine,
     max_accuracy_drop, ...), profile_seconds and min_runs."""
+    from edgekit.cli.options import build_options
     from edgekit.pipeline.build import build as run_build
 
-    result = run_build(_options(str(model), target, precision, **options))
+    result = run_build(build_options(str(model), target, precision, **options))
     return Manifest(result.manifest, result.path, result.exit_code)
 
 
@@ -80,9 +62,10 @@ def plan(model: str | Path, target: str, *, out: str | Path = "plan.yaml", max_a
          precision: str | list[str] | None = None, **options: Any) -> Any:
     """`edgekit plan`: returns the Plan (edgekit.planning.types.Plan; `.candidates` lists every candidate) and
     writes it to `out`."""
+    from edgekit.cli.options import build_options
     from edgekit.planning.search import Budgets, PruneSearch, plan_model
 
-    opts = _options(str(model), target, precision, memory=False, **options)
+    opts = build_options(str(model), target, precision, memory=False, **options)
     search = PruneSearch(list(prune), train=train) if prune else None
     chosen, _ = plan_model(opts, Budgets(max_accuracy_drop, max_latency_ms, max_size_mb, objective), out,
                            prune=search, device=device)
@@ -129,8 +112,9 @@ def verify_package(archive: str | Path) -> Any:
 def compare(package_a: str | Path, package_b: str | Path, *, recorded: bool = False) -> dict[str, Any]:
     """`edgekit compare A B`: the differences (ratios B / A), latencies re-timed side by side here unless
     `recorded`."""
-    from edgekit.packaging.compare import CompareOptions, load_package
+    from edgekit.packaging.compare import CompareOptions
     from edgekit.packaging.compare import compare as run_compare
+    from edgekit.packaging.model import load_package
 
     return run_compare(load_package(package_a), load_package(package_b), CompareOptions(recorded=recorded))
 
@@ -140,9 +124,9 @@ def check(package: str | Path, baseline: str | Path, *, max_latency_regression: 
           ) -> dict[str, Any]:
     """`edgekit check PKG --baseline OLD`: the regression gate (percentages as numbers: 5.0 = 5%);
     `passed` is False when the new package is worse, `checks` says where."""
-    from edgekit.packaging.compare import CompareOptions, Limits
+    from edgekit.packaging.compare import CompareOptions, RegressionLimits
     from edgekit.packaging.compare import check as run_check
 
-    limits = Limits(latency=max_latency_regression / 100, accuracy_points=max_accuracy_drop,
+    limits = RegressionLimits(latency=max_latency_regression / 100, accuracy_points=max_accuracy_drop,
                     size=None if max_size_increase is None else max_size_increase / 100)
     return run_check(package, baseline, limits, CompareOptions(recorded=recorded))

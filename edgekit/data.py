@@ -221,7 +221,7 @@ def nonfinite_samples(a: np.ndarray) -> np.ndarray:
 
 def classifier_classes(spec: ModelSpec) -> tuple[str, int] | None:
     """The model's classifier output (as verification picks it: the first [N, C] one) and its C."""
-    from edgekit.verify.verifier import is_classifier_output
+    from edgekit.verify.metrics import is_classifier_output
 
     for o in spec.outputs:
         if is_classifier_output(tuple(o.shape)):

@@ -192,8 +192,13 @@ def _load_file(path: Path) -> Target:
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: a target file must be a mapping of keys to values")
     if raw.get("detect") == "host":
-        raw = {**detect_host(), **raw}
+        raw = {**detect_host(raw.get("backends") or []), **raw}
     validate_target_dict(raw, str(path))
+    from edgekit import backends
+
+    joining = [b for b in backends.joining(raw["name"]) if b not in raw["backends"]]
+    if joining:  # backends from outside edgekit's tree that run here (Backend.extra_targets)
+        raw = {**raw, "backends": [*raw["backends"], *joining]}
     if raw["name"] != path.stem:
         raise BadInput(f"{path}: key 'name' is '{raw['name']}' but the file is named '{path.stem}.yaml'")
     for table in ("peak_tops", "channel_multiple"):
@@ -238,8 +243,9 @@ def _cpuinfo() -> dict[str, str]:
     return info
 
 
-def detect_host() -> dict[str, Any]:
-    """CPU, memory and derived peaks of this machine, in the target schema's terms."""
+def detect_host(listed: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """CPU, memory and derived peaks of this machine, in the target schema's terms; `listed`: the target's
+    backends, whose runtimes come first under "runtimes"."""
     import psutil
 
     info = _cpuinfo()
@@ -292,17 +298,25 @@ def detect_host() -> dict[str, Any]:
             "freq_ghz": ghz,
             "isa": isa,
         },
-        "runtimes": _installed_runtimes(),
+        "runtimes": _installed_runtimes(listed),
     }
 
 
-def _installed_runtimes() -> dict[str, str]:
+def _installed_runtimes(listed: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of every backend's runtime (Backend.runtime_distributions), the listed backends'
+    first."""
     from importlib import metadata
 
+    from edgekit import backends
+
+    known = backends.names()
     found = {}
-    for dist in ("onnxruntime", "openvino", "ncnn", "tensorrt"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
+    for name in [*[b for b in listed if b in known], *known]:
+        for dist in backends.get(name).runtime_distributions:
+            if dist in found:
+                continue
+            try:
+                found[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
     return found

@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ["EDGEKIT_HOME"] = tempfile.mkdtemp(prefix="edgekit-test-home-")
 BUNDLED_ONNX = REPO / "examples" / "defects" / "defectnet.onnx"
 BUNDLED_PREPROCESS = REPO / "examples" / "defects" / "preprocess.yaml"
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/ mirrors edgekit/; the shared model builders (models.py, conftest) and the helpers other tests reuse
+# (backends' small models and fake tools, quantize's hostile model) import by name from anywhere.
+for _folder in ("", "backends", "quantize"):
+    sys.path.insert(0, str(Path(__file__).parent / _folder))
 
 def require_tools(*paths: str, install: str) -> None:
     """Skip when a system program is absent, unless scripts/test.sh (and so CI) installed the system

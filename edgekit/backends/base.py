@@ -2,6 +2,8 @@
 
 A backend knows which precisions and ops it supports, exports an Artifact (doing its own
 quantization through the library made for it), and loads an Artifact into a Session that runs it.
+What the rest of edgekit needs to know about a backend is a capability declared here with its
+default (the cost model's accelerator, the device runner's modules, ...), never the backend's name.
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ class Session(Protocol):
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
+    def run_intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
+        """Every intermediate float tensor the runtime can expose, as (its names, float32 values), in the
+        backend's execution order (`edgekit debug`, the localisation of a rejected artifact): the values the
+        next layer consumes (dequantized where the runtime holds int8 codes). A session that cannot expose
+        them raises EdgekitError saying what to run instead."""
+        ...
+
 
 class Backend(ABC):
     name: ClassVar[str]
@@ -79,6 +88,26 @@ class Backend(ABC):
     # 7-bit weights avoid the saturation (ONNX Runtime reduce_range, NNCF overflow_fix).
     int8_reduce_range: ClassVar[bool] = False
     int8_symmetric_only: ClassVar[bool] = False  # symmetric INT8 activations only (TensorRT)
+    # INT8 quantizes weighted layers only (the rest runs in float anyway): nodes to keep in float are
+    # narrowed to the weighted ones (ncnn).
+    int8_weighted_layers_only: ClassVar[bool] = False
+    # Runs on a GPU/NPU target's accelerator (the cost model's accelerator figures); else on its CPU.
+    runs_on_accelerator: ClassVar[bool] = False
+    # pip distributions of the runtime, whose installed versions a detected (host) target reports.
+    runtime_distributions: ClassVar[tuple[str, ...]] = ()
+    # Targets that run this backend besides those whose YAML lists it: how a backend from outside
+    # edgekit's tree joins a target (targets.load_target appends it) without editing the target's file.
+    extra_targets: ClassVar[tuple[str, ...]] = ()
+    report_color: ClassVar[str | None] = None  # the backend's colour in report charts; None: one of the spares
+    # ---- what the device runner (profiling/runner.py, standard library only) needs
+    # Python modules the runner imports on the device to run the artifacts (its BACKEND_NEEDS table must
+    # agree); None: the runner cannot run them.
+    device_modules: ClassVar[tuple[str, ...] | None] = None
+    # The artifact is compiled on the device before it runs (an engine tied to the device's GPU and
+    # runtime version): the device keeps an engine cache, and measuring may include the build.
+    needs_engine_build_on_device: ClassVar[bool] = False
+    # Files at the package's top level the device needs beside the artifact folders (a build script).
+    device_package_files: ClassVar[tuple[str, ...]] = ()
 
     def missing(self) -> str | None:
         """None when usable here, else what to install."""
@@ -105,9 +134,28 @@ class Backend(ABC):
         """None when artifacts can be timed on this machine; else why not (latency is then estimated)."""
         return None
 
+    def default_options(self) -> dict[str, Any]:
+        """The backend's own build requests (e.g. TensorRT's dla_core) with their defaults: the shared code
+        passes the user's requests through to plan_options untouched."""
+        return {}
+
     def plan_options(self, target: Any, requests: dict[str, Any] | None = None) -> dict[str, Any]:
         """Backend settings that follow from the target and the user's requests (e.g. dla_core),
         recorded in the plan and passed to export. Backends ignore requests that are not theirs."""
+        return {}
+
+    def check_plan(self, plan: ArtifactPlan, where: str) -> None:  # noqa: B027 - optional hook
+        """Raise BadInput naming `where` when a plan's settings that only this backend uses are out of
+        range (a plan file may come from someone else)."""
+
+    def device_blocker(self, facts: dict[str, Any]) -> str | None:
+        """Why a device whose probe gave `facts` cannot run this backend's artifacts, beyond the Python
+        modules of device_modules (a tool missing there), as a phrase after "device NAME"; else None."""
+        return None
+
+    def device_latency(self, result: dict[str, Any], where: str) -> dict[str, Any]:
+        """Fields that replace or add to the device runner's timing of one artifact (`result`, as the runner
+        wrote it): figures the runtime's own tool reported (TensorRT: trtexec's GPU compute time). None here."""
         return {}
 
     def int8_retries(self, q: QuantizationSettings) -> list[tuple[str, QuantizationSettings]]:

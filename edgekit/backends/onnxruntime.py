@@ -17,6 +17,7 @@ from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
 from edgekit.errors import BadInput, EdgekitError
 from edgekit.quantize.attention import attention_nodes
+from edgekit.quantize.calibration import CalibrationReader, EntropyCalibrator, reference_ranges
 from edgekit.quantize.fp16_range import fp16_unsafe_nodes
 
 if TYPE_CHECKING:
@@ -106,23 +107,6 @@ def intermediates_of(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tu
     return {o: np.asarray(values[dequantized.get(o, o)], np.float32) for o in order}, order
 
 
-class _Reader:
-    """Feeds calibration batches to onnxruntime's calibrators."""
-
-    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
-        self.batches = batches
-        self.i = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= len(self.batches):
-            return None
-        self.i += 1
-        return self.batches[self.i - 1]
-
-    def rewind(self) -> None:
-        self.i = 0
-
-
 @register
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
@@ -130,6 +114,9 @@ class OnnxRuntimeBackend(Backend):
     requires = ("onnxruntime",)
     int8_reduce_range = True  # x86 u8*s8 kernels without VNNI
     install_hint = "pip install onnxruntime"
+    runtime_distributions = ("onnxruntime",)
+    device_modules = ("onnxruntime", "numpy")
+    report_color = "#0072B2"
 
     def versions(self) -> dict[str, str]:
         return {d: metadata.version(d) for d in ("onnxruntime", "onnx")}
@@ -203,18 +190,11 @@ class OnnxRuntimeBackend(Backend):
         return {"keep_fp32": keep, "fp16_risks": [r.__dict__ for r in risks]}, notes
 
     def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, out: Path) -> dict[str, Any]:
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
+        from onnxruntime.quantization import QuantType
 
         q = plan.quantization
         assert q is not None, "an int8 artifact plan carries quantization settings"
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}
-        batches = calibration.batches(spec)[: max(1, q.samples // max(1, spec.inputs[0].shape[0]))]
+        batches = calibration_batches(spec, calibration, q.samples)
         extra: dict[str, Any] = {
             "ActivationSymmetric": q.symmetric_activations,
             "WeightSymmetric": True,
@@ -222,7 +202,7 @@ class OnnxRuntimeBackend(Backend):
         }
         with tempfile.TemporaryDirectory(prefix="edgekit-ort-q-") as tmp:
             pre = Path(tmp) / "pre.onnx"
-            self._pre_process(spec.onnx_path, pre)
+            pre_process(spec.onnx_path, pre)
             if q.per_channel and (flat := per_tensor_weights(onnx.load(str(pre)))):
                 extra["TensorQuantOverrides"] = flat
             ranges = kl_calibration_ranges(pre, batches, q.symmetric_activations, Path(tmp)) if q.method == "entropy" \
@@ -230,21 +210,15 @@ class OnnxRuntimeBackend(Backend):
             # transformer: attention (its activation x activation MatMuls and Softmax) stays in float; ORT's
             # MatMulConstBOnly does this for the QOperator format only, in Q/DQ they are excluded by name
             attention = attention_nodes(onnx.load(str(pre))) if q.model_type == "transformer" else []
-            try:
-                quantize_static(
-                    str(pre), str(out), _Reader(batches),
-                    **({"calibration_cache_path": str(ranges)} if ranges else {}),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=q.per_channel,
-                    reduce_range=q.reduce_range,
-                    activation_type=QuantType.QInt8 if q.symmetric_activations else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=[*q.exclude_nodes, *attention] or None,
-                    calibrate_method=methods[q.method],
-                    extra_options=extra,
-                )
-            except Exception as e:
-                raise EdgekitError(f"onnxruntime quantize_static failed: {type(e).__name__}: {e}") from None
+            quantize_qdq(
+                pre, out, batches, q.method, ranges,
+                per_channel=q.per_channel,
+                reduce_range=q.reduce_range,
+                activation_type=QuantType.QInt8 if q.symmetric_activations else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=[*q.exclude_nodes, *attention] or None,
+                extra_options=extra,
+            )
         return {
             "quantizer": "onnxruntime.quantization.quantize_static",
             "format": "QDQ",
@@ -260,18 +234,42 @@ class OnnxRuntimeBackend(Backend):
             **({"attention_nodes_in_float": len(attention)} if attention else {}),
         }
 
-    @staticmethod
-    def _pre_process(src: str, dst: Path) -> None:
-        """quant_pre_process, falling back past its symbolic shape inference (it asserts on some models)."""
-        from onnxruntime.quantization import quant_pre_process
 
-        for skip_symbolic in (False, True):
-            try:
-                quant_pre_process(src, str(dst), skip_symbolic_shape=skip_symbolic)
-                return
-            except Exception:
-                continue
-        shutil.copyfile(src, dst)
+# ---------------------------------------------------------------- ONNX Runtime's quantizer (also TensorRT's Q/DQ)
+
+
+def calibration_batches(spec: ModelSpec, calibration: Dataset, samples: int) -> list[dict[str, np.ndarray]]:
+    """The calibration batches holding `samples` samples (at least one batch)."""
+    return calibration.batches(spec)[: max(1, samples // max(1, spec.inputs[0].shape[0]))]
+
+
+def quantize_qdq(src: Path, dst: Path, batches: list[dict[str, np.ndarray]], method: str, ranges: Path | None,
+                 what: str = "", **kwargs: Any) -> None:
+    """onnxruntime.quantization.quantize_static to the Q/DQ format, calibrated on the batches by `method`
+    (minmax | entropy | percentile), or from the ranges in a calibration cache (kl_calibration_ranges)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    try:
+        quantize_static(str(src), str(dst), CalibrationReader(batches),
+                        **({"calibration_cache_path": str(ranges)} if ranges else {}),
+                        quant_format=QuantFormat.QDQ, calibrate_method=methods[method], **kwargs)
+    except Exception as e:
+        raise EdgekitError(f"onnxruntime quantize_static{what} failed: {type(e).__name__}: {e}") from None
+
+
+def pre_process(src: str, dst: Path) -> None:
+    """quant_pre_process, falling back past its symbolic shape inference (it asserts on some models)."""
+    from onnxruntime.quantization import quant_pre_process
+
+    for skip_symbolic in (False, True):
+        try:
+            quant_pre_process(src, str(dst), skip_symbolic_shape=skip_symbolic)
+            return
+        except Exception:
+            continue
+    shutil.copyfile(src, dst)
 
 
 # Ops whose weight ONNX Runtime's QDQ quantizer, asked for per-channel, quantizes along axis 1: the scale of
@@ -303,9 +301,10 @@ def kl_calibration_ranges(model: Path, batches: list[dict[str, np.ndarray]], sym
     ONNX Runtime's own entropy calibrator is unusable here: through quantize_static it keeps 128 bins for
     128 levels (nothing to search: minmax's ranges byte for byte), and with 2048 bins its histograms of
     post-ReLU tensors are dominated by the zeros, which pulls thresholds to a tenth of the range (DefectNet:
-    86% instead of 96.5%). So the thresholds are ncnn2table's KL (edgekit's port, zeros left out of the
-    |x| histogram, 2048 bins -> 128 levels); the model's inputs and outputs keep their full range, since
-    clipping a logit or a box coordinate is an error the application sees directly."""
+    86% instead of 96.5%). So the thresholds are ncnn2table's KL (edgekit.quantize.calibration's
+    EntropyCalibrator, zeros left out of the |x| histogram, 2048 bins -> 128 levels); the model's inputs and
+    outputs keep their full range, since clipping a logit or a box coordinate is an error the application
+    sees directly."""
     import inspect
 
     from onnxruntime.quantization import CalibrationMethod, quantize_static
@@ -314,46 +313,8 @@ def kl_calibration_ranges(model: Path, batches: list[dict[str, np.ndarray]], sym
         return None
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
-    from edgekit.backends.ncnn.int8 import HISTOGRAM_BINS, kl_threshold_bin
-
-    m = onnx.load(str(model))
-    io = {i.name for i in m.graph.input} | {o.name for o in m.graph.output}
-    inferred = onnx.shape_inference.infer_shapes(m)
-    floats = {v.name for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]
-              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    names = [o for n in m.graph.node for o in n.output if o in floats and o not in io]
-    exposed = [o.name for o in m.graph.output] + names
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    path = tmp / "all-outputs.onnx"
-    onnx.save(m, str(path))
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=[PROVIDER])
-    low = dict.fromkeys(exposed, np.inf)
-    high = dict.fromkeys(exposed, -np.inf)
-    absmax = dict.fromkeys(exposed, 0.0)
-    for feeds in batches:
-        for name, x in zip(exposed, session.run(exposed, feeds)):
-            low[name], high[name] = min(low[name], float(x.min())), max(high[name], float(x.max()))
-            absmax[name] = max(absmax[name], float(np.abs(x).max(initial=0.0)))
-    hist = {n: np.zeros(HISTOGRAM_BINS, np.int64) for n in names}
-    for feeds in batches:
-        for name, x in zip(exposed, session.run(exposed, feeds)):
-            if name in hist and absmax[name] > 0:
-                v = np.abs(x[x != 0])
-                hist[name] += np.bincount(np.minimum((v / absmax[name] * HISTOGRAM_BINS).astype(np.int64),
-                                                     HISTOGRAM_BINS - 1), minlength=HISTOGRAM_BINS)
-    ranges: dict[str, Any] = {}
-    for name in exposed:
-        lo, hi = low[name], high[name]
-        if name in hist and absmax[name] > 0:
-            t = (kl_threshold_bin(hist[name]) + 0.5) * absmax[name] / HISTOGRAM_BINS
-            lo, hi = (-t if lo < 0 or symmetric else 0.0), t
-        ranges[name] = TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
-    for i in m.graph.input:  # the input image: its full range
-        x = np.concatenate([b[i.name].ravel() for b in batches if i.name in b]) if batches else None
-        if x is not None and x.size:
-            ranges[i.name] = TensorData(lowest=np.array(x.min(), np.float32), highest=np.array(x.max(), np.float32))
+    ranges = {name: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+              for name, (lo, hi) in reference_ranges(model, batches, EntropyCalibrator, tmp, symmetric).items()}
     out = tmp / "entropy-ranges.json"
     save_tensors_data(TensorsData(CalibrationMethod.Entropy, ranges), out)
     return out

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from edgekit.planning.types import ArtifactPlan
 
 DEVICE = "CPU"
+NNCF_PRESETS = ("performance", "mixed")  # QuantizationSettings.preset; None: NNCF's default
 
 
 class OvSession:
@@ -84,9 +85,21 @@ class OpenVinoBackend(Backend):
     install_hint = "pip install 'edgekit[openvino]'"
     accuracy_control = True  # nncf.quantize_with_accuracy_control
     int8_reduce_range = True  # NNCF overflow_fix, for x86 without VNNI
+    runtime_distributions = ("openvino",)
+    report_color = "#CC79A7"
+    device_modules = ("openvino", "numpy")
 
     def versions(self) -> dict[str, str]:
         return {d: metadata.version(d) for d in ("openvino", "nncf")}
+
+    def default_options(self) -> dict[str, Any]:
+        """NNCF's settings, carried in the plan's quantization settings (preset, fast_bias_correction)."""
+        return {"preset": None, "fast_bias_correction": True}
+
+    def check_plan(self, plan: ArtifactPlan, where: str) -> None:
+        q = plan.quantization
+        if q is not None and q.preset not in (None, *NNCF_PRESETS):
+            raise BadInput(f"{where}.quantization.preset is {q.preset!r}; use one of {', '.join(NNCF_PRESETS)} or null")
 
     def unsupported_nodes(self, model: onnx.ModelProto) -> list[OpIssue]:
         """Ops the ONNX frontend cannot convert stay FrameworkNodes in a partial conversion."""

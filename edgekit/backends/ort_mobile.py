@@ -90,6 +90,8 @@ class OrtMobileBackend(Backend):
     precisions = ("fp32", "int8")
     requires = ("onnxruntime", "flatbuffers")  # flatbuffers: the converter reads the .ort to write the config
     install_hint = "pip install onnxruntime"
+    runtime_distributions = ("onnxruntime",)
+    device_modules = ("onnxruntime", "numpy")
 
     def versions(self) -> dict[str, str]:
         return {d: metadata.version(d) for d in ("onnxruntime", "onnx")}

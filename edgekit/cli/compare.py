@@ -1,6 +1,5 @@
 """`edgekit compare PKG_A PKG_B`: what differs between two packages (size, latency, accuracy, settings,
-plan, source model, toolchain); `edgekit check PKG --baseline OLD`: the regression gate for CI.
-Exit codes of check: 0 no regression, 1 worse than the baseline, 2 bad input."""
+plan, source model, toolchain). Its latency note is also printed by `edgekit check`."""
 
 from __future__ import annotations
 
@@ -11,56 +10,18 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from edgekit.cli.args import side_by_side_args
+from edgekit.cli.options import compare_options
 from edgekit.console import emit, out
-from edgekit.errors import EXIT_FAILED, EXIT_OK, BadInput
-from edgekit.packaging.compare import (
-    DEFAULT_MAX_COSINE_DROP,
-    ESTIMATE,
-    CompareOptions,
-    Limits,
-    check,
-    compare,
-    load_package,
-    parse_percent,
-)
-from edgekit.profiling.timing import ProfileSettings
+from edgekit.errors import EXIT_OK, BadInput
+from edgekit.packaging.compare import ESTIMATE, compare
+from edgekit.packaging.model import load_package
 
-PERCENT_RULE = "'5%' and '5' both mean five percent; '0.05' means 0.05 percent"
-_RULE_HELP = PERCENT_RULE.replace("%", "%%")  # argument help goes through %-formatting, descriptions do not
+VERB = "compare"
+ORDER = 120
 
 
-def _percent(text: str) -> float:
-    try:
-        return parse_percent(text)
-    except BadInput as e:  # argparse turns this into its one-line usage error (exit 2)
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _points(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of accuracy points (e.g. 0.5)") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be >= 0 accuracy points")
-    return value
-
-
-def _timing_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--artifact", action="extend", nargs="+", metavar="KEY",
-                   help="only these artifacts (BACKEND-PRECISION, repeatable or comma-separated; default: all)")
-    p.add_argument("--recorded", action="store_true",
-                   help="use the latencies recorded in the manifests (measured at different times) instead of "
-                        "re-timing both packages side by side here")
-    p.add_argument("--seconds", type=float, default=1.0,
-                   help="side-by-side timing: timed seconds per artifact, at least (default 1)")
-    p.add_argument("--min-runs", type=int, default=200,
-                   help="side-by-side timing: runs per artifact, at least (default 200)")
-    p.add_argument("--threads", type=int, help="runtime threads, the same for both packages (default: the "
-                   "threads the packages were timed with at build, at most this host's cores)")
-
-
-def add_parsers(sub: Any, model_args: Any = None) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "compare", help="the differences between two packages: size, latency, accuracy, settings, plan",
         description="Compare package B with package A (ratios are B / A). Latency is re-measured here, both "
@@ -68,47 +29,12 @@ def add_parsers(sub: Any, model_args: Any = None) -> None:
         "otherwise (or with --recorded) the manifests' figures are used and labelled recorded or estimate.")
     c.add_argument("package_a", metavar="PKG_A", help="a package folder (the reference side: A)")
     c.add_argument("package_b", metavar="PKG_B", help="a package folder (compared with A: B)")
-    _timing_args(c)
-
-    k = sub.add_parser(
-        "check", help="regression gate: exit 1 when PKG is worse than --baseline",
-        description="Exit 1 when the new package is worse than the baseline on any artifact both have, or lacks "
-        "one the baseline has: latency p50 up more than --max-latency-regression (new / baseline, timed side "
-        "by side here unless --recorded; side by side, flagged only when the median over rounds of the paired "
-        "ratio is over the limit and its 95% interval lies above 1, so noise alone does not fail a build; "
-        "byte-identical artifacts always pass), accuracy down more than --max-accuracy-drop points (from "
-        "verification; without labels, the worst-output cosine vs each package's FP32 reference down more "
-        "than --max-cosine-drop), bytes up more than --max-size-increase (when given), or verification "
-        f"passed -> rejected. Exit 0 when not, 2 on bad input. Percentages: {PERCENT_RULE}.")
-    k.add_argument("package", metavar="PKG", help="the new package folder")
-    k.add_argument("--baseline", required=True, metavar="OLD_PKG", help="the package to compare against")
-    k.add_argument("--max-latency-regression", type=_percent, default=0.05, metavar="PCT",
-                   help=f"largest p50 increase accepted (default 5%%; {_RULE_HELP})")
-    k.add_argument("--max-accuracy-drop", type=_points, default=0.5, metavar="POINTS",
-                   help="largest accuracy drop accepted, in percentage points (default 0.5)")
-    k.add_argument("--max-size-increase", type=_percent, metavar="PCT",
-                   help=f"largest bytes increase accepted (default: size not checked; {_RULE_HELP})")
-    k.add_argument("--max-cosine-drop", type=_points, default=DEFAULT_MAX_COSINE_DROP, metavar="X",
-                   help="without labels: largest drop of the worst-output cosine vs the FP32 reference "
-                        f"(default {DEFAULT_MAX_COSINE_DROP:g})")
-    _timing_args(k)
+    side_by_side_args(c)
 
 
-def _options(args: argparse.Namespace, matched_only: bool) -> CompareOptions:
-    keys = [x.strip() for item in args.artifact or [] for x in item.split(",") if x.strip()] or None
-    if args.seconds <= 0 or args.min_runs < 1 or (args.threads is not None and args.threads < 1):
-        raise BadInput("--seconds must be > 0, --min-runs and --threads >= 1")
-    return CompareOptions(recorded=args.recorded, keys=keys, matched_only=matched_only,
-                          settings=ProfileSettings(seconds=args.seconds, min_runs=args.min_runs),
-                          threads=args.threads)
-
-
-# ---------------------------------------------------------------- compare
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     a, b = load_package(args.package_a), load_package(args.package_b)
-    opts = _options(args, matched_only=False)
+    opts = compare_options(args, matched_only=False)
     if opts.keys:
         unknown = [k for k in opts.keys if k not in a.artifacts and k not in b.artifacts]
         if unknown:
@@ -156,10 +82,10 @@ def _print_header(c: dict[str, Any]) -> None:
             out.print(f"{what} (A -> B): {diffs}", soft_wrap=True)
         elif what == "toolchain":
             out.print("toolchain: same versions")
-    _print_latency_note(c)
+    print_latency_note(c)
 
 
-def _print_latency_note(c: dict[str, Any]) -> None:
+def print_latency_note(c: dict[str, Any]) -> None:
     out.print(f"latency: {c['latency']['note']}", markup=False, soft_wrap=True)
     for k, why in (c["latency"].get("not_timed_here") or {}).items():
         out.print(f"  {k}: not timed here ({why}); the manifests' figures are used", markup=False, soft_wrap=True)
@@ -248,46 +174,3 @@ def _print_plan(c: dict[str, Any]) -> None:
     for r in rows:
         t.add_row(*r)
     out.print(t)
-
-
-# ---------------------------------------------------------------- check
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    opts = _options(args, matched_only=True)
-    limits = Limits(latency=args.max_latency_regression, accuracy_points=args.max_accuracy_drop,
-                    size=args.max_size_increase, cosine=args.max_cosine_drop)
-    result = check(args.package, args.baseline, limits, opts)
-    new, base, c, checks = result["new"], result["baseline"], result["comparison"], result["checks"]
-    failed = [x for x in checks if x["status"] == "FAIL"]
-    skipped = [x for x in checks if x["status"] == "n/a"]
-    t = Table(title=f"{args.package} vs baseline {args.baseline}")
-    for col in ("artifact", "check", "limit", "figure (new vs baseline)", "result"):
-        t.add_column(col)
-    for x in checks:
-        result = {"PASS": "[green]pass[/green]", "FAIL": "[bold red]FAIL[/bold red]", "n/a": "[yellow]n/a[/yellow]"}
-        figure = x["figure"] + (f" ({x['note']})" if x.get("note") else "")
-        t.add_row(x["artifact"], x["check"], escape(x["limit"]), escape(figure), result[x["status"]])
-    out.print(t)
-    if not c["source"]["same"]:
-        out.print("note: different source models (sha256 "
-                  f"{str(c['source']['a']['sha256'])[:12]} -> {str(c['source']['b']['sha256'])[:12]})", markup=False)
-    _print_latency_note(c)
-    code = EXIT_FAILED if failed else EXIT_OK
-    if failed:
-        what = ", ".join(f"{x['artifact']} {x['check']}" for x in failed)
-        summary = f"check FAILED: {len(failed)} of {len(checks)} checks worse than the baseline ({what})"
-    else:
-        summary = f"check passed: {len(checks)} checks, none worse than the baseline"
-    if skipped:
-        summary += f"; {len(skipped)} not comparable (n/a)"
-    out.print(summary, markup=False, soft_wrap=True)
-    emit({"ok": code == EXIT_OK, "passed": not failed, "exit_code": code, "summary": summary,
-          "package": str(new), "baseline": str(base),
-          "limits": {"max_latency_regression": limits.latency, "max_accuracy_drop_points": limits.accuracy_points,
-                     "max_size_increase": limits.size, "max_cosine_drop": limits.cosine},
-          "latency": c["latency"], "checks": checks, "comparison": c})
-    return code
-
-
-VERBS = {"compare": cmd_compare, "check": cmd_check}

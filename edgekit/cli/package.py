@@ -5,11 +5,13 @@ Exit codes: 0 ok, 1 content that does not match its checksums or manifest, 2 uns
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from edgekit.console import emit, out
 from edgekit.errors import BadInput
-from edgekit.packaging.archive import FORMATS, Limits, TamperedArchive, UnsafeArchive, VerifyResult, parse_size
+from edgekit.packaging.archive import FORMATS, ArchiveLimits, TamperedArchive, UnsafeArchive, VerifyResult, parse_size
+
+VERB = "package"
+ORDER = 100
 
 
 def _size(text: str) -> int:
@@ -19,8 +21,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_parsers(sub: Any, model_args: Any) -> None:
-    d = Limits()
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = ArchiveLimits()
     p = sub.add_parser("package", help="one archive of a package folder (zip|tar.gz with CHECKSUMS.sha256); "
                        "--verify / --extract check one without trusting it")
     p.add_argument("package_dir", nargs="?", metavar="DIR", help="the package folder to archive")
@@ -42,7 +44,7 @@ def add_parsers(sub: Any, model_args: Any) -> None:
                    help=f"largest compression ratio accepted for members over 1 MiB (default {d.max_ratio:g})")
 
 
-def cmd_package(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from edgekit.packaging.archive import create_archive, extract_archive, verify_archive
 
     reading = args.verify or args.extract
@@ -59,7 +61,7 @@ def cmd_package(args: argparse.Namespace) -> int:
         return 0
     if args.out or args.format:
         raise BadInput("--out and --format are for writing an archive; --extract takes ARCHIVE DEST")
-    limits = Limits(args.max_entries, args.max_file_size, args.max_total_size, args.max_ratio)
+    limits = ArchiveLimits(args.max_entries, args.max_file_size, args.max_total_size, args.max_ratio)
     archive = args.verify or args.extract[0]
     try:
         if args.verify:
@@ -87,5 +89,3 @@ def _report(r: VerifyResult) -> None:
         out.print(f"extracted into {r.dest}", markup=False, soft_wrap=True)
     emit(r.to_dict())
 
-
-VERBS = {"package": cmd_package}

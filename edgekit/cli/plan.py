@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from rich.table import Table
 
-from edgekit.cli.args import model_of
+from edgekit.cli.args import IMPORTANCE_CHOICES, data_args, model_args, model_of, sample_args, timing_args
+from edgekit.cli.options import build_options
 from edgekit.console import emit, out
 
+VERB = "plan"
+ORDER = 90
 
-def add_parsers(sub: Any, model_args: Any) -> None:
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="build, verify and time every candidate; write the best under budgets to plan.yaml")
     model_args(p)
     p.add_argument("--target", required=True)
     p.add_argument("--backend", help="limit the candidates to these backends (default: all the target lists)")
     p.add_argument("--precision", help="limit the precisions (default: all the target supports)")
-    p.add_argument("--calib", help="calibration data: image folder or .npz")
-    p.add_argument("--val", help="validation data (default: a held-out part of --calib)")
-    p.add_argument("--preprocess")
+    data_args(p, preprocess=None)
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points vs FP32 (labels) (default 1.0)")
     p.add_argument("--max-latency-ms", type=float)
     p.add_argument("--max-size-mb", type=float)
     p.add_argument("--objective", default="latency", choices=["latency", "size"])
-    p.add_argument("--calib-samples", type=int, default=300)
-    p.add_argument("--val-samples", type=int, default=500)
-    p.add_argument("--profile-seconds", type=float, default=3.0)
-    p.add_argument("--min-runs", type=int, default=50)
-    p.add_argument("--threads", type=int)
+    sample_args(p)
+    timing_args(p)
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default ./plan.yaml)")
     p.add_argument("--prune", metavar="R[,R..]", help="also consider pruning these fractions of channels "
                    "(per-group ratios by measured sensitivity, then distilled from the original)")
@@ -36,23 +34,19 @@ def add_parsers(sub: Any, model_args: Any) -> None:
                    "(default: the calibration images, unlabelled)")
     p.add_argument("--epochs", type=int, default=10, help="distillation epochs per pruned candidate (default 10)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="distillation time per pruned candidate")
-    p.add_argument("--importance", default="l1", choices=["l1", "l2", "bn", "taylor", "random"])
+    p.add_argument("--importance", default="l1", choices=IMPORTANCE_CHOICES)
     p.add_argument("--device", help="measure the candidates on this device over SSH (`edgekit devices`)")
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from edgekit.errors import BadInput
-    from edgekit.pipeline.build import BuildOptions
     from edgekit.planning.search import Budgets, PruneSearch, candidate_rows, plan_model
-    from edgekit.profiling.timing import ProfileSettings
 
-    opts = BuildOptions(
-        model=model_of(args), target=args.target, backend=args.backend,
-        precisions=[p.strip() for p in args.precision.split(",")] if args.precision else None,
+    opts = build_options(
+        model_of(args), args.target, args.precision, backend=args.backend,
         calib=args.calib, val=args.val, preprocess=args.preprocess, input_shapes=args.input_shape,
         weights=args.weights, calib_samples=args.calib_samples, val_samples=args.val_samples,
-        profile=ProfileSettings(seconds=args.profile_seconds, min_runs=args.min_runs), threads=args.threads,
-        memory=False)
+        profile_seconds=args.profile_seconds, min_runs=args.min_runs, threads=args.threads, memory=False)
     budgets = Budgets(args.max_accuracy_drop, args.max_latency_ms, args.max_size_mb, args.objective)
     prune = None
     if args.prune:
@@ -86,5 +80,3 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out.print(f"wrote {args.out}: apply it with `edgekit build MODEL --target {plan.target} --plan {args.out} ...`")
     return 0
 
-
-VERBS = {"plan": cmd_plan}

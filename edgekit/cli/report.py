@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from edgekit.console import emit, out
 from edgekit.errors import BadInput
 
+VERB = "report"
+ORDER = 110
 
-def add_parsers(sub: Any, model_args: Any) -> None:
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write a package's report.html from its manifest.json")
     p.add_argument("package", metavar="PACKAGE", help="a package folder (with manifest.json)")
     p.add_argument("--out", help="where to write the page (default PACKAGE/report.html)")
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from edgekit.packaging.compare import load_package
+def run(args: argparse.Namespace) -> int:
     from edgekit.packaging.manifest import schema_problem
+    from edgekit.packaging.model import load_package
     from edgekit.packaging.report_html import render_html
 
     package = Path(args.package)
@@ -49,5 +51,3 @@ def _refuse(where: Path, problem: str) -> BadInput:
     return BadInput(f"{where} does not match the manifest schema ({problem}): the package is damaged or was not "
                     "written by edgekit; rebuild it with `edgekit build`")
 
-
-VERBS = {"report": cmd_report}

@@ -14,6 +14,11 @@ decompressed, so a header that lies about sizes cannot get past the per-file and
 the compression-ratio limit. Then CHECKSUMS.sha256 and the manifest's per-file sha256 are compared
 with what was actually read. Unsafe or malformed archives raise UnsafeArchive (exit 2); content that
 does not match raises TamperedArchive (exit 1).
+
+One module on purpose, over the usual size: it is one thing, the package's archive format, written
+and read under the same naming rules, limits and checksum file; the reading half is a single
+streaming pass whose checks only make sense together. The manifest, in a folder or in an archive,
+is read through packaging/model.py like everywhere else.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import re
 import stat
@@ -39,15 +43,13 @@ from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
 
-import jsonschema
-
 from edgekit.errors import BadInput, VerificationFailed
 from edgekit.ingest import sha256_file
-from edgekit.packaging.manifest import validate_manifest
+from edgekit.packaging.model import MANIFEST, Package, load_package, manifest_from_bytes
+from edgekit.untrusted import UnsafeInput
 from edgekit.workspace import Staging
 
 CHECKSUMS = "CHECKSUMS.sha256"
-MANIFEST = "manifest.json"
 FORMATS = {"zip": ".zip", "tar.gz": ".tar.gz"}
 GiB = 1 << 30
 CHUNK = 1 << 20
@@ -79,7 +81,7 @@ class TamperedArchive(VerificationFailed):
 
 
 @dataclass
-class Limits:
+class ArchiveLimits:
     max_entries: int = 10_000
     max_file_bytes: int = 2 * GiB
     max_total_bytes: int = 4 * GiB
@@ -139,10 +141,8 @@ def create_archive(package: str | Path, out: str | Path | None = None, fmt: str 
                    allow_rejected: bool = False, force: bool = False) -> dict[str, Any]:
     """Archive a package folder into one file; returns archive path, format, bytes, files, sha256."""
     root = Path(package)
-    if not (root / MANIFEST).is_file():
-        raise BadInput(f"{package} is not a package folder (no {MANIFEST})")
-    manifest = _load_manifest_file(root / MANIFEST)
-    if not manifest.get("passed") and not allow_rejected:
+    pkg = load_package(root, complete=True)  # BadInput (one line) when it is not a package
+    if not pkg.passed and not allow_rejected:
         raise BadInput(f"{package} is a rejected build (manifest passed=false), not a package; "
                        "pass --allow-rejected to archive it for diagnosis")
     fmt = _format_for(out, fmt)
@@ -156,12 +156,12 @@ def create_archive(package: str | Path, out: str | Path | None = None, fmt: str 
 
     files = _package_files(root)
     hashes = {name: sha256_file(root / name) for name in files}
-    _check_against_manifest(root, manifest, hashes)
+    _check_against_manifest(root, pkg, hashes)
     checksums = "".join(f"{hashes[n]}  {n}\n" for n in files).encode()
     entries: list[tuple[str, Path | bytes, int]] = [(CHECKSUMS, checksums, 0o644)]
     entries += [(n, root / n, 0o755 if (root / n).stat().st_mode & 0o111 else 0o644) for n in files]
     entries.sort(key=lambda e: e[0])
-    when = _build_time(manifest)
+    when = _build_time(pkg.header.get("created"))
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -174,8 +174,8 @@ def create_archive(package: str | Path, out: str | Path | None = None, fmt: str 
     finally:
         tmp.unlink(missing_ok=True)
     return {"archive": str(dest), "format": fmt, "bytes": dest.stat().st_size, "files": len(entries),
-            "sha256": sha256_file(dest), "package": str(root), "target": manifest.get("target"),
-            "passed": manifest.get("passed")}
+            "sha256": sha256_file(dest), "package": str(root), "target": pkg.header.get("target"),
+            "passed": pkg.header.get("passed")}
 
 
 def _format_for(out: str | Path | None, fmt: str | None) -> str:
@@ -214,22 +214,22 @@ def _package_files(root: Path) -> list[str]:
     return sorted(files)
 
 
-def _check_against_manifest(root: Path, manifest: dict[str, Any], hashes: dict[str, str]) -> None:
+def _check_against_manifest(root: Path, pkg: Package, hashes: dict[str, str]) -> None:
     """Refuse to seal a folder whose artifacts changed after the build: the archive would certify them."""
-    for a in manifest.get("artifacts", []):
-        for f in a.get("files", []):
-            got = hashes.get(f["path"])
+    for a in pkg.records:
+        for f in a.files:
+            got = hashes.get(f.path)
             if got is None:
-                raise VerificationFailed(f"{root}: {f['path']} is in the manifest ({a['key']}) but not in the folder")
-            if got != f["sha256"]:
-                raise VerificationFailed(f"{root}: {f['path']} differs from the sha256 in its manifest "
-                                         f"({a['key']}): changed after the build?")
+                raise VerificationFailed(f"{root}: {f.path} is in the manifest ({a.key}) but not in the folder")
+            if got != f.sha256:
+                raise VerificationFailed(f"{root}: {f.path} differs from the sha256 in its manifest "
+                                         f"({a.key}): changed after the build?")
 
 
-def _build_time(manifest: dict[str, Any]) -> datetime:
+def _build_time(created: Any) -> datetime:
     """The build's own time, so archive timestamps mean something and stay fixed for one package."""
     try:
-        t = datetime.fromisoformat(str(manifest.get("created", "")).replace("Z", "+00:00"))
+        t = datetime.fromisoformat(str(created or "").replace("Z", "+00:00"))
         t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
     except ValueError:
         return _EPOCH_1980
@@ -266,17 +266,6 @@ def _write_tar_gz(raw: IO[bytes], entries: list[tuple[str, Path | bytes, int]], 
             ti.uname = ti.gname = ""
             with _open_entry(src) as f:
                 tf.addfile(ti, f)
-
-
-def _load_manifest_file(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-        validate_manifest(manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: not valid JSON ({e})") from None
-    except jsonschema.ValidationError as e:
-        raise BadInput(f"{path}: not a valid edgekit manifest ({e.message})") from None
-    return manifest
 
 
 # ---------------------------------------------------------------- reading
@@ -329,24 +318,25 @@ def sniff_format(path: Path) -> str:
     raise UnsafeArchive(f"{path.name}: not a zip or tar.gz archive")
 
 
-def verify_archive(archive: str | Path, limits: Limits | None = None, *, allow_rejected: bool = False) -> VerifyResult:
+def verify_archive(archive: str | Path, limits: ArchiveLimits | None = None, *,
+                   allow_rejected: bool = False) -> VerifyResult:
     """Check an archive without extracting it; raises UnsafeArchive / TamperedArchive."""
-    return _read(Path(archive), limits or Limits(), None, allow_rejected)
+    return _read(Path(archive), limits or ArchiveLimits(), None, allow_rejected)
 
 
-def extract_archive(archive: str | Path, dest: str | Path, limits: Limits | None = None, *,
+def extract_archive(archive: str | Path, dest: str | Path, limits: ArchiveLimits | None = None, *,
                     allow_rejected: bool = False, force: bool = False) -> VerifyResult:
     """Verify and extract in the same pass into a staging folder beside DEST, which becomes DEST only
     when everything checked out; a refused archive leaves nothing behind."""
     if Path(dest).exists() and not force:
         raise BadInput(f"{dest} exists; choose another DEST or pass --force to replace it")
     with Staging(dest, force=force, flag="DEST") as staging:
-        result = _read(Path(archive), limits or Limits(), staging.path, allow_rejected)
+        result = _read(Path(archive), limits or ArchiveLimits(), staging.path, allow_rejected)
         result.dest = staging.commit()
     return result
 
 
-def _read(archive: Path, limits: Limits, dest: Path | None, allow_rejected: bool) -> VerifyResult:
+def _read(archive: Path, limits: ArchiveLimits, dest: Path | None, allow_rejected: bool) -> VerifyResult:
     if not archive.is_file():
         raise BadInput(f"archive not found: {archive}")
     fmt = sniff_format(archive)
@@ -387,7 +377,7 @@ def _read(archive: Path, limits: Limits, dest: Path | None, allow_rejected: bool
     return result
 
 
-def _checked_name(label: str, e: _Entry, limits: Limits, seen: dict[str, str], dirs: set[str]) -> str | None:
+def _checked_name(label: str, e: _Entry, limits: ArchiveLimits, seen: dict[str, str], dirs: set[str]) -> str | None:
     """The entry's safe relative path (None: the root folder), after every check its header allows."""
     try:
         name = safe_name(e.raw_name)
@@ -427,7 +417,7 @@ def _check_collision(label: str, name: str, is_dir: bool, seen: dict[str, str], 
         dirs.add(key)
 
 
-def _consume(label: str, name: str, e: _Entry, limits: Limits, totals: _Totals, dest: Path | None,
+def _consume(label: str, name: str, e: _Entry, limits: ArchiveLimits, totals: _Totals, dest: Path | None,
              meta: dict[str, bytes]) -> str:
     """Read one member in chunks, counting as it inflates; hash it, and write it under dest."""
     h = hashlib.sha256()
@@ -474,7 +464,7 @@ def _consume(label: str, name: str, e: _Entry, limits: Limits, totals: _Totals, 
     return h.hexdigest()
 
 
-def _zip_entries(archive: Path, limits: Limits) -> Iterator[_Entry]:
+def _zip_entries(archive: Path, limits: ArchiveLimits) -> Iterator[_Entry]:
     label = archive.name
     _zip_precheck(archive, limits)
     with zipfile.ZipFile(archive) as zf:
@@ -499,7 +489,7 @@ def _zip_entries(archive: Path, limits: Limits) -> Iterator[_Entry]:
                          lambda n, c=info.compress_size: n / max(c, 1) if n > RATIO_FLOOR else None)
 
 
-def _zip_precheck(archive: Path, limits: Limits) -> None:
+def _zip_precheck(archive: Path, limits: ArchiveLimits) -> None:
     """Bound the entry count from the end record before zipfile parses the whole central directory
     into memory (millions of tiny entries are a memory bomb of their own)."""
     with open(archive, "rb") as f:
@@ -522,7 +512,7 @@ def _zip_no_overlap(label: str, infos: list[zipfile.ZipInfo]) -> None:
             raise UnsafeArchive(f"{label}: entries {name!r} and {nxt!r} overlap (a zip bomb?)")
 
 
-def _tar_entries(archive: Path, limits: Limits) -> Iterator[_Entry]:
+def _tar_entries(archive: Path, limits: ArchiveLimits) -> Iterator[_Entry]:
     label = archive.name
     stream_cap = limits.max_total_bytes + TAR_HEADER_ALLOWANCE * (1 + limits.max_entries // 64)
 
@@ -595,20 +585,20 @@ def _compare(label: str, hashes: dict[str, str], meta: dict[str, bytes],
             return problems, {}
         raise UnsafeArchive(f"{label}: no {MANIFEST} at the top: not an edgekit package archive")
     try:
-        manifest = json.loads(meta[MANIFEST])
-        validate_manifest(manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return [*problems, f"{MANIFEST} is not valid JSON ({e})"], {}
-    except jsonschema.ValidationError as e:
-        return [*problems, f"{MANIFEST} does not follow the manifest schema ({e.message})"], {}
-    for a in manifest["artifacts"]:
-        for f in a["files"]:
-            got = hashes.get(f["path"])
+        manifest = manifest_from_bytes(meta[MANIFEST])
+    except UnsafeInput:
+        raise  # a path that leaves the package: refused as unsafe (exit 2), not as a mismatch
+    except BadInput as e:  # not JSON, not a manifest, not its schema: the content does not match
+        return [*problems, str(e)], {}
+    pkg = Package(label, manifest)
+    for a in pkg.records:
+        for f in a.files:
+            got = hashes.get(f.path)
             if got is None:
-                problems.append(f"{f['path']} ({a['key']} in {MANIFEST}) is missing")
-            elif got != f["sha256"]:
-                problems.append(f"{f['path']}: sha256 differs from {MANIFEST} ({a['key']})")
-    if not manifest["passed"] and not allow_rejected:
+                problems.append(f"{f.path} ({a.key} in {MANIFEST}) is missing")
+            elif got != f.sha256:
+                problems.append(f"{f.path}: sha256 differs from {MANIFEST} ({a.key})")
+    if not pkg.passed and not allow_rejected:
         problems.append(f"{MANIFEST} says the build was rejected (passed=false); pass --allow-rejected to accept it")
     return problems, manifest
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,9 @@ import numpy as np
 
 from edgekit.backends.base import Artifact
 from edgekit.errors import BadInput
-from edgekit.ingest import sha256_file
-from edgekit.profiling.timing import Latency, ProfileSettings, where_local
+from edgekit.packaging.model import ArtifactRecord, Package, load_package
+from edgekit.profiling.side_by_side import SideBySide, paired_ratio, time_side_by_side
+from edgekit.profiling.timing import ProfileSettings
 
 SIDE_BY_SIDE = "side by side"  # re-measured now, on this host, in one interleaved run
 RECORDED = "recorded"  # the manifest's latency_ms, measured when (and where) the package was built or profiled
@@ -38,67 +37,13 @@ DEFAULT_MAX_COSINE_DROP = 0.001
 # ---------------------------------------------------------------- packages
 
 
-@dataclass
-class Package:
-    path: Path
-    manifest: dict[str, Any]
-    plan: dict[str, Any] | None  # plan.yaml as written in the package, when it has one
-
-    @property
-    def artifacts(self) -> dict[str, dict[str, Any]]:
-        return {a["key"]: a for a in self.manifest["artifacts"]}
+# Package and load_package live in packaging/model.py (the one loader); imported above, importable here.
 
 
-def load_package(path: str | Path) -> Package:
-    """A package folder: its manifest (checked loosely, so packages of older edgekit versions still
-    compare) and its plan.yaml. BadInput when it is not a package."""
-    from edgekit.packaging.manifest import check_package_files, schema_problem
-    from edgekit.untrusted import UnsafeInput, inside, load_json, load_yaml
-
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise BadInput(f"{path} is not an edgekit package (no manifest.json): give a folder written by `edgekit build`")
-    manifest = load_json(manifest_path, "manifest")
-    if not isinstance(manifest, dict) or not str(manifest.get("schema", "")).startswith("edgekit-manifest/") \
-            or not isinstance(manifest.get("artifacts"), list):
-        raise BadInput(f"{manifest_path} is not an edgekit manifest (no schema edgekit-manifest/N or artifacts list)")
-    for a in manifest["artifacts"]:
-        if not isinstance(a, dict) or not {"key", "backend", "precision", "entry", "files", "bytes"} <= set(a):
-            raise BadInput(f"{manifest_path}: an artifact lacks key/backend/precision/entry/files/bytes")
-    check_package_files(path, manifest)  # every path stays inside the package, links included
-    # Wrong types crash every reader: refused. Missing fields are not: packages of older versions still compare.
-    problem = schema_problem(manifest, missing_too=False)
-    if problem:
-        raise BadInput(f"{manifest_path} does not match the manifest schema ({problem}): the package is damaged "
-                       "or was not written by edgekit")
-    plan = None
-    plan_path = inside(path, str(manifest.get("plan") or "plan.yaml"), "manifest.json plan")
-    if plan_path.is_file():
-        try:
-            loaded = load_yaml(plan_path, "plan")
-            plan = loaded if isinstance(loaded, dict) else None
-        except UnsafeInput:
-            raise
-        except BadInput:
-            plan = None  # the plan is context for the comparison, never a reason to refuse it
-    return Package(path, manifest, plan)
-
-
-def artifact_of(package: Package, record: dict[str, Any], check_sha256: bool = True) -> Artifact:
-    """The Artifact a backend loads, rebuilt from the manifest (root = the artifact's folder in the
-    package); files that are missing or (with check_sha256) differ from the manifest are refused, as their
-    figures would describe other files. `edgekit debug` looks at edited artifacts on purpose: it passes False."""
-    folder = Path(record["entry"]).parent
-    for f in record["files"]:
-        p = package.path / f["path"]
-        if not p.is_file():
-            raise BadInput(f"{package.path}: {record['key']} file {f['path']} is missing")
-        if check_sha256 and f.get("sha256") and sha256_file(p) != f["sha256"]:
-            raise BadInput(f"{package.path}: {f['path']} does not match its sha256 in manifest.json")
-    return Artifact(record["backend"], record["precision"], str(package.path / folder),
-                    [str(Path(f["path"]).relative_to(folder)) for f in record["files"]],
-                    str(Path(record["entry"]).relative_to(folder)), dict(record.get("details") or {}))
+def artifact_of(package: Package, record: ArtifactRecord | dict[str, Any], check_sha256: bool = True) -> Artifact:
+    """The Artifact a backend loads, rebuilt from the package's record (ArtifactRecord.to_artifact)."""
+    rec = record if isinstance(record, ArtifactRecord) else ArtifactRecord.from_dict(record)
+    return rec.to_artifact(package.path, check_sha256)
 
 
 def feeds_of(manifest: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -135,109 +80,6 @@ def default_threads(*packages: Package) -> int:
             if isinstance(lat, dict) and str(lat.get("where", "")).startswith("local:") and lat.get("threads"):
                 return max(1, min(int(lat["threads"]), cores))
     return cores
-
-
-# ---------------------------------------------------------------- timing side by side
-
-
-class _OwnFeeds:
-    """A session that always runs its own package's inputs: one interleaved run can then time
-    artifacts whose packages take different input shapes."""
-
-    def __init__(self, session: Any, feeds: dict[str, np.ndarray]) -> None:
-        self.session, self.feeds, self.threads = session, feeds, session.threads
-
-    def run(self) -> list[np.ndarray]:
-        return self.session.run(self.feeds)
-
-
-@dataclass
-class SideBySide:
-    """One interleaved run: each job's latency summary, and the median of each of its blocks per round
-    (in the same order for every job, so blocks of two jobs in one round can be paired)."""
-
-    latency: dict[str, Latency]
-    rounds: dict[str, list[float]]
-
-
-def time_side_by_side(groups: list[dict[str, tuple[Artifact, dict[str, np.ndarray]]]], settings: ProfileSettings,
-                      threads: int) -> SideBySide:
-    """Interleaved timing of every job in one fresh process (as profile.time_artifacts: the caller's
-    memory and threads stay out, backends may set process-wide pools). Jobs of one group (the two
-    packages' builds of one artifact) run back to back in each round, in alternating order."""
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_child_time, (groups, settings, threads))
-
-
-def _child_time(groups: list[dict[str, tuple[Artifact, dict[str, np.ndarray]]]], settings: ProfileSettings,
-                threads: int) -> SideBySide:
-    from edgekit import backends
-
-    used = {a.backend: backends.get_installed(a.backend) for g in groups for a, _ in g.values()}
-    for backend in used.values():
-        backend.prepare_timing_process(threads)
-    sessions = [{k: _OwnFeeds(used[a.backend].load(a, threads), feeds) for k, (a, feeds) in g.items()}
-                for g in groups]
-    return _rounds(sessions, settings)
-
-
-def _rounds(groups: list[dict[str, _OwnFeeds]], settings: ProfileSettings) -> SideBySide:
-    """profile.interleaved's blocks and stopping rule, keeping every block's times: the ratio of two
-    artifacts is then taken per round, between blocks run milliseconds apart, so load that comes and
-    goes on a shared machine hits both sides of a pair rather than one (p50 ratios of identical OpenVINO
-    files ranged 0.8x-1.2x on 2 cores at load 7; ONNX Runtime's stayed within 1%)."""
-    sessions = {k: s for g in groups for k, s in g.items()}
-    for _ in range(settings.warmup_runs):
-        for s in sessions.values():
-            s.run()
-    block = max(1, min(settings.block, settings.min_runs // 4))
-    skip = settings.block_skip if block > 1 else 0
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    rounds: dict[str, list[float]] = {k: [] for k in sessions}
-    spent = dict.fromkeys(sessions, 0.0)
-    rnd = 0
-    while True:
-        shift = rnd % len(groups)
-        for g in groups[shift:] + groups[:shift]:  # rotate the groups, alternate the order inside each
-            for k in (list(g) if rnd % 2 == 0 else list(g)[::-1]):
-                ms = []
-                for i in range(skip + block):
-                    t0 = time.perf_counter()
-                    sessions[k].run()
-                    dt = time.perf_counter() - t0
-                    if i >= skip:
-                        ms.append(dt * 1e3)
-                        spent[k] += dt
-                times[k] += ms
-                rounds[k].append(float(np.median(ms)))
-        rnd += 1
-        runs = min(len(v) for v in times.values())
-        enough = runs >= settings.min_runs and min(spent.values()) >= settings.seconds and rnd >= PAIRED_ROUNDS
-        if enough or runs >= settings.max_runs:
-            break
-    where = where_local()
-    return SideBySide({k: _summary(v, sessions[k].threads, where) for k, v in times.items()}, rounds)
-
-
-def _summary(ms: list[float], threads: int, where: str) -> Latency:
-    a = np.asarray(ms)
-    p50, p90, p99 = (round(float(np.percentile(a, q)), 4) for q in (50, 90, 99))
-    return Latency(p50, p90, p99, round(float(a.mean()), 4), round(float(a.min()), 4), len(a), threads, where)
-
-
-PAIRED_ROUNDS = 10  # rounds at least: the paired ratio's bootstrap interval needs some (none under 5)
-
-
-def paired_ratio(rounds_a: list[float], rounds_b: list[float]) -> dict[str, Any]:
-    """Median over rounds of B's block median / A's, with a 95% bootstrap interval of that median
-    (seeded: the same times give the same interval); no interval from fewer than 5 rounds."""
-    r = np.asarray(rounds_b) / np.asarray(rounds_a)
-    out: dict[str, Any] = {"ratio": round(float(np.median(r)), 4), "rounds": len(r), "low": None, "high": None}
-    if len(r) >= 5:
-        idx = np.random.default_rng(0).integers(0, len(r), (2000, len(r)))
-        lo, hi = np.percentile(np.median(r[idx], axis=1), [2.5, 97.5])
-        out["low"], out["high"] = round(float(lo), 4), round(float(hi), 4)
-    return out
 
 
 # ---------------------------------------------------------------- comparison
@@ -494,14 +336,14 @@ def parse_percent(text: str) -> float:
 
 
 @dataclass
-class Limits:
+class RegressionLimits:
     latency: float  # largest p50 increase accepted, as a fraction (0.05: 5%)
     accuracy_points: float  # largest accuracy drop accepted, percentage points
     size: float | None = None  # largest bytes increase accepted, as a fraction; None: not checked
     cosine: float = DEFAULT_MAX_COSINE_DROP  # without labels: largest drop of the worst-output cosine
 
 
-def check(package: str | Path, baseline: str | Path, limits: Limits, opts: CompareOptions | None = None
+def check(package: str | Path, baseline: str | Path, limits: RegressionLimits, opts: CompareOptions | None = None
           ) -> dict[str, Any]:
     """`edgekit check`: compare(baseline, new) and the gate's checks; `passed` is False when the new
     package is worse on any matched artifact."""
@@ -521,7 +363,7 @@ def check(package: str | Path, baseline: str | Path, limits: Limits, opts: Compa
             "comparison": comparison, "new": new.path, "baseline": base.path}
 
 
-def gate(comparison: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
+def gate(comparison: dict[str, Any], limits: RegressionLimits) -> list[dict[str, Any]]:
     """The checks of `edgekit check` on compare(baseline, new): one dict per artifact and figure, with
     the limit, the figure, and status PASS, FAIL or n/a (not comparable; never fails the gate)."""
     checks: list[dict[str, Any]] = []
@@ -552,7 +394,7 @@ def gate(comparison: dict[str, Any], limits: Limits) -> list[dict[str, Any]]:
     return checks
 
 
-def _latency_check(row: dict[str, Any], limits: Limits, add: Any) -> None:
+def _latency_check(row: dict[str, Any], limits: RegressionLimits, add: Any) -> None:
     lat, k, limit = row["latency"], row["key"], f"<= +{limits.latency:.1%}"
     r = lat.get("p50_ratio")
     if r is None:
@@ -578,7 +420,7 @@ def _latency_check(row: dict[str, Any], limits: Limits, add: Any) -> None:
     add(k, "latency p50", limit, figure, "FAIL" if worse else "PASS", est)
 
 
-def _accuracy_check(row: dict[str, Any], limits: Limits, add: Any, other_data: bool) -> None:
+def _accuracy_check(row: dict[str, Any], limits: RegressionLimits, add: Any, other_data: bool) -> None:
     k, acc, cos = row["key"], row["accuracy"], row["cosine"]
     caveat = "the packages were validated on different data" if other_data else ""
     if acc["a"] is not None and acc["b"] is not None:

@@ -1,7 +1,9 @@
 """Package: DIR/ with the artifacts, manifest.json (schema docs/manifest.md) and report.md.
 
 Everything is written into a hidden staging folder next to DIR and moved into place only when
-complete, so a failed build leaves no DIR (or the previous DIR untouched).
+complete, so a failed build leaves no DIR (or the previous DIR untouched). Here: the schema and the
+path rules a manifest is held to, file records, write_json, and report.md. Reading a package (the
+typed records and the one loader) is packaging/model.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jsonschema
 
 from edgekit.ingest import sha256_file
 from edgekit.jsonable import strict_jsonable as _jsonable
+from edgekit.verify.metrics import describe_slice
 
 MANIFEST_SCHEMA_ID = "edgekit-manifest/1"
 
@@ -116,8 +119,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -193,8 +194,6 @@ def render_report(manifest: dict[str, Any]) -> str:
             lines.append(f"  - {label}: `{d['node']}` ({d['op_type']}), cosine {d['cosine']:.4f}, "
                          f"SNR {d['snr_db']:.1f} dB; inputs from {', '.join(d['inputs_from']) or 'the model input'}; "
                          f"per-layer table in `debug/{a['key']}.json`")
-        from edgekit.verify.verifier import describe_slice
-
         for o in v["outputs"]:
             lines.append(f"  - `{o['name']}`: cosine {o['cosine']:.5f} (worst sample {o['cosine_worst_sample']:.5f}), "
                          f"SNR {o['snr_db']:.1f} dB, max |err| {o['max_abs_error']:.4g}"

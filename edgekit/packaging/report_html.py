@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
+from edgekit.errors import BadInput
 from edgekit.packaging.manifest import artifact_rows
 from edgekit.packaging.report_svg import (
+    CSS,
+    JS,
     PRECISION_COLORS,
     TOP_LAYERS,
     Point,
@@ -231,11 +233,16 @@ def _layers_section(m: dict[str, Any]) -> str:
 
 def _debug_table(package_dir: Path | None, key: str) -> str:
     """The per-layer agreement table a rejected artifact leaves in debug/KEY.json (edgekit/verify/localise.py)."""
-    path = package_dir / "debug" / f"{key}.json" if package_dir else None
+    from edgekit.untrusted import inside, load_json
+
+    try:  # the key is the manifest's: the file it names must stay inside the package
+        path = inside(package_dir, f"debug/{key}.json", "per-layer table") if package_dir else None
+    except BadInput as e:
+        return f"<p class=note>debug/{esc(key)}.json could not be read: {esc(e)}</p>"
     if path is None or not path.is_file():
         return f"<p class=note>No per-layer table (debug/{esc(key)}.json) in this package.</p>"
     try:
-        loc = json.loads(path.read_text())
+        loc = load_json(path, "per-layer table")  # bounded, as every file a package hands edgekit
         first = (loc.get("first_divergence") or {}).get("tensor")
         thr = float(loc.get("threshold", 0.99))
         rows, cls = [], []
@@ -243,7 +250,7 @@ def _debug_table(package_dir: Path | None, key: str) -> str:
             rows.append([esc(la["node"]), esc(la["op_type"]), esc(la["tensor"]), esc(la["matched_by"]),
                          f"{la['cosine']:.5f}", f"{la['snr_db']:.1f}", f"{la['max_abs_error']:.4g}"])
             cls.append("first" if la["tensor"] == first else "below" if la["cosine"] < thr else "")
-    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged file must not cost the whole report
+    except (BadInput, OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # damaged: not the whole report
         return f"<p class=note>debug/{esc(key)}.json could not be read: {esc(e)}</p>"
     return (f"<p class=note>Layer by layer against the FP32 reference ({loc.get('compared')} matched tensors, "
             f"threshold cosine {thr}); the first diverging layer is highlighted.</p><div class=scroll>"
@@ -421,70 +428,6 @@ def _environment_section(m: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- page
-
-CSS = """
-:root{--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--panel:#f6f8fa;--ok:#1a7f37;--bad:#cf222e}
-*{box-sizing:border-box}html{scroll-behavior:smooth}
-body{margin:0;color:var(--fg);background:#fff;font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,
-"Helvetica Neue",Arial,sans-serif;-webkit-font-smoothing:antialiased}
-header{border-bottom:1px solid var(--line);background:var(--panel)}
-.wrap{max-width:1160px;margin:0 auto;padding:0 28px}
-header .wrap{padding-top:22px;padding-bottom:14px}
-h1{font-size:24px;font-weight:650;margin:0 0 2px;letter-spacing:-.01em}
-.sub{color:var(--muted);font-size:13px}
-nav{display:flex;gap:18px;margin-top:12px;font-size:13px;flex-wrap:wrap}
-nav a{color:var(--muted);text-decoration:none}nav a:hover{color:var(--fg)}
-h2{font-size:18px;font-weight:650;margin:40px 0 14px;padding-bottom:6px;border-bottom:1px solid var(--line)}
-h3{font-size:14px;font-weight:650;margin:22px 0 8px}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(120px,1fr));gap:10px}
-.card{border:1px solid var(--line);border-radius:8px;padding:10px 14px}
-.card .k{font-size:11px;text-transform:uppercase;letter-spacing:.05em;color:var(--muted)}
-.card .v{font-size:21px;font-weight:650;font-variant-numeric:tabular-nums;overflow-wrap:break-word;line-height:1.35}
-.card .v.sm{font-size:16px;padding:3px 0 2px}.card .s{font-size:12px;color:var(--muted)}
-.cards.four{grid-template-columns:repeat(4,1fr)}.card.wide{grid-column:span 2}
-.card.ok{border-color:#4ac26b;background:#f0fff4}.card.bad{border-color:#ff8182;background:#fff5f5}
-.card.ok .v{color:var(--ok)}.card.bad .v{color:var(--bad)}
-table{border-collapse:collapse;width:100%;font-size:13px;font-variant-numeric:tabular-nums}
-th,td{padding:5px 9px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
-thead th{background:var(--panel);font-weight:600;position:sticky;top:0;white-space:nowrap}
-.n{text-align:right}table.sortable thead th{cursor:pointer}
-th[aria-sort=ascending]::after{content:" ▲";font-size:9px}th[aria-sort=descending]::after{content:" ▼";font-size:9px}
-td:first-child{white-space:nowrap}td:last-child{overflow-wrap:anywhere}
-tr.bad td,tr.below td,p.bad{color:var(--bad)}tr.dim td{color:var(--muted)}
-tr.first td{background:#ffebe9;color:var(--bad);font-weight:650}
-table.kv th{width:120px;color:var(--muted);font-weight:500;background:none;position:static}
-.scroll{max-height:460px;overflow:auto;border:1px solid var(--line);border-radius:6px;margin-top:6px}
-.hscroll{overflow-x:auto}
-.dot{display:inline-block;width:10px;height:10px;border-radius:50%;margin-right:7px}
-.badge{display:inline-block;padding:0 8px;border-radius:10px;font-size:12px;font-weight:600}
-.badge.ok{background:#dafbe1;color:var(--ok)}.badge.bad{background:#ffebe9;color:var(--bad)}
-.ok{color:var(--ok)}.bad{color:var(--bad)}
-.note,figcaption{color:var(--muted);font-size:12.5px}figure{margin:0}
-.chip{display:inline-block;padding:0 7px;border-radius:4px;font-size:12px;margin:0 2px}
-.chips span{display:inline-block;background:var(--panel);border:1px solid var(--line);border-radius:4px;
-padding:0 6px;margin:2px;font-size:11.5px}
-.cols{display:grid;grid-template-columns:1fr 1fr;gap:28px}
-@media (max-width:860px){.cols,.cards.four{grid-template-columns:1fr 1fr}}
-code,pre{font:12px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
-pre{background:var(--panel);border:1px solid var(--line);padding:10px 12px;border-radius:6px;white-space:pre-wrap;
-word-break:break-all}
-details summary{cursor:pointer;color:var(--muted);margin-top:10px}
-svg{display:block;max-width:100%;height:auto}svg text{font-family:inherit}
-.tick{font-size:11px;fill:#424a53}.axis{font-size:12px;font-weight:600;fill:#1f2328}.plabel{font-size:11px;fill:#1f2328}
-.dim{fill:#8c959f}.hscroll svg{max-width:none}
-footer{color:var(--muted);font-size:12px;margin:48px 0 24px}
-"""
-# Progressive enhancement only: click a header to sort. Without it every table is still complete.
-JS = """document.querySelectorAll("table.sortable").forEach(function(t){var hs=t.tHead.rows[0].cells;
-Array.prototype.forEach.call(hs,function(th,i){th.addEventListener("click",function(){
-var up=th.getAttribute("aria-sort")!=="ascending",b=t.tBodies[0],rs=Array.prototype.slice.call(b.rows);
-var key=function(r){var s=r.cells[i]?r.cells[i].textContent.trim():"",v=parseFloat(s.replace(/[, %×x]/g,""));
-return isNaN(v)||!/^[-+.0-9]/.test(s)?s:v;};
-rs.sort(function(p,q){var a=key(p),c=key(q);if(typeof a!==typeof c){return typeof a==="number"?-1:1;}
-return (a<c?-1:a>c?1:0)*(up?1:-1);});rs.forEach(function(r){b.appendChild(r);});
-Array.prototype.forEach.call(hs,function(h){h.removeAttribute("aria-sort");});
-th.setAttribute("aria-sort",up?"ascending":"descending");});});});"""
-
 
 def render_html(manifest: dict[str, Any], package_dir: Path | None = None) -> str:
     """The whole page. package_dir (the package folder) lets it include debug/KEY.json tables."""

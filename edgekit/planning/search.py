@@ -25,10 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.backends.base import Artifact
 from edgekit.console import note
+from edgekit.data import DataSplit
 from edgekit.errors import BadInput
-from edgekit.ingest import ModelSpec, ingest, parse_input_shapes
-from edgekit.pipeline.build import BuildOptions, build
+from edgekit.ingest import ModelSpec
+from edgekit.pipeline.evaluate import Evaluation, evaluate
+from edgekit.pipeline.options import BuildOptions
+from edgekit.pipeline.stages import CachedStages
 from edgekit.planning.types import ArtifactPlan, Plan
 from edgekit.profiling.costmodel import CostModel, LayerFeatures, manifest_points
 from edgekit.targets import Target, load_target
@@ -93,12 +97,16 @@ class Candidate:
 
 @dataclass
 class _Round:
-    """One build of candidates: its manifest, plans, and how its timings map onto the first build's."""
+    """One evaluation of candidates (in memory, never read back from files): its manifest record, plans,
+    artifacts, and how its timings map onto the first round's."""
 
     manifest: dict[str, Any]
     plans: dict[str, ArtifactPlan]
     spec: ModelSpec  # the model given to the planner (a pruned round's own model is in manifest["layers"])
-    path: Path  # the scratch package
+    path: Path  # the scratch folder holding the round's artifacts
+    artifacts: dict[str, Artifact]
+    data: DataSplit
+    evaluation: Evaluation
     prune_ratio: float = 0.0
     compress: dict[str, Any] | None = None
     latency_scale: float = 1.0
@@ -120,17 +128,18 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path, prune: Pru
     dev = _device(device, target)
     model = CostModel.for_target(target)
     with tempfile.TemporaryDirectory(prefix="edgekit-plan-") as tmp:
-        # strict: the scratch package keeps every candidate, the rejected ones too (the table shows them)
+        # strict: the round keeps every candidate, the rejected ones too (the table shows them)
         trial = dataclasses.replace(opts, out=str(Path(tmp) / "candidates"), backend=opts.backend or "all",
                                     precisions=opts.precisions or ["all"], force=True, plan=None, strict=True)
         trial.thresholds = dataclasses.replace(opts.thresholds, max_accuracy_drop=budgets.max_accuracy_drop)
         note("planner: building, verifying and timing every candidate")
-        base = _base_round(trial, Path(tmp))
+        stages = CachedStages(trial)
+        base = _base_round(trial, target, Path(tmp), stages)
         if target.is_host:  # each backend's FP32 build was timed here: the host's model fits them first
             model.add_points(manifest_points(base.manifest))
         rounds = [base]
         for ratio in (prune.ratios if prune else []):
-            rounds.append(_pruned_round(trial, prune, ratio, base, Path(tmp)))  # type: ignore[arg-type]
+            rounds.append(_pruned_round(trial, target, prune, ratio, base, Path(tmp), stages))  # type: ignore[arg-type]
         if dev is not None:
             for r in rounds:
                 _measure_on_device(r, dev, opts)
@@ -140,7 +149,7 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path, prune: Pru
             for c in _candidates(r, target, model, budgets, original_accuracy):
                 candidates.append(c)
                 sources[c.key] = (r, _plain_key(c.key))
-        _playoff(candidates, sources, opts)
+        _playoff(candidates, sources, opts, base)
     ok = [c for c in candidates if c.verdict == "ok"]
     if not ok:
         raise BadInput("no candidate meets the budgets: " + "; ".join(f"{c.key}: {c.reason}" for c in candidates))
@@ -211,51 +220,58 @@ def _why(chosen: Candidate, ok: list[Candidate], what: str, extra: str) -> str:
 # ---------------------------------------------------------------- rounds of candidates
 
 
-def _base_round(trial: BuildOptions, tmp: Path) -> _Round:
+def _evaluate(trial: BuildOptions, target: Target, folder: Path, stages: CachedStages) -> Evaluation:
+    """One round of candidates evaluated in memory (the build's own candidate path), artifacts in `folder`."""
+    folder.mkdir(parents=True)
+    work = folder.with_name(folder.name + "-work")
+    work.mkdir()
+    return evaluate(trial, target, folder, folder, work, stages)
+
+
+def _round(ev: Evaluation, spec: ModelSpec, folder: Path, **extra: Any) -> _Round:
+    plans = {f"{ap.backend}-{ap.precision}": ap for ap in ev.plan.artifacts}
+    return _Round(ev.manifest, plans, spec, folder, {a.key: a for a in ev.artifacts}, ev.data, ev, **extra)
+
+
+def _base_round(trial: BuildOptions, target: Target, tmp: Path, stages: CachedStages) -> _Round:
     """Every candidate built, verified (an INT8 one that misses the thresholds recovered by the build's own
-    ladder: retries, then the fewest sensitive layers in float) and timed in one build."""
-    result = build(trial)
-    spec = ingest(trial.model, tmp / "spec", parse_input_shapes(trial.input_shapes), trial.weights)
-    tried = Plan.load(result.path / "plan.yaml")
-    plans = {f"{ap.backend}-{ap.precision}": ap for ap in tried.artifacts}
-    return _Round(result.manifest, plans, spec, result.path, sensitivity=tried.sensitivity)
+    ladder: retries, then the fewest sensitive layers in float) and timed in one evaluation."""
+    folder = tmp / "candidates"
+    ev = _evaluate(trial, target, folder, stages)
+    return _round(ev, ev.spec, folder, sensitivity=ev.plan.sensitivity)
 
 
-def _pruned_round(trial: BuildOptions, prune: PruneSearch, ratio: float, base: _Round, tmp: Path) -> _Round:
+def _pruned_round(trial: BuildOptions, target: Target, prune: PruneSearch, ratio: float, base: _Round, tmp: Path,
+                  stages: CachedStages) -> _Round:
     from edgekit.compress.stage import CompressOptions
 
-    target = load_target(trial.target)
     # One rounding for every precision of the candidates: the largest multiple the target asks for.
     round_to = max(target.channel_multiple.values()) if target.channel_multiple else None
     layer_ratios: dict[str, float] = {}
     if prune.by_sensitivity:
         from edgekit.compress.group_sensitivity import group_sensitivity, ratios_from_sensitivity
-        from edgekit.data import Preprocess, prepare_data
 
-        preprocess = Preprocess.from_file(trial.preprocess) if trial.preprocess else None
-        data = prepare_data(base.spec, trial.calib, trial.val, preprocess, trial.calib_samples, trial.val_samples)
-        groups = group_sensitivity(base.spec, data.validation, ratio, prune.importance)
+        groups = group_sensitivity(base.spec, base.data.validation, ratio, prune.importance)
         layer_ratios = ratios_from_sensitivity(groups, ratio)
     compress = CompressOptions(prune=ratio, importance=prune.importance, round_to=round_to,
                                layer_ratios=layer_ratios, distill=True, train=prune.train or trial.calib,
                                train_from_calibration=prune.train is None,
                                epochs=prune.epochs, time_budget_s=prune.time_budget_s, finetune_baseline=False)
     note(f"planner: pruning {ratio:.0%} of channels (per-group ratios by sensitivity), distilling, building")
-    result = build(dataclasses.replace(trial, out=str(tmp / f"pruned-{ratio}"), compress=compress))
-    tried = Plan.load(result.path / "plan.yaml")
-    m = result.manifest
+    folder = tmp / f"pruned-{ratio}"
+    ev = _evaluate(dataclasses.replace(trial, out=str(folder), compress=compress), target, folder, stages)
+    m = ev.manifest
     # The original model was timed in this build's rounds too: scale onto the first build's rounds.
     original_here = m["compression"]["latency_before_ms"]["p50"]
     original_base = base.manifest["reference"]["latency_ms"]["p50"]
     scale = original_base / original_here if original_here else 1.0
-    return _Round(m, {f"{ap.backend}-{ap.precision}": ap for ap in tried.artifacts}, base.spec, result.path,
-                  ratio, asdict(compress), scale)
+    return _round(ev, base.spec, folder, prune_ratio=ratio, compress=asdict(compress), latency_scale=scale)
 
 
-def _playoff(candidates: list[Candidate], sources: dict[str, tuple[_Round, str]], opts: BuildOptions) -> None:
+def _playoff(candidates: list[Candidate], sources: dict[str, tuple[_Round, str]], opts: BuildOptions,
+             base: _Round) -> None:
     """The candidates measured here within PLAYOFF_MARGIN of the fastest are timed again, longer, in one
     interleaved run of their own: a fast model's ranking from the short first rounds is mostly noise."""
-    from edgekit.packaging.compare import Package, artifact_of, feeds_of
     from edgekit.profiling.timing import ProfileSettings, time_artifacts
 
     here = [c for c in candidates if c.verdict == "ok" and c.measured_ms is not None and c.where.startswith("local:")]
@@ -265,13 +281,13 @@ def _playoff(candidates: list[Candidate], sources: dict[str, tuple[_Round, str]]
     finalists = [c for c in here if c.latency_ms <= best * (1 + PLAYOFF_MARGIN)]
     if len(finalists) < 2:
         return
-    arts, threads, feeds = {}, 1, None
+    arts, threads = {}, 1
     for c in finalists:
         r, key = sources[c.key]
         record = next(a for a in r.manifest["artifacts"] if a["key"] == key)
-        arts[c.key] = artifact_of(Package(r.path, r.manifest, None), record)
+        arts[c.key] = r.artifacts[key]
         threads = max(threads, int((record.get("latency_ms") or {}).get("threads") or 1))
-        feeds = feeds if feeds is not None else feeds_of(r.manifest)
+    feeds = base.data.validation.batches(base.spec)[0]  # what the rounds were timed on
     settings = ProfileSettings(seconds=max(2 * opts.profile.seconds, 3.0), min_runs=max(opts.profile.min_runs, 200))
     note(f"planner: {len(finalists)} candidates within {PLAYOFF_MARGIN:.0%} of the fastest: timing them again, "
          f"longer, side by side")
@@ -288,15 +304,18 @@ def _playoff(candidates: list[Candidate], sources: dict[str, tuple[_Round, str]]
 
 
 def _measure_on_device(r: _Round, device: Any, opts: BuildOptions) -> None:
-    """Time the round's candidate package on the device; its latencies become the measurements
-    (profile_package writes them into the package's manifest as latency_ms, where: ssh://...)."""
-    import json
-
+    """Time the round's candidates on the device; its latencies become the measurements (latency_ms,
+    where: ssh://...). The device runner reads a package, so the round is written as one first."""
+    from edgekit.packaging.model import Package
+    from edgekit.pipeline.assemble import write_package
     from edgekit.profiling.device import RemoteSettings, profile_package
 
     note(f"planner: measuring {len(r.manifest['artifacts'])} candidates on {device.name}")
-    profile_package(r.path, device, RemoteSettings(seconds=opts.profile.seconds, min_runs=opts.profile.min_runs))
-    r.manifest = json.loads((r.path / "manifest.json").read_text())
+    write_package(r.path, r.manifest, r.evaluation.plan, r.evaluation.preprocess)
+    latencies = profile_package(r.path, device, RemoteSettings(seconds=opts.profile.seconds,
+                                                               min_runs=opts.profile.min_runs))
+    # as profile_package recorded them in the package's manifest
+    r.manifest = Package(r.path, r.manifest).with_device_latencies(latencies).to_dict()
 
 
 def _device(name: str | None, target: Target) -> Any:

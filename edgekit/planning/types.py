@@ -1,7 +1,7 @@
 """Plan: what to build for a target: backend, precision, quantization settings, and why.
 
-A Plan round-trips through YAML so it can be read, edited and applied later. This module holds
-the default planner (rules from the target description); the measuring planner builds on it.
+A Plan round-trips through YAML so it can be read, edited and applied later. Types only: the default
+plan (the target's rules) is made in planning/select.py, the measured search in planning/search.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ from typing import Any
 import yaml
 
 from edgekit.errors import BadInput
-from edgekit.ingest import ModelSpec
-from edgekit.quantize.attention import looks_like_transformer
-from edgekit.targets import Target
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -128,72 +125,3 @@ def _check_artifact_plan(ap: ArtifactPlan, where: str) -> None:
     drop = ap.options.get("max_accuracy_drop")
     if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or drop < 0):
         raise BadInput(f"{where}.options.max_accuracy_drop must be a non-negative number, got {drop!r}")
-
-
-def default_plan(
-    spec: ModelSpec,
-    target: Target,
-    backend: str,
-    precisions: list[str],
-    method: str = "minmax",
-    calib_samples: int = 300,
-    exclude_nodes: list[str] | None = None,
-    backend_requests: dict[str, Any] | None = None,
-) -> Plan:
-    """One artifact per requested precision, with settings the target's hardware calls for."""
-    if method not in CALIBRATION_METHODS:
-        raise BadInput(f"unknown calibration method '{method}'; use one of {', '.join(CALIBRATION_METHODS)}")
-    from edgekit import backends
-
-    owner = backends.get(backend)
-    options = owner.plan_options(target, backend_requests)
-    artifacts = []
-    for precision in precisions:
-        ap = ArtifactPlan(backend=backend, precision=precision, options=dict(options))
-        if precision == "int8":
-            q = QuantizationSettings(method=method, samples=calib_samples, exclude_nodes=list(exclude_nodes or []))
-            x86 = target.cpu.get("arch") == "x86_64"
-            vnni = any(target.has_isa(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-            if x86 and not vnni and target.kind == "cpu" and owner.int8_reduce_range:
-                q.reduce_range = True
-                ap.reasons.append("x86 CPU without VNNI: 7-bit weights (ORT reduce_range, NNCF overflow_fix) "
-                                  "avoid u8*s8 saturation")
-            if owner.int8_symmetric_only:
-                q.symmetric_activations = True
-                ap.reasons.append(f"{backend} takes symmetric INT8 only")
-            ap.reasons.append(f"INT8 static Q/DQ, per-channel weights, {method} calibration on {calib_samples} samples")
-            attention = looks_like_transformer(spec.load())
-            if attention is not None and q.model_type is None:
-                q.model_type = "transformer"
-                ap.reasons.append(f"transformer recipe ({attention}): the attention MatMuls stay in float "
-                                  "(NNCF model_type=transformer, ONNX Runtime MatMulConstBOnly)")
-            head = _detector_head(spec, backend) if (backend_requests or {}).get("detector_head", True) else None
-            if head is not None:  # one INT8 scale for pixels and 0-1 scores wipes the scores out
-                why, nodes = head
-                auto = [n for n in nodes if n not in q.exclude_nodes]
-                q.exclude_nodes = list(dict.fromkeys([*q.exclude_nodes, *nodes]))
-                ap.options["detector_head_nodes"] = auto  # found automatically: lenient where a backend fused one
-                shown = ", ".join(nodes[:4]) + (f", … ({len(nodes) - 4} more)" if len(nodes) > 4 else "")
-                ap.reasons.append(f"detector head kept in float ({len(nodes)} nodes: {shown}): {why}; "
-                                  "--no-detector-head quantizes it too")
-            ap.quantization = q
-        elif precision == "fp16":
-            ap.keep_fp32 = list(exclude_nodes or [])  # --exclude-node: kept in float at any precision
-            ap.reasons.append("FP16 weights and compute; layers whose weights leave the FP16 range stay FP32")
-        else:
-            ap.reasons.append("FP32 reference precision")
-        artifacts.append(ap)
-    return Plan(target=target.name, model_sha256=spec.sha256, artifacts=artifacts,
-                reasons=[f"backend {backend}: first of {target.name}'s backends usable here"])
-
-
-def _detector_head(spec: ModelSpec, backend: str) -> tuple[str, list[str]] | None:
-    """The detector head to keep in float in an INT8 artifact (edgekit.quantize.detection_head), or None. NCNN's
-    INT8 quantizes only weighted layers (the rest runs in float anyway): it gets the head's weighted ops."""
-    from edgekit.quantize.detection_head import WEIGHTED_OPS, detector_head
-
-    head = detector_head(spec)
-    if head is None or backend != "ncnn":
-        return head
-    weighted = {n.name for n in spec.load().graph.node if n.op_type in WEIGHTED_OPS}
-    return head[0], [n for n in head[1] if n in weighted]

@@ -26,10 +26,12 @@ from typing import Any
 
 from rich.markup import escape
 
+from edgekit import backends
+from edgekit.backends import Backend
 from edgekit.console import err, note
 from edgekit.errors import BackendUnavailable, BadInput, EdgekitError
-from edgekit.packaging.manifest import check_package_files, render_report, validate_manifest, write_json
-from edgekit.profiling.costmodel import cost_features
+from edgekit.packaging.manifest import render_report, validate_manifest, write_json
+from edgekit.profiling import store
 from edgekit.profiling.devices import (
     CONNECT_TIMEOUT_S,
     LEGACY_SCP,
@@ -39,7 +41,6 @@ from edgekit.profiling.devices import (
     StepTimedOut,
     _last_json_line,
     _last_line,
-    edgekit_home,
     missing_runtime,
     probe,
     python_command,
@@ -82,10 +83,15 @@ def _stop_function(grace_s: float = STOP_GRACE_S) -> str:
 
 @dataclass
 class RemoteSettings:
+    # The runner times the artifacts interleaved in blocks, as the host does (ProfileSettings, timed_rounds
+    # with per_job_seconds): the rounds stop once each artifact has min_runs and `seconds` of timed runs,
+    # or max_runs.
     seconds: float = 3.0  # timed seconds per artifact, at least
     min_runs: int = 50
     max_runs: int = 2000
     warmup_runs: int = 10
+    block: int = 25  # runs counted per block (ProfileSettings.block)
+    block_skip: int = 3  # runs discarded at the start of each block
     threads: int | None = None  # None: every core the device lets the runner use
     timeout: float | None = None  # the measuring step; None: estimated from the above and the artifacts
     connect_timeout: float = CONNECT_TIMEOUT_S
@@ -98,38 +104,17 @@ class RemoteSettings:
         return 60 + artifacts * (120 + 3 * self.seconds) + engine_builds * ENGINE_BUILD_S
 
 
-def profiles_root() -> Path:
-    """$EDGEKIT_PROFILES; else the repository's profiles/ when run inside the edgekit repository;
-    else $EDGEKIT_HOME/profiles."""
-    if os.environ.get("EDGEKIT_PROFILES"):
-        return Path(os.environ["EDGEKIT_PROFILES"])
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "profiles").is_dir() and (repo / "pyproject.toml").is_file() \
-            and Path.cwd().resolve().is_relative_to(repo):
-        return repo / "profiles"
-    return edgekit_home() / "profiles"
-
-
 def profile_path(device: Device, model_sha256: str, backend: str, precision: str) -> Path:
-    return profiles_root() / device.name / f"{device.target}-{model_sha256[:12]}-{backend}-{precision}.json"
+    """The profiles/ store's record of one artifact measured on the device."""
+    return store.record_path(device.name, device.target, model_sha256, backend, precision)
 
 
 def load_package(package_dir: str | Path) -> dict[str, Any]:
-    path = Path(package_dir) / "manifest.json"
-    if not path.is_file():
-        raise BadInput(f"{package_dir} is not an edgekit package (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-        validate_manifest(manifest)
-    except ValueError as e:
-        raise BadInput(f"{path}: not valid JSON ({e})") from None
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"{path}: not a valid edgekit manifest ({getattr(e, 'message', e)})") from None
-    # Only the package's own files travel to a device: no path, and no link, may lead out of it.
-    check_package_files(package_dir, manifest)
-    return manifest
+    """The package's manifest, complete (every field the schema requires: the runner reads them), through
+    the one loader; no path, and no link, may lead out of the package: only its own files travel."""
+    from edgekit.packaging.model import load_package as load
+
+    return load(package_dir, complete=True).manifest
 
 
 def select_artifacts(manifest: dict[str, Any], keys: list[str] | None) -> list[dict[str, Any]]:
@@ -157,7 +142,7 @@ def profile_package(package_dir: str | Path, device: Device, settings: RemoteSet
     if manifest["target"] != device.target:
         note(f"package built for {manifest['target']}, device {device.name} is a {device.target}")
     out = run_remote(package, device, arts, settings, engines_to_build(arts, facts))
-    latencies = _latencies(device, out)
+    latencies = _latencies(device, out, arts)
     record(package, manifest, device, arts, latencies, out, facts, settings)
     failed = out.get("errors") or {}
     if failed:
@@ -173,7 +158,8 @@ def engines_to_build(arts: list[dict[str, Any]], facts: dict[str, Any]) -> int:
     cached = set((facts.get("engine_cache") or {}).get("entries") or [])
     count = 0
     for a in arts:
-        if a["backend"] != "tensorrt":
+        backend = _backend(a["backend"])
+        if backend is None or not backend.needs_engine_build_on_device:
             continue
         sha = next((f["sha256"] for f in a["files"] if f["path"] == a.get("entry")), None)
         count += f"{sha}-{a['precision']}" not in cached
@@ -194,8 +180,8 @@ def run_remote(package: Path, device: Device, arts: list[dict[str, Any]], settin
     cleaned = False
     try:
         folders = sorted({(package / a["entry"]).parent for a in arts})
-        extra = [package / "build_engine.sh"] if any(a["backend"] == "tensorrt" for a in arts) \
-            and (package / "build_engine.sh").is_file() else []
+        wanted = (f for a in arts if (b := _backend(a["backend"])) for f in b.device_package_files)
+        extra = [package / f for f in dict.fromkeys(wanted) if (package / f).is_file()]
         sources = [package / "manifest.json", *folders, *extra]
         size = sum(f.stat().st_size for s in sources for f in ([s] if s.is_file() else s.rglob("*")) if f.is_file())
         note(f"copy {size / 1e6:.1f} MB to {device.name}:{remote_dir}")
@@ -228,6 +214,7 @@ def _wrapper(device: Device, remote_dir: str, arts: list[dict[str, Any]], settin
     # The folder's absolute path: the runner and build_engine.sh change directories.
     args = ["--package", remote_dir, "--seconds", f"{settings.seconds:g}", "--min-runs", str(settings.min_runs),
             "--max-runs", str(settings.max_runs), "--warmup", str(settings.warmup_runs),
+            "--block", str(settings.block), "--block-skip", str(settings.block_skip),
             "--deadline", f"{timeout + 10:g}"]  # a backstop for a lost connection; this side's timeout comes first
     if settings.threads:
         args += ["--threads", str(settings.threads)]
@@ -312,21 +299,24 @@ def _runner_result(device: Device, res: subprocess.CompletedProcess[bytes], time
                        f"{_last_line(stderr) or 'no message'}")
 
 
-def _latencies(device: Device, out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _backend(name: str) -> Backend | None:
+    return backends.get(name) if name in backends.names() else None
+
+
+def _latencies(device: Device, out: dict[str, Any], arts: list[dict[str, Any]] | None = None
+               ) -> dict[str, dict[str, Any]]:
+    """The runner's results as latency records; the artifact's backend may replace or add figures its
+    runtime's own tool reported (TensorRT: trtexec's GPU compute time). Without `arts`, each key names
+    its backend (BACKEND-PRECISION)."""
     cond = out.get("conditions") or {}
     fields = ("p50", "p90", "p99", "mean", "min", "runs", "threads")
+    backend_of = {a["key"]: a["backend"] for a in arts or []}
     latencies = {}
     for k, r in (out.get("results") or {}).items():
         rec = {**{f: r[f] for f in fields}, "where": device.where, "conditions": cond}
-        if r.get("trtexec_output"):  # TensorRT: GPU Compute Time from trtexec's summary is the model's cost
-            from edgekit.backends.tensorrt.backend import parse_trtexec
-
-            summary = parse_trtexec(r["trtexec_output"])
-            if summary.gpu_compute.get("median"):
-                rec.update({f: v for f, v in summary.to_latency_record(device.where).items()
-                            if f in ("p50", "p90", "p99", "mean", "min")})
-            rec["trtexec"] = {"throughput_qps": summary.throughput_qps, "latency": summary.latency,
-                              "gpu_compute": summary.gpu_compute}
+        backend = _backend(backend_of.get(k) or k.rpartition("-")[0])
+        if backend is not None:
+            rec.update(backend.device_latency(r, device.where))
         latencies[k] = rec
     return latencies
 
@@ -342,10 +332,9 @@ def record(package: Path, manifest: dict[str, Any], device: Device, arts: list[d
         if lat is None:
             continue
         path = profile_path(device, manifest["source"]["sha256"], a["backend"], a["precision"])
-        path.parent.mkdir(parents=True, exist_ok=True)
         entry = next((f["sha256"] for f in a["files"] if f["path"] == a.get("entry")), None)
-        write_json(path, {
-            "schema": "edgekit-profile/1",
+        store.write_record(path, {
+            "schema": store.SCHEMA,
             "device": device.name,
             "where": device.where,
             "target": device.target,
@@ -366,7 +355,7 @@ def record(package: Path, manifest: dict[str, Any], device: Device, arts: list[d
             "runtime": {"python": out.get("python"), **(out.get("runtimes") or {})},
             "device_facts": {"cpu": facts.get("cpu"), "gpu": facts.get("gpu"), "platform": facts.get("platform")},
             # What the cost model needs to fit this target to the measurement (edgekit/profiling/costmodel.py).
-            "cost_features": cost_features(manifest["layers"]) if manifest.get("layers") else None,
+            "cost_features": store.cost_features(manifest["layers"]) if manifest.get("layers") else None,
             "settings": {"seconds": settings.seconds, "min_runs": settings.min_runs,
                          "warmup_runs": settings.warmup_runs, "threads": settings.threads},
         })
@@ -380,14 +369,10 @@ def update_manifest(package: Path, latencies: dict[str, dict[str, Any]]) -> dict
     """Record the device measurements: `latency_ms` becomes the device's (where: ssh://...), the host's
     or the estimate moves to `host_latency_ms`, and `device_latency_ms` holds it too. Speedup fields stay
     the host's interleaved ratios. Re-validated, then replaced atomically."""
+    from edgekit.packaging.model import load_package as load
+
     path = package / "manifest.json"
-    manifest = json.loads(path.read_text())
-    for a in manifest["artifacts"]:
-        if a["key"] in latencies:
-            previous = a.get("latency_ms") or {}
-            if previous and not str(previous.get("where", "")).startswith("ssh://"):
-                a["host_latency_ms"] = previous
-            a["latency_ms"] = a["device_latency_ms"] = latencies[a["key"]]
+    manifest = load(package, complete=True).with_device_latencies(latencies).to_dict()
     try:
         validate_manifest(manifest)
     except Exception as e:

@@ -448,16 +448,16 @@ def missing_runtime(device: Device, facts: dict[str, Any], backend: str) -> str 
                 "re-add the device with --python PATH")
     short = ".".join(str(py).split(".")[:2])
     runtimes = facts.get("runtimes") or {}
-    if backend == "tensorrt":
-        if not facts.get("trtexec"):
-            return (f"device {device.name} has no trtexec (on PATH or in /usr/src/tensorrt/bin): install TensorRT "
-                    "(JetPack on Jetson) and put trtexec on PATH")
-        return None
-    from edgekit.profiling.runner import BACKEND_NEEDS  # the runner checks the same modules on the device
+    from edgekit import backends
 
-    if backend not in BACKEND_NEEDS:
+    # The backend says what the runner needs on the device (the runner's BACKEND_NEEDS agrees: a test checks).
+    owner = backends.get(backend) if backend in backends.names() else None
+    if owner is None or owner.device_modules is None:
         return f"edgekit's device runner cannot run {backend} artifacts yet"
-    for m in BACKEND_NEEDS[backend]:
+    blocker = owner.device_blocker(facts)
+    if blocker:
+        return f"device {device.name} {blocker}"
+    for m in owner.device_modules:
         info = runtimes.get(m) or {}
         if not info.get("version"):
             broken = f" (installed but import fails: {info['error']})" if info.get("error") else ""

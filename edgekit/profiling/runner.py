@@ -5,7 +5,14 @@ edgekit copies this one file to a device (with the package's manifest.json and a
 and runs it there with the device's Python. It must run on old device images as they ship
 (JetPack 4.6 has Python 3.6), so: Python 3.6 syntax, the standard library, and the device's
 runtimes (onnxruntime, ncnn, openvino, numpy; trtexec for TensorRT) imported only when needed.
-tests/test_devices.py parses it with feature_version=(3, 6).
+tests/test_devices.py parses it with feature_version=(3, 6). It is one file, over the size of edgekit's
+other modules, on purpose: one cohesive thing (facts, loaders, the timing loop, the TensorRT engine
+cache), copied to the device as it is and run there alone.
+
+The artifacts are timed as the host times them (edgekit.profiling.timing): loaded together in this one
+process, then interleaved in rounds in which every artifact runs one block, with the same block, skip
+and stop rule and the same summary figures, so latencies measured here keep the ratios the host's rule
+promises. TensorRT artifacts are timed by trtexec, after the others.
 
 TensorRT engines are kept in a per-device cache, $EDGEKIT_ENGINE_CACHE or ~/.cache/edgekit/engines
 ($XDG_CACHE_HOME honoured), one folder per ONNX sha256 and precision: the package's build_engine.sh
@@ -13,7 +20,7 @@ reuses one there when its model.engine.json matches the package and the device, 
 
   python3 runner.py --probe                      facts about the device, as one JSON line
   python3 runner.py --package DIR [--artifact KEY ...] [--seconds S] [--min-runs N] [--threads T]
-                                                 measurements, as one JSON line on stdout
+                    [--block B] [--block-skip K] measurements, as one JSON line on stdout
 
 Exit status: 0 measured (per-artifact errors are in "errors"), 3 could not measure ("error"),
 124 the --deadline passed.
@@ -268,18 +275,75 @@ def summary(ms, threads):
             "runs": len(s), "threads": threads}
 
 
-def time_calls(run, args):
+# The host's timing rule (edgekit.profiling.timing: block_rule and timed_rounds with per_job_seconds, as
+# compare times; ProfileSettings' block and block_skip), copied because this file runs alone on the
+# device; tests/test_profile.py holds the two to the same times on one synthetic sequence of run times.
+BLOCK = 25  # runs counted per block
+BLOCK_SKIP = 3  # runs discarded at the start of each block (the previous runtime's threads still spin)
+
+
+def block_rule(min_runs, block=BLOCK, skip=BLOCK_SKIP):
+    """(runs counted per block, runs discarded before them)."""
+    block = max(1, min(block, min_runs // 4))
+    return block, (skip if block > 1 else 0)
+
+
+def _failure(e):
+    return str(e) if isinstance(e, RunnerError) else f"{type(e).__name__}: {e}"
+
+
+def interleaved(runs, args, clock=time.perf_counter):
+    """Time the calls [(key, run), ...] as the host does: `args.warmup` runs of each, then rounds in which
+    every call runs one block, the order rotated every round, until each has args.min_runs and its counted
+    runs took args.seconds (--seconds: per artifact, at least), or each has args.max_runs. A call that
+    raises is dropped from the rounds (its error returned), the others go on.
+    Returns ({key: [ms, ...]}, {key: error})."""
+    keys = [k for k, _ in runs]
+    calls = dict(runs)
+    errors = {}
+
+    def failed(k, e):
+        errors[k] = _failure(e)
+        keys.remove(k)
+
     for _ in range(args.warmup):
-        run()
-    times, spent = [], 0.0
-    while True:
-        t0 = time.perf_counter()
-        run()
-        dt = time.perf_counter() - t0
-        times.append(dt * 1e3)
-        spent += dt
-        if (len(times) >= args.min_runs and spent >= args.seconds) or len(times) >= args.max_runs:
-            return times
+        for k in list(keys):
+            try:
+                calls[k]()
+            except DeadlineReached:
+                raise
+            except Exception as e:
+                failed(k, e)
+    block, skip = block_rule(args.min_runs, args.block, args.block_skip)
+    times = dict((k, []) for k in keys)
+    spent = dict((k, 0.0) for k in keys)
+    rnd = 0
+    while keys:
+        shift = rnd % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            run, ms, took = calls[k], [], 0.0
+            try:
+                for i in range(skip + block):
+                    t0 = clock()
+                    run()
+                    dt = clock() - t0
+                    if i >= skip:
+                        ms.append(dt * 1e3)
+                        took += dt
+            except DeadlineReached:
+                raise
+            except Exception as e:
+                failed(k, e)
+                continue
+            times[k] += ms
+            spent[k] += took
+        rnd += 1
+        if not keys:
+            break
+        done = min(len(times[k]) for k in keys)
+        if (done >= args.min_runs and min(spent[k] for k in keys) >= args.seconds) or done >= args.max_runs:
+            break
+    return dict((k, times[k]) for k in keys), errors
 
 
 def random_feeds(inputs):
@@ -386,8 +450,10 @@ def load_openvino(package, art, inputs, threads):
     return lambda: request.infer(feed)
 
 
+# Every backend edgekit has (tests/test_architecture.py checks the registry against it): how its artifacts
+# load here into a call to time, or None: trtexec builds and times them (time_tensorrt).
 LOADERS = {"onnxruntime": load_onnxruntime, "ort-mobile": load_onnxruntime, "ncnn": load_ncnn,
-           "openvino": load_openvino}
+           "openvino": load_openvino, "tensorrt": None}
 
 
 def time_tensorrt(package, art, args, deadline_at):
@@ -508,7 +574,9 @@ def measure(args):
         manifest = json.load(f)
     arts = manifest.get("artifacts") or []
     by_key = dict((a["key"], a) for a in arts)
-    keys = args.artifact or [a["key"] for a in arts]
+    keys = []
+    for k in args.artifact or [a["key"] for a in arts]:
+        keys += [] if k in keys else [k]
     unknown = [k for k in keys if k not in by_key]
     if unknown:
         raise RunnerError("no artifact " + ", ".join(unknown) + " in the package (it has " + ", ".join(by_key) + ")")
@@ -525,32 +593,46 @@ def measure(args):
     result = {"runner": RUNNER_VERSION, "python": platform.python_version(),
               "runtimes": dict((m, runtime_info(m)["version"]) for m in needed),
               "conditions": conditions(), "results": {}, "errors": {}}
+    results, errors = result["results"], result["errors"]
+    # Every artifact a runtime here loads is timed interleaved with the others, in one process, as on the
+    # host; TensorRT's are timed by trtexec afterwards, one after another (trtexec owns its timing loop),
+    # once the other sessions are released.
+    by_trtexec = [k for k in keys if by_key[k]["backend"] in LOADERS and LOADERS[by_key[k]["backend"]] is None]
+    loaded, load_s = [], {}
     for k in keys:
         art = by_key[k]
+        if k in by_trtexec:
+            continue
         try:
-            if art["backend"] == "tensorrt":
-                result["results"][k] = time_tensorrt(args.package, art, args, deadline_at)
-                if result["results"][k].get("tensorrt"):
-                    result["runtimes"]["tensorrt"] = result["results"][k]["tensorrt"]
-                continue
             if art["backend"] not in LOADERS:
                 raise RunnerError("the runner cannot run " + art["backend"] + " artifacts")
             locked = lock_problem(manifest, art["backend"])
             if locked:
                 raise RunnerError(locked)
             t0 = time.perf_counter()
-            run = LOADERS[art["backend"]](args.package, art, manifest["inputs"], threads)
-            load_s = time.perf_counter() - t0
-            stats = summary(time_calls(run, args), threads)
-            stats["load_s"] = round(load_s, 3)
-            result["results"][k] = stats
-            del run
+            loaded.append((k, LOADERS[art["backend"]](args.package, art, manifest["inputs"], threads)))
+            load_s[k] = round(time.perf_counter() - t0, 3)
         except DeadlineReached:
             raise
-        except RunnerError as e:
-            result["errors"][k] = str(e)
         except Exception as e:
-            result["errors"][k] = f"{type(e).__name__}: {e}"
+            errors[k] = _failure(e)
+    times, failed = interleaved(loaded, args)
+    del loaded
+    errors.update(failed)
+    for k, ms in times.items():
+        results[k] = summary(ms, threads)
+        results[k]["load_s"] = load_s[k]
+    for k in by_trtexec:
+        try:
+            results[k] = time_tensorrt(args.package, by_key[k], args, deadline_at)
+            if results[k].get("tensorrt"):
+                result["runtimes"]["tensorrt"] = results[k]["tensorrt"]
+        except DeadlineReached:
+            raise
+        except Exception as e:
+            errors[k] = _failure(e)
+    result["results"] = dict((k, results[k]) for k in keys if k in results)
+    result["errors"] = dict((k, errors[k]) for k in keys if k in errors)
     result["conditions"]["temperature_c_after"] = temperatures()
     return result
 
@@ -568,6 +650,8 @@ def main(argv=None):
     p.add_argument("--min-runs", type=int, default=50)
     p.add_argument("--max-runs", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--block", type=int, default=BLOCK, help="runs counted per block of the interleaved rounds")
+    p.add_argument("--block-skip", type=int, default=BLOCK_SKIP, help="runs discarded at the start of each block")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--deadline", type=float, default=0, help="give up after this many seconds")
     args = p.parse_args(argv)

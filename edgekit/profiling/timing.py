@@ -1,8 +1,11 @@
-"""Profile: latency measured on this machine, every artifact interleaved with its FP32 reference.
+"""Local timing: latency measured on this machine, every artifact interleaved with its FP32 reference.
 
 Shared machines are noisy; only ratios from one interleaved run mean anything. So all sessions are
 timed round-robin in the same process, and each artifact's speedup is against the reference
-measured in the very same rounds.
+measured in the very same rounds. `timed_rounds` is the one loop that does it (build, compare and
+check, the planner, the cost model's host calibration); the device runner (runner.py) keeps a copy
+of its rule because it runs alone on the device, and tests/test_profile.py holds the two to the same
+sequence. Also here: peak memory and ONNX Runtime's per-node times, each in a fresh process.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import multiprocessing as mp
 import platform
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,67 +64,126 @@ def where_local() -> str:
     return f"local:{platform.node() or 'host'}"
 
 
-def interleaved(sessions: dict[str, Session], feeds: dict[str, np.ndarray], settings: ProfileSettings,
-                on_round: Any = None) -> dict[str, Latency]:
-    """Time every session in alternating blocks (rotating the order each round) until each has min_runs
-    and the rounds took len(sessions) x seconds in all (the warmup aside), or max_runs."""
-    keys = list(sessions)
-    for _ in range(settings.warmup_runs):
-        for k in keys:
-            sessions[k].run(feeds)
+Job = tuple[Artifact, dict[str, np.ndarray]]  # an artifact, and the inputs it is timed with
+
+
+@dataclass
+class RoundTimes:
+    """What one interleaved run measured: every counted run (ms) and each block's median (ms), per job,
+    round by round (the same order for every job, so blocks of two jobs in one round can be paired)."""
+
+    times: dict[str, list[float]]
+    block_medians: dict[str, list[float]]
+    rounds: int
+
+
+@dataclass
+class Timed:
+    """One interleaved run, summarised: each job's latency, and its block medians round by round."""
+
+    latency: dict[str, Latency]
+    block_medians: dict[str, list[float]]
+    rounds: int
+
+
+def block_rule(settings: ProfileSettings) -> tuple[int, int]:
+    """(runs counted per block, runs discarded before them). The device runner applies the same rule."""
     block = max(1, min(settings.block, settings.min_runs // 4))
-    skip = settings.block_skip if block > 1 else 0
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    budget = settings.seconds * len(keys)
-    started = time.perf_counter()
+    return block, settings.block_skip if block > 1 else 0
+
+
+def timed_rounds(groups: list[dict[str, Callable[[], Any]]], settings: ProfileSettings, min_rounds: int = 1,
+                 per_job_seconds: bool = False, on_round: Callable[[int], Any] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> RoundTimes:
+    """THE interleaved timing loop (build, compare and check, the planner, the host calibration).
+
+    After `warmup_runs` of every job, rounds: each job runs one block (block_rule), the groups in an order
+    rotated every round and the jobs of a group (the two packages' builds of one artifact, in compare)
+    back to back, alternating their order. Stops once every job has min_runs, at least min_rounds were
+    run and the time is up; or once every job has max_runs. The time is up when the rounds took
+    len(jobs) x seconds in all (build's --seconds; the whole rounds count, discarded runs included: the
+    bound is on what the caller waits), or with per_job_seconds when every job's counted runs took
+    `seconds` of its own (compare's and check's --seconds, "per artifact, at least", as the device
+    runner's)."""
+    jobs = {k: run for g in groups for k, run in g.items()}
+    for _ in range(settings.warmup_runs):
+        for run in jobs.values():
+            run()
+    block, skip = block_rule(settings)
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    medians: dict[str, list[float]] = {k: [] for k in jobs}
+    spent = dict.fromkeys(jobs, 0.0)
+    budget = settings.seconds * len(jobs)
+    started = clock()
     rnd = 0
     while True:
-        order = keys[rnd % len(keys):] + keys[: rnd % len(keys)]
-        for k in order:
-            for i in range(skip + block):
-                t0 = time.perf_counter()
-                sessions[k].run(feeds)
-                dt = time.perf_counter() - t0
-                if i >= skip:
-                    times[k].append(dt * 1e3)
+        shift = rnd % len(groups)
+        for g in groups[shift:] + groups[:shift]:
+            for k in (list(g) if rnd % 2 == 0 else list(g)[::-1]):
+                run, ms = jobs[k], []
+                for i in range(skip + block):
+                    t0 = clock()
+                    run()
+                    dt = clock() - t0
+                    if i >= skip:
+                        ms.append(dt * 1e3)
+                        spent[k] += dt
+                times[k] += ms
+                medians[k].append(float(np.median(ms)))
         rnd += 1
         if on_round:
             on_round(rnd)
         runs = min(len(v) for v in times.values())
-        # the whole rounds count (discarded runs included): the time bound is on what the caller waits
-        if (runs >= settings.min_runs and time.perf_counter() - started >= budget) or runs >= settings.max_runs:
-            break
+        up = min(spent.values()) >= settings.seconds if per_job_seconds else clock() - started >= budget
+        if (runs >= settings.min_runs and up and rnd >= min_rounds) or runs >= settings.max_runs:
+            return RoundTimes(times, medians, rnd)
+
+
+def summarize(ms: list[float], threads: int, where: str) -> Latency:
+    """The figures every timing reports (the device runner's `summary` computes the same)."""
+    a = np.asarray(ms)
+    p50, p90, p99 = (round(float(np.percentile(a, q)), 4) for q in (50, 90, 99))
+    return Latency(p50, p90, p99, round(float(a.mean()), 4), round(float(a.min()), 4), len(a), threads, where)
+
+
+def interleaved(sessions: dict[str, Session], feeds: dict[str, np.ndarray], settings: ProfileSettings,
+                on_round: Any = None) -> dict[str, Latency]:
+    """Time loaded sessions in this process on the same inputs (timed_rounds, one job per session)."""
+    rounds = timed_rounds([{k: partial(s.run, feeds)} for k, s in sessions.items()], settings, on_round=on_round)
     where = where_local()
-    return {k: _summary(v, sessions[k].threads, where) for k, v in times.items()}
+    return {k: summarize(v, sessions[k].threads, where) for k, v in rounds.times.items()}
 
 
 def time_artifacts(artifacts: dict[str, Artifact], feeds: dict[str, np.ndarray], settings: ProfileSettings,
                    threads: int) -> dict[str, Latency]:
-    """Interleaved timing of artifacts in a fresh process of their own.
+    """Interleaved timing of artifacts in a fresh process of their own (time_jobs, one job each)."""
+    return time_jobs([{k: (a, feeds)} for k, a in artifacts.items()], settings, threads).latency
 
-    A fresh process keeps the build's memory and threads out of the timing, and lets backends set
+
+def time_jobs(groups: list[dict[str, Job]], settings: ProfileSettings, threads: int, min_rounds: int = 1,
+              per_job_seconds: bool = False) -> Timed:
+    """timed_rounds over artifacts loaded in a fresh process, each job with its own inputs.
+
+    A fresh process keeps the caller's memory and threads out of the timing, and lets backends set
     process-wide options (ONNX Runtime's shared thread pool) without touching the caller's sessions.
     """
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_child_time, (artifacts, feeds, settings, threads))
+        return pool.apply(_child_time, (groups, settings, threads, min_rounds, per_job_seconds))
 
 
-def _child_time(artifacts: dict[str, Artifact], feeds: dict[str, np.ndarray], settings: ProfileSettings,
-                threads: int) -> dict[str, Latency]:
+def _child_time(groups: list[dict[str, Job]], settings: ProfileSettings, threads: int, min_rounds: int,
+                per_job_seconds: bool) -> Timed:
     from edgekit import backends
 
-    used = {a.backend: backends.get_installed(a.backend) for a in artifacts.values()}
+    used = {a.backend: backends.get_installed(a.backend) for g in groups for a, _ in g.values()}
     for backend in used.values():
         backend.prepare_timing_process(threads)
-    sessions = {k: used[a.backend].load(a, threads) for k, a in artifacts.items()}
-    return interleaved(sessions, feeds, settings)
-
-
-def _summary(ms: list[float], threads: int, where: str) -> Latency:
-    a = np.asarray(ms)
-    p50, p90, p99 = (float(np.percentile(a, q)) for q in (50, 90, 99))
-    return Latency(round(p50, 4), round(p90, 4), round(p99, 4), round(float(a.mean()), 4),
-                   round(float(a.min()), 4), len(a), threads, where)
+    sessions = {k: used[a.backend].load(a, threads) for g in groups for k, (a, _) in g.items()}
+    rounds = timed_rounds([{k: partial(sessions[k].run, feeds) for k, (_, feeds) in g.items()} for g in groups],
+                          settings, min_rounds, per_job_seconds)
+    where = where_local()
+    return Timed({k: summarize(v, sessions[k].threads, where) for k, v in rounds.times.items()},
+                 rounds.block_medians, rounds.rounds)
 
 
 # ---------------------------------------------------------------- peak memory

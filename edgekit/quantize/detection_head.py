@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from edgekit.quantize.ops import WEIGHTED_OPS
-from edgekit.verify.verifier import slice_axis
+from edgekit.verify.metrics import slice_axis
 
 # Ops without weights a detection head decodes with; the walk goes back through these only.
 HEAD_OPS = frozenset({

@@ -41,10 +41,10 @@ from edgekit.home import cache_dir
 from edgekit.ingest import ModelSpec
 from edgekit.planning.types import ArtifactPlan, QuantizationSettings
 from edgekit.quantize.ops import WEIGHTED_OPS as QUANTIZABLE_OPS
-from edgekit.verify.verifier import Thresholds, Verification, compare, run_all
+from edgekit.verify.verifier import Thresholds, Verification, run_all, verify_outputs
 
 METHODS = ("leave_one_out", "only")
-REFERENCE_BACKEND = "onnxruntime"  # every artifact is verified against ORT FP32 (README: Verification)
+REFERENCE_BACKEND = backends.REFERENCE_BACKEND  # every artifact is verified against it in FP32 (README: Verification)
 CACHE_SCHEMA = "edgekit-sensitivity/1"
 
 
@@ -280,7 +280,7 @@ class _Runner:
             session = self.backend.load(art, self.threads)
             outputs = run_all(session, self.batches)
             del session  # release the runtime's hold on the files before the folder goes
-        return compare(self.reference, outputs, self.names, self.labels, self.thresholds)
+        return verify_outputs(self.reference, outputs, self.names, self.labels, self.thresholds)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgekit.backends.base import Artifact
+from edgekit.backends.base import Artifact, Session
+from edgekit.errors import EdgekitError
 from edgekit.ingest import ModelSpec
 from edgekit.quantize.ops import WEIGHTED_OPS
 from edgekit.verify.verifier import Thresholds
@@ -72,28 +73,41 @@ class Localisation:
                 f"feeds {', '.join(d['feeds']) or 'the output'}")
 
 
-def reference_intermediates(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+def reference_session(spec: ModelSpec) -> Session:
+    """The reference backend's session on the canonical FP32 ONNX (one thread)."""
+    from edgekit import backends
+
+    ref = backends.get(backends.REFERENCE_BACKEND)
+    path = Path(spec.onnx_path)
+    return ref.load(Artifact(ref.name, "fp32", str(path.parent), [path.name], path.name), 1)
+
+
+def reference_intermediates(spec: ModelSpec, feeds: dict[str, np.ndarray], session: Session | None = None
+                            ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Every node output of the FP32 canonical model, by ONNX tensor name, in topological order."""
-    from edgekit.backends.onnxruntime import intermediates_of
+    got = (session or reference_session(spec)).run_intermediates(feeds)
+    return {names[0]: arr for names, arr in got}, [names[0] for names, _ in got]
 
-    return intermediates_of(spec.load(), feeds)
 
-
-def localise(spec: ModelSpec, artifact: Artifact, session: Any, feeds: dict[str, np.ndarray],
-             threshold: float | Thresholds = 0.99, name_worst: bool = True) -> Localisation:
+def localise(spec: ModelSpec, artifact: Artifact, session: Session, feeds: dict[str, np.ndarray],
+             threshold: float | Thresholds = 0.99, name_worst: bool = True,
+             reference: Session | None = None) -> Localisation:
     """session.run_intermediates(feeds) gives [(names, array)] in the backend's execution order.
 
     threshold: a cosine alone, or the verification Thresholds (the artifact's precision's cosine, and
     SNR): a layer diverges where a figure the output failed on first fails, with a clear drop.
     name_worst: the artifact was rejected, so when no layer crosses a threshold, first_divergence names
-    the layer that adds the most error (`edgekit debug` on a possibly healthy artifact passes False)."""
+    the layer that adds the most error (`edgekit debug` on a possibly healthy artifact passes False).
+    reference: the reference session (reference_session), when the caller localises several samples."""
     if isinstance(threshold, Thresholds):
         cosine, snr = threshold.cosine_for(artifact.precision), threshold.min_snr_db
     else:
         cosine, snr = threshold, None
+    if not callable(getattr(session, "run_intermediates", None)):
+        raise EdgekitError(f"a {artifact.backend} session cannot expose intermediate tensors (no run_intermediates)")
     model = spec.load()
-    ref, order = reference_intermediates(spec, feeds)
-    got = _dequantized(artifact, session.run_intermediates(feeds))
+    ref, order = reference_intermediates(spec, feeds, reference)
+    got = session.run_intermediates(feeds)
     producer = {out: n for n in model.graph.node for out in n.output}
     layers = _match(ref, order, got, producer)
     compared = {la.tensor: la for la in layers}
@@ -149,35 +163,6 @@ def _added_error(la: LayerAgreement, compared: dict[str, LayerAgreement], produc
     """Relative error power this layer adds to what came in (1/SNR out - 1/SNR in, linear): a first
     layer going from exact input to 35 dB adds less than a later one going from 35 to 25 dB."""
     return 10 ** (-la.snr_db / 10) - 10 ** (-_input_snr(la, compared, producer) / 10)
-
-
-def _dequantized(artifact: Artifact, got: list[tuple[list[str], np.ndarray]]) -> list[tuple[list[str], np.ndarray]]:
-    """NCNN INT8's requantize fusion (int8_scale_term + 100) makes a conv feeding int8 convs write its
-    output as int8 codes at the consumer's input scale (x_int8 = round(x * scale)): extracted, that blob
-    holds the codes, never floats. Divided by the layer's top_blob_int8_scale, it compares with the float
-    reference like every other blob."""
-    scales = _ncnn_int8_top_scales(artifact)
-    if not scales:
-        return got
-    return [(names, arr / scales[names[0]] if names and names[0] in scales else arr) for names, arr in got]
-
-
-def _ncnn_int8_top_scales(artifact: Artifact) -> dict[str, float]:
-    """Blob -> top_blob_int8_scale of every requantizing NCNN layer of the artifact (none for other backends)."""
-    if artifact.backend != "ncnn" or artifact.precision != "int8" or not artifact.entry.endswith(".param"):
-        return {}
-    from edgekit.backends.ncnn.param_bin import NcnnModel
-
-    root = Path(artifact.root)
-    model = NcnnModel.load(root / artifact.entry, root / artifact.entry.replace(".param", ".bin"))
-    scales = {}
-    for layer in model.layers:
-        blobs = model.weights.get(layer.name, [])
-        if layer.type in ("Convolution", "ConvolutionDepthWise") and layer.int(8) > 100 and blobs and layer.tops:
-            scale = float(blobs[-1].data[0])  # the last blob ncnn reads for +100: the top blob's int8 scale
-            if scale > 0:
-                scales[layer.tops[0]] = scale
-    return scales
 
 
 # Candidates for a renamed backend tensor agreeing within this many dB are a tie (an op that changes nothing
@@ -247,8 +232,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb)) if na and nb else 0.0
 
 
-
-
 def _describe(row: LayerAgreement, model: onnx.ModelProto, producer: dict[str, onnx.NodeProto],
               compared: dict[str, LayerAgreement], criterion: str) -> dict[str, Any]:
     """The culprit: the node that produced the first broken tensor, or, when the backend fused a
@@ -283,8 +266,7 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
     from edgekit.errors import BadInput
     from edgekit.ingest import ingest, parse_input_shapes
     from edgekit.packaging.manifest import write_json
-    from edgekit.pipeline.build import resolve_backends, resolve_precisions
-    from edgekit.planning.types import default_plan
+    from edgekit.planning.select import default_plan, resolve_backends, resolve_precisions
     from edgekit.targets import load_target
 
     t = load_target(target)
@@ -296,24 +278,25 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
         spec = ingest(model, work, parse_input_shapes(input_shapes), weights)
         data = prepare_data(spec, calib, val, pre, val_samples=samples)
         if package:
-            from edgekit.packaging.compare import artifact_of, load_package
+            from edgekit.packaging.model import load_package
 
             loaded = load_package(package)  # every path checked to stay inside the package
-            rec = next((a for a in loaded.manifest["artifacts"]
-                        if a["backend"] == backend and a["precision"] == precision), None)
+            rec = next((r for r in loaded.records if r.backend == backend and r.precision == precision), None)
             if rec is None:
                 raise BadInput(f"{package} has no {backend} {precision} artifact")
-            artifact = artifact_of(loaded, rec, check_sha256=False)
+            artifact = rec.to_artifact(loaded.path, check_sha256=False)
         else:
             ap = default_plan(spec, t, backend, [precision]).artifacts[0]
             folder = Path(work) / "artifact"
             folder.mkdir()
             artifact = chosen.export(spec, ap, data.calibration, folder)
         session = backends.get(backend).load(artifact, 1)
+        reference = reference_session(spec)
         feeds_list = data.validation.batches(spec)[:samples]
         criteria: float | Thresholds = threshold if snr_threshold is None else Thresholds(
             min_cosine=threshold, min_snr_db=snr_threshold, min_cosine_fp16=threshold)
-        locs = [localise(spec, artifact, session, feeds, criteria, name_worst=False) for feeds in feeds_list]
+        locs = [localise(spec, artifact, session, feeds, criteria, name_worst=False, reference=reference)
+                for feeds in feeds_list]
     # The sample whose divergence comes earliest in the graph is the one to show.
     order = {la.tensor: i for i, la in enumerate(locs[0].layers)}
     loc = min(locs, key=lambda lc: order.get(lc.first_divergence["tensor"], 1 << 30) if lc.first_divergence

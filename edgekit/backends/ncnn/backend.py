@@ -1,17 +1,12 @@
 """NCNN backend: param/bin by pnnx from the canonical ONNX (rewritten where pnnx converts it badly:
-pnnx_graph; what pnnx leaves unconvertible refused before ncnn loads it: refuse_unconvertible); FP16
-weight storage per layer; INT8 by edgekit's Python ports of ncnn2table and ncnn2int8 (ncnn_int8.py), run
+rewrite.pnnx_graph; what pnnx leaves unconvertible refused before ncnn loads it: convert.py); FP16
+weight storage per layer; INT8 by edgekit's Python ports of ncnn2table and ncnn2int8 (int8.py), run
 with the ncnn runtime."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -19,12 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
-from edgekit.backends.ncnn.param_bin import to_mat
-from edgekit.errors import BadInput, EdgekitError, UnsupportedOp
+from edgekit.backends.ncnn import int8 as ncnn_int8
+from edgekit.backends.ncnn.convert import pnnx_warnings, refuse_unconvertible, run_pnnx
+from edgekit.backends.ncnn.param_bin import NcnnModel, UnsupportedNcnnLayer, set_storage, to_mat
+from edgekit.backends.ncnn.rewrite import pnnx_graph
+from edgekit.errors import BadInput, EdgekitError
 from edgekit.quantize.fp16_range import fp16_range_problem, same_weights_any_layout
 
 if TYPE_CHECKING:
@@ -32,13 +30,11 @@ if TYPE_CHECKING:
     from edgekit.ingest import ModelSpec
     from edgekit.planning.types import ArtifactPlan, QuantizationSettings
 
-PNNX_TIMEOUT_S = 600
 # Layer param 31 is ncnn's per-layer feature mask: bit 0 turns fp16 arithmetic off, bit 1 fp16 storage
 # (net.cpp get_masked_option). FP32 storage alone is not enough: with use_fp16_storage the runtime
 # casts FP32-stored weights to fp16 at load time (x86 InnerProduct, ARM convolutions).
 FEATMASK = 31
 NO_FP16 = 0b11
-PNNX_MAX_IR_VERSION = 13  # pnnx 20261020 loads ONNX through ONNX Runtime 1.30; the canonical opset 17 needs IR 8
 
 # ONNX ops that pnnx converts to ncnn layers (pnnx's onnx frontend + pass_ncnn). Shape arithmetic
 # (Shape, Gather on shapes, Constant...) is folded by pnnx and needs no ncnn layer.
@@ -81,6 +77,7 @@ class NcnnSession:
             raise EdgekitError(f"ncnn could not load {param}")
         self.inputs, self.outputs, self.output_shapes = inputs, outputs, output_shapes
         self._ncnn = ncnn
+        self._files, self._precision = (Path(param), Path(bin_)), precision
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         ex = self.net.create_extractor()
@@ -89,19 +86,38 @@ class NcnnSession:
         return [self._extract(ex, blob).reshape(shape) for blob, shape in zip(self.outputs, self.output_shapes)]
 
     def run_intermediates(self, feeds: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
-        """Every layer's output blob, in layer order (Split only copies its input: skipped)."""
+        """Every layer's output blob, in layer order (Split only copies its input: skipped), as floats.
+
+        INT8's requantize fusion (int8_scale_term + 100) makes a conv feeding int8 convs write its output
+        as int8 codes at the consumer's input scale (x_int8 = round(x * scale)): extracted, that blob holds
+        the codes. Divided by the layer's top_blob_int8_scale it compares with a float reference."""
         ex = self.net.create_extractor()
         for blob, x in zip(self.inputs, feeds.values()):
             ex.input(blob, to_mat(self._ncnn, x[0]))
         blob_names = [b.name for b in self.net.blobs()]
-        return [([blob_names[t]], self._extract(ex, blob_names[t]).astype(np.float32))
-                for layer in self.net.layers() if layer.type not in ("Input", "Split") for t in layer.tops]
+        got = [([blob_names[t]], self._extract(ex, blob_names[t]).astype(np.float32))
+               for layer in self.net.layers() if layer.type not in ("Input", "Split") for t in layer.tops]
+        scales = requantized_scales(*self._files) if self._precision == "int8" else {}
+        return [(names, arr / scales[names[0]] if names[0] in scales else arr) for names, arr in got]
 
     def _extract(self, ex: Any, blob: str) -> np.ndarray:
         ret, mat = ex.extract(blob)
         if ret != 0:
             raise EdgekitError(f"ncnn could not compute blob {blob} (error {ret})")
         return np.array(mat)
+
+
+def requantized_scales(param: Path, bin_: Path) -> dict[str, float]:
+    """Blob -> top_blob_int8_scale of every requantizing layer of an INT8 net (int8_scale_term > 100)."""
+    model = NcnnModel.load(param, bin_)
+    scales = {}
+    for layer in model.layers:
+        blobs = model.weights.get(layer.name, [])
+        if layer.type in ("Convolution", "ConvolutionDepthWise") and layer.int(8) > 100 and blobs and layer.tops:
+            scale = float(blobs[-1].data[0])  # the last blob ncnn reads for +100: the top blob's int8 scale
+            if scale > 0:
+                scales[layer.tops[0]] = scale
+    return scales
 
 
 def _io_blobs(param: Path) -> tuple[list[str], list[str]]:
@@ -128,6 +144,10 @@ class NcnnBackend(Backend):
     precisions = ("fp32", "fp16", "int8")
     requires = ("ncnn", "pnnx")
     install_hint = "pip install 'edgekit[ncnn]'"
+    int8_weighted_layers_only = True  # ncnn2int8 quantizes weighted layers; the rest runs in float
+    runtime_distributions = ("ncnn",)
+    report_color = "#E69F00"
+    device_modules = ("ncnn", "numpy")
 
     def versions(self) -> dict[str, str]:
         return {d: metadata.version(d) for d in ("ncnn", "pnnx")}
@@ -191,7 +211,7 @@ class NcnnBackend(Backend):
         for i, (model, applied) in enumerate(candidates):
             last = i == len(candidates) - 1
             with tempfile.TemporaryDirectory(prefix="edgekit-pnnx-") as tmp:
-                r, out_param, out_bin = _run_pnnx(model, spec, Path(tmp))
+                r, out_param, out_bin = run_pnnx(model, spec, Path(tmp))
                 if r.returncode != 0 or not out_param.exists():
                     if not last:  # the rewritten graph broke pnnx: the graph as it is
                         continue
@@ -219,8 +239,6 @@ class NcnnBackend(Backend):
         need not be what is stored) and those the plan keeps in FP32. Returns {ncnn layer: why}.
         A .bin edgekit cannot read (a layer type newer than its layout table) keeps pnnx's FP32 storage,
         with a note, rather than failing the artifact: ncnn still runs it with fp16 storage."""
-        from edgekit.backends.ncnn.param_bin import NcnnModel, UnsupportedNcnnLayer, set_storage
-
         try:
             model = NcnnModel.load(param, bin_)
         except UnsupportedNcnnLayer as e:
@@ -257,9 +275,6 @@ class NcnnBackend(Backend):
 
     def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, param: Path, bin_: Path,
               root: Path) -> tuple[dict[str, Any], list[str]]:
-        from edgekit.backends.ncnn import int8 as ncnn_int8
-        from edgekit.backends.ncnn.param_bin import NcnnModel
-
         q = plan.quantization
         assert q is not None, "an int8 artifact plan carries quantization settings"
         method = {"minmax": "minmax", "entropy": "kl", "percentile": "kl"}[q.method]
@@ -381,426 +396,3 @@ def _onnx_origin(model: Any, onnx_model: onnx.ModelProto, layers: dict[str, str]
         node = next((n for n, w in weights if blobs and same_weights_any_layout(blobs[0].data, w)), None)
         origin[name] = f", ONNX node {node.name}" if node is not None else ", weights folded by pnnx"
     return origin
-
-
-# ---------------------------------------------------------------- the ONNX graph given to pnnx
-
-INT64_MAX = 2**63 - 1
-
-
-def pnnx_graph(model: onnx.ModelProto, spec: ModelSpec | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """The canonical graph with rewrites for pnnx, all checked to compute the same in ONNX Runtime (else the
-    graph is returned as it is):
-    - onnxslim turns a MatMul on token sequences ([1, T, K] x [K, N]) into Reshape -> Gemm -> Reshape; pnnx then
-      no longer recognises attention blocks (no MultiHeadAttention layer; nn.MultiheadAttention's 5-D
-      reshapes are left as `Tensor.reshape`, which ncnn cannot load). Restored to MatMul (+ Add).
-    - a Slice with step > 1 on H/W (a YOLOX Focus layer: x[..., ::2, ::2]), which pnnx leaves as
-      `Tensor.slice`, becomes a step-1 crop and a stride-s depthwise 1x1 convolution with weights 1 (exact);
-      SpaceToDepth the same way per block offset (pnnx maps it to ncnn Reorg, which orders the channels
-      as pixel_unshuffle does, not as ONNX does).
-    - ReduceSum with its axes as an input (opset 13+): pnnx drops the axes and writes a Reduction with an
-      empty axes list (wrong results, or a crash in ncnn); it becomes ReduceMean (axes attribute) x count.
-    Returns (graph, what was rewritten)."""
-    if not any(n.op_type in ("Gemm", "Slice", "SpaceToDepth", "ReduceSum") for n in model.graph.node):
-        return model, []
-    new = copy.deepcopy(model)
-    shapes = _shapes(new)
-    done = []
-    sums = _reduce_sums_to_means(new, shapes)
-    if sums:
-        done.append(f"{sums} ReduceSum (axes as an input, opset 13+) rewritten as ReduceMean x count: pnnx drops "
-                    "that axes input and writes a Reduction ncnn runs wrongly or crashes on")
-    matmuls = _restore_matmuls(new, shapes)
-    if matmuls:
-        done.append(f"{matmuls} Gemm on flattened token rows restored to MatMul (onnxslim's rewrite hides "
-                    "attention from pnnx)")
-    slices = _strided_slices_to_convs(new, shapes)
-    if slices:
-        listed = ", ".join(slices[:4]) + (" ..." if len(slices) > 4 else "")
-        done.append(f"{len(slices)} strided Slice/SpaceToDepth node(s) rewritten as crop + stride-s depthwise 1x1 "
-                    f"convolution (ncnn has no strided slice): {listed}")
-    if not done:
-        return model, []
-    _drop_dead(new)
-    del new.graph.value_info[:]  # shapes of rewritten tensors changed; pnnx and ONNX Runtime infer their own
-    why = _differs(model, new, spec)
-    if why:
-        return model, [f"edgekit's graph rewrite for pnnx was not used: {why}"]
-    return new, done
-
-
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shapes are a nicety here: no shapes, no rewrite
-        inferred = model
-    g = inferred.graph
-    out = {}
-    for v in list(g.value_info) + list(g.input) + list(g.output):
-        t = v.type.tensor_type
-        if t.HasField("shape"):
-            out[v.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-    for i in g.initializer:
-        out[i.name] = list(i.dims)
-    return out
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return values
-
-
-def _unique(model: onnx.ModelProto, base: str) -> str:
-    taken = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
-
-
-def _add_init(model: onnx.ModelProto, base: str, value: np.ndarray) -> str:
-    name = _unique(model, base)
-    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-    return name
-
-
-def _restore_matmuls(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> int:
-    g = model.graph
-    nodes = list(g.node)  # one wrapper per node: positions (not id()) identify them below
-    consts = {i.name: i for i in g.initializer}
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    consumers: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for x in n.input:
-            consumers.setdefault(x, []).append(i)
-    graph_outputs = {o.name for o in g.output}
-
-    def eligible(n: onnx.NodeProto) -> bool:
-        if n.op_type != "Gemm" or len(n.input) < 2 or n.input[1] not in consts or n.output[0] in graph_outputs:
-            return False
-        a = _attrs(n)
-        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
-            return False
-        w = consts[n.input[1]]
-        cols = w.dims[0 if a.get("transB") else 1] if len(w.dims) == 2 else -1
-        bias = n.input[2] if len(n.input) > 2 else ""
-        if cols < 0 or (bias and (bias not in consts or int(np.prod(consts[bias].dims)) != cols)):
-            return False
-        r = nodes[producer[n.input[0]]] if n.input[0] in producer else None
-        if r is None or r.op_type != "Reshape" or r.output[0] in graph_outputs:
-            return False
-        x, flat = shapes.get(r.input[0], []), shapes.get(r.output[0], [])
-        if len(x) < 3 or len(flat) != 2 or min(x + flat) <= 0:
-            return False
-        users = [nodes[u] for u in consumers.get(n.output[0], [])]
-        return bool(users) and all(u.op_type == "Reshape" and u.input[0] == n.output[0] for u in users)
-
-    ok = {i for i, n in enumerate(nodes) if eligible(n)}
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    reshaped: set[int] = set()
-    for i in sorted(ok):
-        n = nodes[i]
-        ri = producer[n.input[0]]
-        r = nodes[ri]
-        if not all(u in ok for u in consumers[r.output[0]]):
-            continue
-        a = _attrs(n)
-        m, k = shapes[r.output[0]]
-        x = shapes[r.input[0]]
-        w = numpy_helper.to_array(consts[n.input[1]])
-        weight = _add_init(model, f"{n.input[1]}_t", w.T) if a.get("transB", 0) else n.input[1]
-        if x[-1] == k:
-            src = r.input[0]  # the Reshape is left without users, dropped
-        else:
-            src = r.output[0]
-            if ri not in reshaped:
-                r.input[1] = _add_init(model, f"{r.name}_rows", np.array([1, m, k], np.int64))
-                reshaped.add(ri)
-        out = _unique(model, f"{n.output[0]}_matmul")
-        new = [helper.make_node("MatMul", [src, weight], [out], name=_unique(model, f"{n.name}_matmul"))]
-        if len(n.input) > 2 and n.input[2]:
-            bias = numpy_helper.to_array(consts[n.input[2]]).reshape(-1)
-            added = _unique(model, f"{n.output[0]}_add")
-            new.append(helper.make_node("Add", [out, _add_init(model, f"{n.input[2]}_row", bias)], [added],
-                                        name=_unique(model, f"{n.name}_add")))
-            out = added
-        for u in consumers[n.output[0]]:
-            nodes[u].input[0] = out
-        replaced[i] = new
-    return _splice(g, nodes, replaced)
-
-
-def _splice(g: onnx.GraphProto, nodes: list[onnx.NodeProto], replaced: dict[int, list[onnx.NodeProto]]) -> int:
-    """The graph's nodes with node i replaced by replaced[i], in place; how many were replaced."""
-    if replaced:
-        kept: list[onnx.NodeProto] = []
-        for i, n in enumerate(nodes):
-            kept += replaced.get(i, [n])
-        del g.node[:]
-        g.node.extend(kept)
-    return len(replaced)
-
-
-def _reduce_sums_to_means(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> int:
-    g = model.graph
-    nodes = list(g.node)
-    consts = _constants(model)
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    for i, n in enumerate(nodes):
-        if n.op_type != "ReduceSum" or len(n.input) < 2 or not n.input[1] or n.input[1] not in consts:
-            continue
-        dims = shapes.get(n.input[0], [])
-        axes = [int(a) for a in consts[n.input[1]].reshape(-1)]
-        if not dims or min(dims) <= 0 or not axes:
-            continue
-        axes = [a % len(dims) for a in axes]
-        count = float(np.prod([dims[a] for a in axes]))
-        keepdims = int(_attrs(n).get("keepdims", 1))
-        mean = _unique(model, f"{n.output[0]}_mean")
-        replaced[i] = [
-            helper.make_node("ReduceMean", [n.input[0]], [mean], name=mean, axes=axes, keepdims=keepdims),
-            helper.make_node("Mul", [mean, _add_init(model, f"{n.output[0]}_count", np.array(count, np.float32))],
-                             [n.output[0]], name=f"{n.output[0]}_sum")]
-    return _splice(g, nodes, replaced)
-
-
-def _strided_slices_to_convs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[str]:
-    g = model.graph
-    nodes = list(g.node)
-    consts = _constants(model)
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    for i, n in enumerate(nodes):
-        dims = shapes.get(n.input[0] if n.input else "", [])
-        if len(dims) != 4 or dims[0] != 1 or min(dims) <= 0:
-            continue
-        if n.op_type == "Slice" and all(x in consts for x in n.input[1:] if x):
-            starts, ends = (consts[n.input[i]].astype(np.int64).reshape(-1) for i in (1, 2))
-            axes = (consts[n.input[3]].astype(np.int64).reshape(-1) if len(n.input) > 3 and n.input[3]
-                    else np.arange(len(starts)))
-            steps = (consts[n.input[4]].astype(np.int64).reshape(-1) if len(n.input) > 4 and n.input[4]
-                     else np.ones(len(starts), np.int64))
-            axes = [int(a) % 4 for a in axes]
-            strided = [a for a, st in zip(axes, steps) if st > 1]
-            if np.any(steps <= 0) or not strided or any(a not in (2, 3) for a in strided):
-                continue
-            begin, end, stride = [0] * 4, list(dims), [1, 1]
-            for a, s0, e0, st in zip(axes, starts, ends, steps):
-                d = dims[a]
-                lo = int(min(max(s0 + d if s0 < 0 else s0, 0), d))
-                hi = int(min(max(e0 + d if e0 < 0 else e0, 0), d))
-                begin[a], end[a] = lo, hi
-                if st > 1:
-                    stride[a - 2] = int(st)
-            if any(end[a] <= begin[a] for a in range(4)):
-                continue
-            replaced[i] = _select(model, n.input[0], dims, begin, end, stride, n.output[0])
-        elif n.op_type == "SpaceToDepth":
-            b = int(_attrs(n).get("blocksize", 0))
-            if b < 2 or dims[2] % b or dims[3] % b:
-                continue
-            parts, new = [], []
-            for bh in range(b):  # ONNX order: channel (bh * b + bw) * C + c
-                for bw in range(b):
-                    part = _unique(model, f"{n.output[0]}_block{bh}{bw}")
-                    new += _select(model, n.input[0], dims, [0, 0, bh, bw], list(dims), [b, b], part)
-                    parts.append(part)
-            new.append(helper.make_node("Concat", parts, [n.output[0]], axis=1, name=f"{n.output[0]}_cat"))
-            replaced[i] = new
-    names = [nodes[i].name or nodes[i].output[0] for i in sorted(replaced)]
-    _splice(g, nodes, replaced)
-    return names
-
-
-def _select(model: onnx.ModelProto, x: str, dims: list[int], begin: list[int], end: list[int], stride: list[int],
-            out: str) -> list[onnx.NodeProto]:
-    """x[..., begin:end] (step 1), then every stride-th row/column: a depthwise 1x1 convolution, weights 1.
-    Nodes are named after their (unique) outputs."""
-    nodes, src = [], x
-    axes = [a for a in range(4) if begin[a] or end[a] != dims[a]]
-    if axes:
-        src = _unique(model, f"{out}_crop")
-        nodes.append(helper.make_node(
-            "Slice", [x, _add_init(model, f"{src}_starts", np.array([begin[a] for a in axes], np.int64)),
-                      _add_init(model, f"{src}_ends", np.array([end[a] for a in axes], np.int64)),
-                      _add_init(model, f"{src}_axes", np.array(axes, np.int64))], [src],
-            name=src))
-    channels = end[1] - begin[1]
-    weight = _add_init(model, f"{out}_select", np.ones((channels, 1, 1, 1), np.float32))
-    nodes.append(helper.make_node("Conv", [src, weight], [out], name=f"{out}_stride", group=channels,
-                                  kernel_shape=[1, 1], strides=stride))
-    return nodes
-
-
-def _drop_dead(model: onnx.ModelProto) -> None:
-    """Nodes nothing reads any more (a bypassed Reshape) and initializers no node reads (a transposed
-    weight's original)."""
-    g = model.graph
-    live = {o.name for o in g.output}
-    kept = []
-    for n in reversed(list(g.node)):
-        if any(o in live for o in n.output):
-            kept.append(n)
-            live.update(n.input)
-    del g.node[:]
-    g.node.extend(reversed(kept))
-    inits = [i for i in g.initializer if i.name in live]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-
-
-def _differs(a: onnx.ModelProto, b: onnx.ModelProto, spec: ModelSpec | None) -> str | None:
-    """Why graph b does not compute what a does on one random input (ONNX Runtime), or None."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        sa, sb = (ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                  for m in (a, b))
-    except Exception as e:  # a rewrite ONNX Runtime cannot load is simply not used
-        return f"ONNX Runtime cannot load it ({type(e).__name__})"
-    rng = np.random.default_rng(0)
-    shapes = {i.name: i.shape for i in spec.inputs} if spec is not None else {}
-    feeds = {}
-    for i in sa.get_inputs():
-        shape = shapes.get(i.name) or [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-        feeds[i.name] = (rng.standard_normal(shape).astype(np.float32) if "float" in i.type
-                         else np.zeros(shape, np.int64 if "int64" in i.type else np.int32))
-        if "float16" in i.type:
-            feeds[i.name] = feeds[i.name].astype(np.float16)
-    for name, x, y in zip([o.name for o in sa.get_outputs()], sa.run(None, feeds), sb.run(None, feeds)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        tolerance = 1e-4 * max(1.0, float(np.abs(x).max(initial=0)))
-        if x.shape != y.shape or not np.allclose(x, y, rtol=1e-4, atol=tolerance):
-            return f"output {name} changed"
-    return None
-
-
-def _run_pnnx(model: onnx.ModelProto, spec: ModelSpec, tmp: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    import pnnx
-
-    shapes = ",".join("[" + ",".join(str(d) for d in i.shape) + "]" for i in spec.inputs)
-    src = tmp / "model.onnx"
-    if model.ir_version > PNNX_MAX_IR_VERSION:  # pnnx embeds an older ONNX Runtime
-        model = copy.copy(model)
-        model.ir_version = PNNX_MAX_IR_VERSION
-    onnx.save(model, src)
-    try:  # fp16=0: edgekit chooses the storage per layer afterwards
-        r = subprocess.run([pnnx.EXEC_PATH, str(src), f"inputshape={shapes}", "fp16=0"], cwd=tmp,
-                           capture_output=True, text=True, timeout=PNNX_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise EdgekitError(f"pnnx did not finish in {PNNX_TIMEOUT_S} s") from None
-    return r, tmp / "model.ncnn.param", tmp / "model.ncnn.bin"
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_WARNING = re.compile(r"\b(not supported|unsupported|not implemented)\b", re.IGNORECASE)
-
-
-def pnnx_warnings(log: str) -> list[str]:
-    """pnnx's own complaints ("slice with step 2 is not supported", "permute 5-rank tensor is not supported
-    yet!"), each once with its count; ONNX Runtime's log lines inside pnnx are not pnnx's."""
-    counts: dict[str, int] = {}
-    for line in log.splitlines():
-        line = _ANSI.sub("", line).strip()
-        if _WARNING.search(line) and "onnxruntime" not in line and len(line) < 300:
-            counts[line] = counts.get(line, 0) + 1
-    return [f"{w} (x{n})" if n > 1 else w for w, n in counts.items()]
-
-
-# pnnx op (Tensor.slice, torch.gather, F.unfold...) -> the ONNX ops it comes from, to name the node
-_PNNX_TO_ONNX = {"slice": ("Slice",), "reshape": ("Reshape", "Flatten", "Squeeze", "Unsqueeze"), "view": ("Reshape",),
-                 "permute": ("Transpose",), "expand": ("Expand",), "repeat": ("Tile",), "select": ("Gather",),
-                 "index_select": ("Gather",), "gather": ("Gather", "GatherElements", "GatherND"),
-                 "scatter": ("ScatterElements", "ScatterND"), "unfold": ("Im2Col",), "pad": ("Pad",),
-                 "cat": ("Concat",), "split": ("Split",), "tile": ("Tile",), "flip": ("Slice",)}
-
-
-def refuse_unconvertible(param: Path, pnnx_param: Path, model: onnx.ModelProto, warnings: list[str]) -> None:
-    """Raise UnsupportedOp when pnnx left layers ncnn has no implementation for (types ncnn's layer registry
-    does not know: `Tensor.slice`, `pnnx.Expression`, ...), naming the first one's ONNX node and pnnx's
-    warning for it, on one line."""
-    import ncnn
-
-    bad: dict[str, list[str]] = {}
-    for line in param.read_text().splitlines()[2:]:
-        f = line.split()
-        if len(f) >= 2 and ncnn.layer_to_index(f[0]) < 0:
-            bad.setdefault(f[0], []).append(f[1])
-    if bad:
-        kind, layers = next(iter(bad.items()))
-        word = kind.rsplit(".", 1)[-1].lower()
-        warning = next((w for w in warnings if w.lower().startswith(word)), warnings[0] if warnings else "")
-        others = sum(len(v) for v in bad.values()) - 1
-        more = f" (and {others} more pnnx op{'s' if others > 1 else ''} ncnn lacks)" if others else ""
-        why = f"pnnx: {warning}; " if warning else ""
-        raise UnsupportedOp(f"{_where(model, pnnx_param, layers[0], word, kind)} is not supported by ncnn: {why}"
-                            f"pnnx left {kind}, which ncnn cannot load{more}; rewrite that part of the model or "
-                            "build for another backend")
-    problem = _load_param_problem(param)
-    if problem:  # a known layer with params ncnn rejects ("layer load_param 6 GRU_1 failed")
-        layer, kind = problem
-        raise UnsupportedOp(f"{_where(model, pnnx_param, layer, kind.lower(), kind)} is not supported by ncnn: "
-                            f"ncnn cannot load pnnx's {kind} layer {layer} (its load_param fails); rewrite that "
-                            "part of the model or build for another backend")
-
-
-def _where(model: onnx.ModelProto, pnnx_param: Path, layer: str, word: str, kind: str) -> str:
-    node = _onnx_node_of(model, pnnx_param, layer, word)
-    return f"op {node.op_type} (node '{node.name or node.output[0]}')" if node is not None else f"a node (pnnx {kind})"
-
-
-def _load_param_problem(param: Path) -> tuple[str, str] | None:
-    """(layer, type) of the first layer ncnn's load_param rejects, or None when the param file loads. ncnn
-    writes its reason to the C stderr; it is captured here, not left as a stray line in the console."""
-    import ncnn
-
-    net = ncnn.Net()
-    net.opt.use_vulkan_compute = False
-    with tempfile.TemporaryFile() as log:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
-        try:
-            ret = net.load_param(str(param))
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        log.seek(0)
-        text = log.read().decode(errors="replace")
-    net.clear()
-    if ret == 0:
-        return None
-    types = {f[1]: f[0] for f in (ln.split() for ln in param.read_text().splitlines()[2:]) if len(f) >= 2}
-    m = re.search(r"layer load_param \d+ (\S+) failed", text)
-    name = m.group(1) if m else next(iter(types), "?")
-    return name, types.get(name, "?")
-
-
-def _onnx_node_of(model: onnx.ModelProto, pnnx_param: Path, layer: str, word: str) -> onnx.NodeProto | None:
-    """The ONNX node a pnnx layer came from: pnnx keeps neither names nor order, so by op type and output
-    shape (pnnx.param records every blob's shape)."""
-    shape = None
-    if pnnx_param.exists():
-        for line in pnnx_param.read_text().splitlines():
-            f = line.split()
-            if len(f) > 4 and f[1] == layer:
-                nin, nout = int(f[2]), int(f[3])
-                outs = f[4 + nin:4 + nin + nout]
-                m = re.search(rf"#{re.escape(outs[0])}=\(([0-9,]*)\)", line) if outs else None
-                shape = [int(v) for v in m.group(1).split(",") if v] if m else None
-                break
-    ops = _PNNX_TO_ONNX.get(word) or tuple({n.op_type for n in model.graph.node if n.op_type.lower() == word}) or None
-    shapes = _shapes(model) if shape is not None else {}
-    candidates = [n for n in model.graph.node if ops is None or n.op_type in ops]
-    for n in candidates:
-        if shape is not None and n.output and shapes.get(n.output[0]) == shape:
-            return n
-    return candidates[0] if candidates and ops is not None else None

@@ -35,15 +35,14 @@ import numpy as np
 from edgekit.backends.ncnn.param_bin import NcnnLayer, NcnnModel, WeightBlob, to_mat
 from edgekit.console import progress
 from edgekit.errors import BadInput, EdgekitError
+from edgekit.quantize.calibration import EntropyCalibrator, MinMaxCalibrator, RangeCalibrator
 
 CALIBRATED = ("Convolution", "ConvolutionDepthWise", "InnerProduct")  # static input scale from calibration
 DYNAMIC = ("Gemm", "MultiHeadAttention")  # weight scales only: the runtime quantises their inputs per row
 QUANTIZABLE = CALIBRATED + DYNAMIC
 NOT_PORTED = ("Embed", "LSTM", "GRU", "RNN")  # ncnn2int8 quantises their weights; this port keeps them float
 METHODS = ("kl", "minmax")
-HISTOGRAM_BINS = 2048
-TARGET_BINS = 128
-KL_EPS = 1e-4
+CALIBRATORS: dict[str, type[RangeCalibrator]] = {"kl": EntropyCalibrator, "minmax": MinMaxCalibrator}
 Table = dict[str, np.ndarray]
 
 
@@ -103,39 +102,6 @@ def _winograd_6bit(layer: NcnnLayer) -> bool:
             and layer.int(3, 1) == 1 and layer.int(13, layer.int(3, 1)) == 1)
 
 
-def kl_threshold_bin(histogram: np.ndarray, target_bins: int = TARGET_BINS) -> int:
-    """The histogram bin count whose clipped distribution is closest (KL) to its 128-level quantisation,
-    as ncnn2table computes it: quantised levels are averaged densities spread back over the bins they
-    cover, and both distributions carry a small epsilon so empty bins do not make the divergence infinite."""
-    total = histogram.sum()
-    n = len(histogram)
-    if total == 0:
-        return n - 1
-    h = histogram.astype(np.float64) / total
-    cumulative = np.concatenate([[0.0], np.cumsum(h)])
-    grid = np.arange(n + 1, dtype=np.float64)
-    tail = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])  # tail[t] = sum(h[t:])
-    best_kl, best = np.inf, target_bins
-    for t in range(target_bins, n):
-        per_bin = t / target_bins
-        edges = np.arange(target_bins + 1) * per_bin
-        edges[-1] = t
-        density = np.diff(np.interp(edges, grid, cumulative)) / per_bin
-        k = np.arange(t, dtype=np.float64)
-        j0 = np.minimum((k / per_bin).astype(np.int64), target_bins - 1)
-        boundary = (j0 + 1) * per_bin
-        split = boundary < k + 1  # a level boundary falls inside bin k
-        first = np.where(split, boundary - k, 1.0)
-        j1 = np.minimum(j0 + 1, target_bins - 1)
-        expanded = KL_EPS + first * density[j0] + np.where(split, (k + 1 - boundary) * density[j1], 0.0)
-        clipped = h[:t] + KL_EPS
-        clipped[t - 1] += tail[t]
-        kl = float(np.sum(clipped * np.log(clipped / expanded)))
-        if kl < best_kl:
-            best_kl, best = kl, t
-    return best
-
-
 def calibration_table(param: Path, bin_: Path, batches: Sequence[dict[str, np.ndarray]], method: str = "kl",
                       exclude: Iterable[str] = (), threads: int | None = None) -> Table:
     """ncnn2table: {"<layer>_param_0": weight scales, "<layer>": input-blob scale} for every quantisable
@@ -156,32 +122,21 @@ def calibration_table(param: Path, bin_: Path, batches: Sequence[dict[str, np.nd
     blobs = [layer.bottoms[0] for layer in layers]
     if not blobs:
         return table
-    absmax = np.zeros(len(blobs))
+    unique = list(dict.fromkeys(blobs))  # layers reading the same blob share its scale
+    calibrator = CALIBRATORS[method](unique)
     with _FloatNet(param, bin_, threads) as net, progress() as bar:
-        task = bar.add_task("ncnn calibration: blob ranges", total=len(batches))
-        for feeds in batches:
-            for i, x in enumerate(net.extract(feeds, blobs)):
-                absmax[i] = max(absmax[i], float(np.abs(x).max(initial=0.0)))
-            bar.advance(task)
-        if method == "kl":
-            histograms = np.zeros((len(blobs), HISTOGRAM_BINS), dtype=np.int64)
-            task = bar.add_task("ncnn calibration: histograms", total=len(batches))
+        for p, what in enumerate(calibrator.pass_names):
+            task = bar.add_task(f"ncnn calibration: {'blob ' if p == 0 else ''}{what}", total=len(batches))
             for feeds in batches:
-                for i, x in enumerate(net.extract(feeds, blobs)):
-                    if absmax[i] == 0:
-                        continue
-                    v = np.abs(x[x != 0])
-                    index = np.minimum((v / absmax[i] * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
-                    histograms[i] += np.bincount(index, minlength=HISTOGRAM_BINS)
+                calibrator.collect(net.extract(feeds, unique), p)
                 bar.advance(task)
-            task = bar.add_task("ncnn calibration: KL thresholds", total=len(blobs))
-            thresholds = []
-            for i in range(len(blobs)):
-                thresholds.append((kl_threshold_bin(histograms[i]) + 0.5) * absmax[i] / HISTOGRAM_BINS)
-                bar.advance(task)
-        else:
-            thresholds = list(absmax)
-    for layer, threshold in zip(layers, thresholds):
+        task = bar.add_task(f"ncnn calibration: {calibrator.method.upper()} thresholds", total=len(unique))
+        thresholds = {}
+        for blob in unique:
+            thresholds[blob] = calibrator.threshold(blob)
+            bar.advance(task)
+    for layer, blob in zip(layers, blobs):
+        threshold = thresholds[blob]
         table[layer.name] = np.array([127.0 / threshold if threshold > 0 else 1.0], dtype=np.float32)
     return table
 

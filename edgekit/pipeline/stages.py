@@ -15,7 +15,8 @@ from edgekit.console import note, progress
 from edgekit.data import DataSplit, Preprocess
 from edgekit.ingest import ModelSpec, ingest
 from edgekit.planning.types import ArtifactPlan
-from edgekit.profiling.timing import Latency, ProfileSettings, peak_memory_mb, time_artifacts
+from edgekit.profiling.measurer import LocalMeasurer
+from edgekit.profiling.timing import Latency, ProfileSettings, peak_memory_mb
 from edgekit.targets import Target
 from edgekit.verify.verifier import run_all
 
@@ -98,7 +99,7 @@ class CachedStages:
             return {k: Latency(**v) for k, v in cached.items()}
         with progress() as bar:
             bar.add_task("profiling (interleaved, own process)", total=None)
-            latencies = time_artifacts(timed, feeds, settings, threads)
+            latencies = LocalMeasurer(threads).measure(timed, feeds, settings)
         self.cache.put_json("timing", key, {k: v.to_dict() for k, v in latencies.items()})
         return latencies
 

@@ -272,7 +272,8 @@ def _playoff(candidates: list[Candidate], sources: dict[str, tuple[_Round, str]]
              base: _Round) -> None:
     """The candidates measured here within PLAYOFF_MARGIN of the fastest are timed again, longer, in one
     interleaved run of their own: a fast model's ranking from the short first rounds is mostly noise."""
-    from edgekit.profiling.timing import ProfileSettings, time_artifacts
+    from edgekit.profiling.measurer import LocalMeasurer
+    from edgekit.profiling.timing import ProfileSettings
 
     here = [c for c in candidates if c.verdict == "ok" and c.measured_ms is not None and c.where.startswith("local:")]
     if len(here) < 2:
@@ -291,7 +292,7 @@ def _playoff(candidates: list[Candidate], sources: dict[str, tuple[_Round, str]]
     settings = ProfileSettings(seconds=max(2 * opts.profile.seconds, 3.0), min_runs=max(opts.profile.min_runs, 200))
     note(f"planner: {len(finalists)} candidates within {PLAYOFF_MARGIN:.0%} of the fastest: timing them again, "
          f"longer, side by side")
-    latencies = time_artifacts(arts, feeds, settings, threads)
+    latencies = LocalMeasurer(threads).measure(arts, feeds, settings)
     # The others stay comparable: scaled by how much the finalists' times moved between the two runs.
     drift = float(np.median([latencies[c.key].p50 / c.latency_ms for c in finalists]))
     final_keys = {c.key for c in finalists}
@@ -308,14 +309,16 @@ def _measure_on_device(r: _Round, device: Any, opts: BuildOptions) -> None:
     where: ssh://...). The device runner reads a package, so the round is written as one first."""
     from edgekit.packaging.model import Package
     from edgekit.pipeline.assemble import write_package
-    from edgekit.profiling.device import RemoteSettings, profile_package
+    from edgekit.profiling.measurer import DeviceMeasurer
+    from edgekit.profiling.timing import ProfileSettings
 
     note(f"planner: measuring {len(r.manifest['artifacts'])} candidates on {device.name}")
     write_package(r.path, r.manifest, r.evaluation.plan, r.evaluation.preprocess)
-    latencies = profile_package(r.path, device, RemoteSettings(seconds=opts.profile.seconds,
-                                                               min_runs=opts.profile.min_runs))
-    # as profile_package recorded them in the package's manifest
-    r.manifest = Package(r.path, r.manifest).with_device_latencies(latencies).to_dict()
+    measurer = DeviceMeasurer(device, r.path)
+    measurer.measure({a["key"]: r.artifacts[a["key"]] for a in r.manifest["artifacts"]}, {},
+                     ProfileSettings(seconds=opts.profile.seconds, min_runs=opts.profile.min_runs))
+    # the device's whole records (where: ssh://..., conditions), as the package's manifest now holds them
+    r.manifest = Package(r.path, r.manifest).with_device_latencies(measurer.records).to_dict()
 
 
 def _device(name: str | None, target: Target) -> Any:

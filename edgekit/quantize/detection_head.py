@@ -42,7 +42,10 @@ def looks_like_detector(spec: Any) -> str | None:
     - several outputs, one with a box axis (4 coordinates, or 4 x bins of a distribution-focal branch)
       and another with the same number of anchors (boxes [1, N, 4] + scores [1, N, C], or per-cell maps)."""
     shapes = [(o.name, [d if isinstance(d, int) else 0 for d in o.shape]) for o in spec.outputs]
+    distributions = _softmax_outputs(spec)
     for name, shape in shapes:
+        if name in distributions:  # a class distribution per position (a text recogniser's [1, 40, 6625])
+            continue
         if len(shape) == 3 and (axis := slice_axis(shape)) is not None and shape[axis] >= 5:
             anchors = shape[3 - axis]
             if anchors >= MIN_ANCHORS:
@@ -60,6 +63,27 @@ def looks_like_detector(spec: Any) -> str | None:
                     return (f"outputs {name} {shape} (box coordinates along axis {axis}) and {other} {oshape} "
                             f"for {anchors} anchors")
     return None
+
+
+LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")  # move values, never change them
+
+
+def _softmax_outputs(spec: Any) -> set[str]:
+    """Outputs a Softmax (or LogSoftmax) makes: a class distribution over positions, never a detector's
+    concatenated boxes and scores (which end in Concat, their scores in Sigmoid)."""
+    try:
+        graph = spec.load().graph
+    except Exception:  # a spec without a model file (tests build ModelSpecs by hand): shapes decide alone
+        return set()
+    producer = {t: n for n in graph.node for t in n.output}
+    found = set()
+    for o in graph.output:
+        node = producer.get(o.name)
+        while node is not None and node.op_type in LAYOUT_OPS:  # paddle2onnx reshapes after the softmax
+            node = producer.get(node.input[0]) if node.input else None
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            found.add(o.name)
+    return found
 
 
 def _box_axes(shape: list[int]) -> list[int]:

@@ -295,3 +295,78 @@ def test_planner_never_packages_an_artifact_whose_scores_failed(yolo: dict[str, 
     assert ort["verdict"] == "rejected" and "score IoU" in ort["reason"] and not ort["chosen"]
     picked = next(c for c in m["candidates"] if c["chosen"])
     assert picked["verdict"] == "ok" and picked["key"] == chosen["key"]
+
+
+def _recogniser_like(rng: np.random.Generator, n: int = 12, steps: int = 40, classes: int = 2000) -> np.ndarray:
+    """[n, steps, classes]: a text recogniser's per-step softmax (PP-OCR rec: [1, 40, 6625]), one sharp peak
+    and one runner-up per step, tails far below 1e-6."""
+    logits = rng.standard_normal((n, steps, classes)) * 2.0
+    rows, cols = np.arange(n)[:, None], np.arange(steps)[None, :]
+    logits[rows, cols, rng.integers(0, classes, (n, steps))] += 21.0
+    logits[rows, cols, rng.integers(0, classes, (n, steps))] += 17.0  # a runner-up near 1e-2
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def test_rank_order_is_judged_only_where_a_score_can_decide_something() -> None:
+    """FP16 stores a softmax's 1e-7 tails with a few significant bits: their order among themselves is
+    rounding, and judging it rejected a faithful FP16 text recogniser. Scores that matter still are judged."""
+    from edgekit.verify.metrics import RANK_FLOOR, _spearman
+
+    rng = np.random.default_rng(3)
+    ref = _recogniser_like(rng)
+    fp16 = ref.astype(np.float16).astype(np.float32)
+    v = compare([ref], [fp16], ["probs"], None, Thresholds(), "fp16")
+    o = v.outputs[0]
+    assert o.slice_axis == 1 and len(o.slices) == 40 and all(s.score_like for s in o.slices)
+    whole_order = _spearman(ref[:, 5].ravel(), fp16[:, 5].ravel())  # what was judged before: every value
+    assert whole_order < 0.9, whole_order
+    assert v.passed, v.failures
+    assert v.rank_correlation_min is not None and v.rank_correlation_min > Thresholds().min_rank_correlation
+    assert (ref >= RANK_FLOOR).sum() >= 40 * 12  # the peaks at least are ranked: the figure is not empty
+
+    # The artifact puts its mass on the wrong class in half the steps: the ranked values include both peaks.
+    wrong = fp16.copy()
+    for t in range(0, 40, 2):
+        top = wrong[:, t].argmax(-1)
+        wrong[np.arange(len(wrong)), t, top] = 1e-4
+        wrong[np.arange(len(wrong)), t, (top + 7) % wrong.shape[-1]] = 0.99
+    bad = compare([ref], [wrong], ["probs"], None, Thresholds(), "fp16")
+    assert not bad.passed
+    assert any("rank correlation" in f for f in bad.failures), bad.failures
+
+
+def test_a_slice_with_too_few_live_scores_has_no_rank_figure() -> None:
+    ref = np.full((4, 8, 64), 1e-5, np.float32)
+    ref[:, :, 0] = 0.5  # one live score per row and step: 4 per slice, fewer than RANK_MIN_VALUES
+    v = compare([ref], [ref * 1.001], ["p"], None, Thresholds())
+    s = v.outputs[0].slices[0]
+    assert s.rank_correlation is None and "rank correlation not judged" in (s.note or "")
+
+
+def test_a_softmax_over_positions_is_not_taken_for_a_detector(tmp_path: Path) -> None:
+    """PP-OCRv4's recogniser ends Softmax -> Reshape in [1, 40, 6625]: by shape alone a detector's 40 values for
+    6,625 anchors. A class distribution is no detection head; the same shape from a Concat still is one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekit.ingest import ingest
+    from edgekit.quantize.detection_head import looks_like_detector
+
+    def model(last: str) -> Path:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 40, 600])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 40, 600])
+        shape = helper.make_tensor("shape", TensorProto.INT64, [3], [1, 40, 600])
+        if last == "softmax":
+            nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+                     helper.make_node("Reshape", ["p", "shape"], ["y"])]
+        else:
+            nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Concat", ["s"], ["c"], axis=1),
+                     helper.make_node("Reshape", ["c", "shape"], ["y"])]
+        graph = helper.make_graph(nodes, last, [x], [y], [shape])
+        path = tmp_path / f"{last}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    assert looks_like_detector(ingest(str(model("softmax")), tmp_path / "a")) is None
+    assert "40 values per anchor" in (looks_like_detector(ingest(str(model("concat")), tmp_path / "b")) or "")

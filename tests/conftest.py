@@ -53,6 +53,15 @@ class CliResult:
         return lines[0]
 
 
+def build_bundled(out: Path, data: Path, precision: str, *extra: str | Path) -> Path:
+    """The bundled DefectNet built on ONNX Runtime into `out` (the fixture packages several test files share)."""
+    r = run_cli("build", BUNDLED_ONNX, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", precision,
+                "--calib", data / "calib", "--val", data / "val", "--preprocess", BUNDLED_PREPROCESS,
+                *extra, "--out", out, *FAST)
+    assert r.code == 0, r.stderr
+    return out
+
+
 def run_cli(*args: str | Path, cwd: Path | None = None) -> CliResult:
     """The real command in a fresh process, as a user runs it."""
     env = {**os.environ, "COLUMNS": "200"}

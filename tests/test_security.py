@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, REPO, read_manifest, run_cli
+from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, REPO, build_bundled, read_manifest, run_cli
 
 ARTIFACT = "onnxruntime-fp32"
 
@@ -26,11 +26,7 @@ ARTIFACT = "onnxruntime-fp32"
 @pytest.fixture(scope="module")
 def package(defects_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sec") / "pkg"
-    r = run_cli("build", BUNDLED_ONNX, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "fp32",
-                "--calib", defects_data / "calib", "--val", defects_data / "val", "--preprocess", BUNDLED_PREPROCESS,
-                "--val-samples", "40", "--out", out, *FAST)
-    assert r.code == 0, r.stderr
-    return out
+    return build_bundled(out, defects_data, "fp32", "--val-samples", "40")
 
 
 def _copy_with(package: Path, dest: Path, edit) -> Path:

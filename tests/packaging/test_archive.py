@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, read_manifest, run_cli
+from conftest import build_bundled, read_manifest, run_cli
 
 from edgekit.packaging.archive import ArchiveLimits as Limits
 from edgekit.packaging.archive import UnsafeArchive, safe_name, verify_archive
@@ -23,11 +23,7 @@ ARTIFACT = "onnxruntime-int8/model.onnx"
 @pytest.fixture(scope="module")
 def package(defects_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pkg") / "defectnet"
-    r = run_cli("build", BUNDLED_ONNX, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "fp32,int8",
-                "--calib", defects_data / "calib", "--val", defects_data / "val", "--preprocess", BUNDLED_PREPROCESS,
-                "--out", out, *FAST)
-    assert r.code == 0, r.stderr
-    return out
+    return build_bundled(out, defects_data, "fp32,int8")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import BUNDLED_ONNX, BUNDLED_PREPROCESS, FAST, read_manifest, run_cli
+from conftest import build_bundled, read_manifest, run_cli
 
 from edgekit.errors import BadInput
 from edgekit.packaging import compare
@@ -34,11 +34,7 @@ INT8 = "onnxruntime-int8"
 @pytest.fixture(scope="module")
 def package(defects_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "defectnet"
-    r = run_cli("build", BUNDLED_ONNX, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "fp32,int8",
-                "--calib", defects_data / "calib", "--val", defects_data / "val", "--preprocess", BUNDLED_PREPROCESS,
-                "--val-samples", "100", "--out", out, *FAST)
-    assert r.code == 0, r.stderr
-    return out
+    return build_bundled(out, defects_data, "fp32,int8", "--val-samples", "100")
 
 
 def _copy(package: Path, dest: Path, edit: Any = None) -> Path:

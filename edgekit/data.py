@@ -85,6 +85,20 @@ class Preprocess:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def input_frame(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """Where an image of this size lands in the model input: (sx, sy, ox, oy) with x_in = x * sx + ox and
+        y_in = y * sy + oy, exactly as `_resize` places it (so boxes and masks can be mapped both ways)."""
+        h, w = self.size
+        if self.resize == "stretch":
+            return w / width, h / height, 0.0, 0.0
+        if self.resize == "letterbox":
+            r = min(h / height, w / width)
+            nw, nh = max(1, round(width * r)), max(1, round(height * r))
+            return nw / width, nh / height, float((w - nw) // 2), float((h - nh) // 2)
+        r = max(h / height, w / width)
+        nw, nh = max(w, round(width * r)), max(h, round(height * r))
+        return nw / width, nh / height, -float((nw - w) // 2), -float((nh - h) // 2)
+
     @classmethod
     def default_for(cls, spec: TensorSpec) -> Preprocess:
         """What a plain image model expects when the user gives no spec: RGB in [0, 1]."""
@@ -147,6 +161,10 @@ class Dataset:
     labels: np.ndarray | None = None
     class_names: list[str] | None = None
     source: str = ""
+    # The image file of each sample and how it was preprocessed (image folders only): a task metric reads the
+    # sample's boxes or mask beside it and maps them into the model input's frame.
+    files: list[Path] | None = None
+    preprocess: Preprocess | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -200,7 +218,8 @@ class _Source:
                                f"{self.preprocess.scale:g}, mean {self.preprocess.mean}, std {self.preprocess.std}): "
                                "check scale, mean and std in the preprocess file")
             inputs = {name: out}
-        return Dataset(inputs, labels, self.class_names, self.where)
+        files = [self.files[i] for i in idx] if self.files is not None else None
+        return Dataset(inputs, labels, self.class_names, self.where, files, self.preprocess)
 
     def sample_bytes(self, spec: ModelSpec) -> int:
         """Memory one loaded sample takes (all inputs)."""
@@ -229,19 +248,25 @@ def classifier_classes(spec: ModelSpec) -> tuple[str, int] | None:
     return None
 
 
-def open_source(path: str | Path, spec: ModelSpec, preprocess: Preprocess | None, what: str) -> _Source:
+def open_source(path: str | Path, spec: ModelSpec, preprocess: Preprocess | None, what: str,
+                task: str = "auto") -> _Source:
     """Find the samples at `path` and check they fit the model; loads nothing heavy yet."""
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{what} data not found: {p}")
     if p.is_dir():
-        return _image_folder(p, spec, preprocess, what)
+        return _image_folder(p, spec, preprocess, what, task)
     if p.suffix == ".npz":
         return _npz(p, spec, what)
     raise BadInput(f"{what} data {p} is neither a folder of images nor an .npz file")
 
 
-def _image_folder(root: Path, spec: ModelSpec, pre: Preprocess | None, what: str) -> _Source:
+def dense_layout(root: Path) -> bool:
+    """A folder of images with their boxes or masks beside them: root/images + root/labels or root/masks."""
+    return (root / "images").is_dir() and ((root / "labels").is_dir() or (root / "masks").is_dir())
+
+
+def _image_folder(root: Path, spec: ModelSpec, pre: Preprocess | None, what: str, task: str = "auto") -> _Source:
     if len(spec.inputs) != 1:
         names = ", ".join(i.name for i in spec.inputs)
         raise BadInput(f"the model has {len(spec.inputs)} inputs ({names}); give {what} data as .npz")
@@ -255,8 +280,12 @@ def _image_folder(root: Path, spec: ModelSpec, pre: Preprocess | None, what: str
         )
     if inp.dtype != "float32":
         raise BadInput(f"model input '{inp.name}' is {inp.dtype}; image folders give float32, use .npz")
+    if dense_layout(root):  # Ultralytics' detection layout (images/ + labels/) or images/ + masks/: no classes
+        root = root / "images"
     top = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if root.name == "images" or task in ("detect", "segment"):  # sub-folders of a detection set are not classes
+        classes = []
     files: list[Path] = []
     labels: list[int] = []
     if not top and classes:  # one sub-folder per class gives labels, in sorted order (as ImageFolder)
@@ -362,11 +391,13 @@ def prepare_data(
     val_samples: int = 500,
     holdout: float = 0.2,
     seed: int = 0,
+    task: str = "auto",
 ) -> DataSplit:
-    """Open, check and load calibration and validation data; without --val, hold out part of --calib."""
+    """Open, check and load calibration and validation data; without --val, hold out part of --calib.
+    `task` detect/segment: an image folder's sub-folders are never class labels."""
     rng = np.random.default_rng(seed)
-    csrc = open_source(calib, spec, preprocess, "calibration") if calib else None
-    vsrc = open_source(val, spec, preprocess, "validation") if val else None
+    csrc = open_source(calib, spec, preprocess, "calibration", task) if calib else None
+    vsrc = open_source(val, spec, preprocess, "validation", task) if val else None
     if csrc is None and vsrc is None:
         raise BadInput("no data: give --calib DIR|FILE.npz (and --val for held-out validation)")
     if vsrc is not None:

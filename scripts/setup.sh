@@ -14,5 +14,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # Ultralytics' YOLOv8 definition for the public-detector test: without its dependencies (torchvision would
   # replace the CPU torch pin; the rest is in the `public` extra)
   .venv/bin/python -m pip install --quiet --no-deps "ultralytics==8.4.190"
+  # NNCF compiles its PyTorch quantizer kernels on first use (about a minute): once here, not inside the
+  # first quantization-aware training run. A machine without a compiler only loses the head start.
+  .venv/bin/python -c "import nncf.torch; nncf.torch.force_build_cpu_extensions()" >/dev/null 2>&1 \
+    || echo "setup: NNCF's CPU extensions were not prebuilt; the first QAT run builds them" >&2
   touch "$stamp"
 fi

@@ -91,6 +91,12 @@ class Backend(ABC):
     # INT8 quantizes weighted layers only (the rest runs in float anyway): nodes to keep in float are
     # narrowed to the weighted ones (ncnn).
     int8_weighted_layers_only: ClassVar[bool] = False
+    # Takes a prequantized Q/DQ ONNX (QuantizationSettings.qdq_model: quantization-aware training's result) as
+    # its INT8 artifact; the recovery ladder's QAT rung is tried only where it does.
+    # The calibration methods (QuantizationSettings.method) that give this backend different ranges; the
+    # recovery ladder tries no other (NNCF has one way to calibrate: an "entropy" build is the minmax file).
+    calibration_methods: ClassVar[tuple[str, ...]] = ("minmax", "entropy", "percentile")
+    takes_qdq_onnx: ClassVar[bool] = False
     # Runs on a GPU/NPU target's accelerator (the cost model's accelerator figures); else on its CPU.
     runs_on_accelerator: ClassVar[bool] = False
     # pip distributions of the runtime, whose installed versions a detected (host) target reports.

@@ -19,6 +19,7 @@ from edgekit.errors import BadInput, EdgekitError
 from edgekit.quantize.attention import attention_nodes
 from edgekit.quantize.calibration import CalibrationReader, EntropyCalibrator, reference_ranges
 from edgekit.quantize.fp16_range import fp16_unsafe_nodes
+from edgekit.quantize.qdq_model import prequantized
 
 if TYPE_CHECKING:
     from edgekit.data import Dataset
@@ -113,6 +114,7 @@ class OnnxRuntimeBackend(Backend):
     precisions = ("fp32", "fp16", "int8")
     requires = ("onnxruntime",)
     int8_reduce_range = True  # x86 u8*s8 kernels without VNNI
+    takes_qdq_onnx = True  # a Q/DQ ONNX is what its own INT8 is
     install_hint = "pip install onnxruntime"
     runtime_distributions = ("onnxruntime",)
     device_modules = ("onnxruntime", "numpy")
@@ -150,6 +152,11 @@ class OnnxRuntimeBackend(Backend):
             shutil.copyfile(spec.onnx_path, out)
         elif plan.precision == "fp16":
             details, notes = self._fp16(spec, plan, out)
+        elif plan.precision == "int8" and plan.quantization is not None and plan.quantization.qdq_model:
+            # quantization-aware training's Q/DQ ONNX is the artifact, run as it is (no calibration)
+            src, quantizer = prequantized(plan.quantization.qdq_model)
+            shutil.copyfile(src, out)
+            details = {"quantizer": quantizer, "format": "QDQ", "qdq_model": "model.onnx"}
         elif plan.precision == "int8":
             if calibration is None or len(calibration) == 0:
                 raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")

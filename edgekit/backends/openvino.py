@@ -18,6 +18,7 @@ from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
 from edgekit.errors import BadInput, EdgekitError
 from edgekit.quantize.fp16_range import fp16_unsafe_nodes
+from edgekit.quantize.qdq_model import prequantized, with_float_weights
 
 if TYPE_CHECKING:
     from edgekit.data import Dataset
@@ -84,7 +85,9 @@ class OpenVinoBackend(Backend):
     requires = ("openvino", "nncf")
     install_hint = "pip install 'edgekit[openvino]'"
     accuracy_control = True  # nncf.quantize_with_accuracy_control
+    calibration_methods = ("minmax",)  # nncf.quantize has its own range estimators, not ONNX Runtime's methods
     int8_reduce_range = True  # NNCF overflow_fix, for x86 without VNNI
+    takes_qdq_onnx = True  # the ONNX frontend reads Q/DQ pairs as FakeQuantize
     runtime_distributions = ("openvino",)
     report_color = "#CC79A7"
     device_modules = ("openvino", "numpy")
@@ -140,6 +143,9 @@ class OpenVinoBackend(Backend):
             keep, notes, kept_constants = self._keep_fp32(spec, plan, model)
             details["keep_fp32"] = keep
             compress = True
+        elif plan.precision == "int8" and plan.quantization is not None and plan.quantization.qdq_model:
+            src, quantizer = prequantized(plan.quantization.qdq_model)  # QAT's Q/DQ -> FakeQuantize; no NNCF here
+            model, details["quantizer"] = ov.convert_model(with_float_weights(src)), quantizer
         elif plan.precision == "int8":
             if calibration is None or len(calibration) == 0:
                 raise BadInput("INT8 needs calibration data: pass --calib DIR|FILE.npz")
@@ -253,24 +259,47 @@ class OpenVinoBackend(Backend):
     @staticmethod
     def _with_accuracy_control(spec: ModelSpec, calibration: Dataset, model: Any, dataset: Any,
                                kwargs: dict[str, Any], plan: ArtifactPlan) -> Any:
-        """NNCF's own accuracy-aware loop, validated on the labelled calibration samples (never on the
-        held-out validation set that decides acceptance)."""
+        """NNCF's own accuracy-aware loop, validated on the calibration samples (never on the held-out validation
+        set that decides acceptance), in points: by the task metric where the plan carries one
+        (options["accuracy_control_metric"]: a callable of the outputs over all calibration batches, concatenated;
+        the recovery ladder sets it for its own build), else by the labels' accuracy. With a task metric (a
+        detector's mAP has no per-sample value) NNCF ranks the layers to revert by output differences; with labels
+        by per-sample hits. options: max_accuracy_drop (points, default 1), accuracy_control_iterations (NNCF's
+        max_num_iterations: at most that many layers reverted to float)."""
         import nncf
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-        labels = calibration.batch_labels(spec)
-        if labels is None:
-            raise BadInput("accuracy control needs labelled calibration data (class sub-folders or npz 'labels')")
         batches = calibration.batches(spec)
-        items = list(zip(batches, labels.reshape(len(batches), -1)))
+        metric = plan.options.get("accuracy_control_metric")
+        if metric is not None:
+            validation = dataset
 
-        def validate(compiled: Any, data: Any) -> float:
-            hits = [int(np.argmax(np.array(compiled(x)[0]).reshape(-1)) == y[0]) for x, y in data]
-            return float(np.mean(hits))
+            def validate(compiled: Any, data: Any) -> tuple[float | None, list[list[np.ndarray]]]:
+                outs = [[np.array(r[o]) for o in compiled.outputs] for r in (compiled(x) for x in data)]
+                if len(outs) != len(batches):  # NNCF probing with one item: the metric is over the whole set
+                    return None, outs
+                return float(metric([np.concatenate([np.asarray(b[i], np.float64) for b in outs])
+                                     for i in range(len(outs[0]))])), outs
+        else:
+            labels = calibration.batch_labels(spec)
+            if labels is None:
+                raise BadInput("accuracy control needs labelled calibration data (class sub-folders or npz 'labels') "
+                               "or a task metric (--task)")
+            validation = nncf.Dataset(list(zip(batches, labels.reshape(len(batches), -1))), lambda item: item[0])
 
-        max_drop = float(plan.options.get("max_accuracy_drop", 1.0)) / 100
+            def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
+                hits = [100.0 * float(np.argmax(np.array(compiled(x)[0]).reshape(-1)) == y[0]) for x, y in data]
+                return float(np.mean(hits)), hits
+
+        args = dict(kwargs)
+        if "advanced_parameters" in args:  # nncf.quantize's name; the accuracy-controlled one calls it so
+            args["advanced_quantization_parameters"] = args.pop("advanced_parameters")
+        if plan.options.get("accuracy_control_iterations"):
+            args["advanced_accuracy_restorer_parameters"] = AdvancedAccuracyRestorerParameters(
+                max_num_iterations=int(plan.options["accuracy_control_iterations"]))
         return nncf.quantize_with_accuracy_control(
-            model, dataset, nncf.Dataset(items, lambda item: item[0]), validate, max_drop=max_drop,
-            drop_type=nncf.DropType.ABSOLUTE, **{k: v for k, v in kwargs.items() if k != "fast_bias_correction"})
+            model, dataset, validation, validate, max_drop=float(plan.options.get("max_accuracy_drop", 1.0)),
+            drop_type=nncf.DropType.ABSOLUTE, **args)
 
 
 def _ignored_ops(spec: ModelSpec, model: Any, nodes: list[str], automatic: set[str] | None = None

@@ -66,6 +66,38 @@ def threshold_args(p: argparse.ArgumentParser) -> None:
                    help="score-like output slices: Spearman rank correlation with FP32 (default 0.9)")
 
 
+def task_args(p: argparse.ArgumentParser) -> None:
+    """What the model is for and how its outputs are judged (edgekit.tasks.evaluator.TaskSettings), and the
+    INT8 recovery ladder's budget; read by options.build_options."""
+    from edgekit.tasks.evaluator import TASKS, TaskSettings
+
+    d = TaskSettings()
+    g = p.add_argument_group("task metric (decides the verdict where there is one)")
+    g.add_argument("--task", default=d.task, choices=TASKS, help="classify: accuracy; detect: mAP50-95; segment: "
+                   "mIoU; auto (default): a [N, C] output is a classifier, anything else is judged by tensor "
+                   "figures only")
+    g.add_argument("--decoder", help="detect: how boxes are read from the outputs: yolov8 | yolov5 | yolox | "
+                   "module:function (your own, returning xyxy boxes, scores, classes per image)")
+    g.add_argument("--iou", type=float, default=d.iou, help=f"detect: NMS IoU threshold (default {d.iou})")
+    g.add_argument("--conf", type=float, default=d.conf, help=f"detect: confidence floor for mAP (default {d.conf})")
+    g.add_argument("--max-det", type=int, default=d.max_det, help=f"detect: boxes kept per image (default {d.max_det})")
+    g.add_argument("--val-annotations", metavar="FILE", help="detect: COCO JSON with the boxes of the --val images "
+                   "(default: Ultralytics labels/*.txt beside images/)")
+    g.add_argument("--mask-threshold", type=float, help="segment: a one-channel probability map is foreground "
+                   "above this (default 0.5)")
+    g.add_argument("--max-metric-drop", type=float, metavar="POINTS", help="points of mAP50-95, mIoU or accuracy an "
+                   "artifact may lose against FP32 (default: --max-accuracy-drop, 1.0)")
+    g.add_argument("--strict-tensors", action="store_true", help="the tensor figures (cosine, SNR, slices) bind too "
+                   "(default: with a task metric they are diagnostics)")
+
+
+def recovery_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recover-budget", default="15m", metavar="TIME", help="time the INT8 recovery ladder may spend "
+                   "per artifact, e.g. 900, 90s, 15m, 1h (default 15m)")
+    p.add_argument("--qat-epochs", type=int, default=3, help="epochs of the ladder's quantization-aware training "
+                   "rung (default 3)")
+
+
 def compress_args(p: argparse.ArgumentParser, build: bool) -> None:
     """Pruning and distillation (prune, distill, and build with --distill); read by options.compress_options."""
     g = p.add_argument_group("pruning and distillation (PyTorch path)")

@@ -11,8 +11,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekit import backends
-from edgekit.cli.args import compress_args, data_args, model_args, model_of, sample_args, threshold_args, timing_args
-from edgekit.cli.options import build_options, compress_options, rounding_precisions
+from edgekit.cli.args import (
+    compress_args,
+    data_args,
+    model_args,
+    model_of,
+    recovery_args,
+    sample_args,
+    task_args,
+    threshold_args,
+    timing_args,
+)
+from edgekit.cli.options import build_options, compress_options, rounding_precisions, task_values
 from edgekit.console import emit, err, out
 from edgekit.errors import BadInput, EdgekitError
 from edgekit.packaging.model import load_package
@@ -57,6 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--recover", default="auto", choices=["auto", "none"], help="INT8 that misses the thresholds: "
                    "auto (default) retries (7-bit weights / other calibration, NNCF accuracy control, the fewest "
                    "sensitive layers in float) before rejecting; none rejects it at once")
+    recovery_args(b)
+    task_args(b)
     b.add_argument("--dla-core", type=int, help="TensorRT targets with a DLA: build for this DLA core "
                    "(FP16/INT8; layers the DLA lacks fall back to the GPU)")
     b.add_argument("--device", help="also measure the package on this device over SSH (`edgekit devices`); "
@@ -98,7 +110,7 @@ def _options(args: argparse.Namespace, target: str, out_dir: str | None) -> Any:
         profile_seconds=args.profile_seconds, min_runs=args.min_runs, threads=args.threads,
         memory=not args.no_memory, force=args.force, dla_core=args.dla_core, plan=args.plan, train=args.train,
         device=args.device, cache=not args.no_cache, remeasure=args.remeasure, strict=args.strict,
-        recover=args.recover,
+        recover=args.recover, **task_values(args),
         detector_head=not args.no_detector_head,
         compress=compress_options(args, args.distill, rounding_precisions(args.precision))
         if args.prune or args.distill or args.low_rank else None,
@@ -130,6 +142,10 @@ def _print_build(result: Any) -> None:
     table = Table(title=f"{m['target']}: {m['source']['path']}")
     rows = artifact_rows(m)
     cols = ["backend", "precision", "bytes", "size", "p50 ms", "p99 ms", "speedup", "accuracy", "cosine", "verdict"]
+    if any(a["verification"].get("task") for a in m["artifacts"]):
+        cols.insert(cols.index("accuracy"), "task")
+        if all(a["verification"].get("accuracy") is None for a in m["artifacts"]):
+            cols.remove("accuracy")
     shown = {a["backend"] for a in m["artifacts"]}
     if len(shown) > 1 or any(b != backends.REFERENCE_BACKEND for b in shown):
         cols.insert(cols.index("speedup") + 1, "vs ORT fp32")

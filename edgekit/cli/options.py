@@ -38,10 +38,18 @@ def build_options(model: str, target: str, precision: str | list[str] | None = N
     max_accuracy_drop, ...) and profile_seconds / min_runs; TypeError on any other name."""
     from edgekit.pipeline.build import BuildOptions
     from edgekit.profiling.timing import ProfileSettings
+    from edgekit.tasks.evaluator import TaskSettings
     from edgekit.verify.verifier import Thresholds
 
     known = {f.name for f in fields(BuildOptions)}
     thresholds = {f.name: values.pop(f.name) for f in fields(Thresholds) if f.name in values}
+    task = {f.name: values.pop(f.name) for f in fields(TaskSettings) if f.name in values}
+    if task.get("max_metric_drop") is None:  # the older name's budget, or the default
+        task["max_metric_drop"] = thresholds.get("max_accuracy_drop", Thresholds().max_accuracy_drop)
+    if "task_settings" not in values:
+        values["task_settings"] = TaskSettings(**{k: v for k, v in task.items() if v is not None or k == "decoder"})
+    if isinstance(values.get("recover_budget"), str):
+        values["recover_budget"] = parse_duration(values["recover_budget"], "--recover-budget")
     profile = {k: values.pop(k) for k in ("profile_seconds", "min_runs") if k in values}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -50,6 +58,30 @@ def build_options(model: str, target: str, precision: str | list[str] | None = N
                         thresholds=Thresholds(**thresholds),
                         profile=ProfileSettings(seconds=profile.get("profile_seconds", 3.0),
                                                 min_runs=profile.get("min_runs", 50)), **values)
+
+
+def parse_duration(text: str | float, what: str) -> float:
+    """Seconds from 900, '90s', '15m' or '1h'."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        t = text.strip().lower()
+        unit = {"s": 1, "m": 60, "h": 3600}.get(t[-1:])
+        try:
+            seconds = float(t[:-1] if unit else t) * (unit or 1)
+        except ValueError:
+            raise BadInput(f"{what} {text!r}: give seconds, or a number with s, m or h (e.g. 15m)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise BadInput(f"{what} {text!r}: give a time >= 0")
+    return seconds
+
+
+def task_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The task and recovery options of args.task_args / args.recovery_args, as build_options takes them."""
+    return {"task": args.task, "decoder": args.decoder, "iou": args.iou, "conf": args.conf, "max_det": args.max_det,
+            "val_annotations": args.val_annotations, "mask_threshold": args.mask_threshold,
+            "max_metric_drop": args.max_metric_drop, "strict_tensors": args.strict_tensors,
+            "recover_budget": args.recover_budget, "qat_epochs": args.qat_epochs}
 
 
 def compress_options(args: argparse.Namespace, distill: bool, precision: str = "fp32") -> CompressOptions:

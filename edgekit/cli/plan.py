@@ -6,8 +6,17 @@ import argparse
 
 from rich.table import Table
 
-from edgekit.cli.args import IMPORTANCE_CHOICES, data_args, model_args, model_of, sample_args, timing_args
-from edgekit.cli.options import build_options
+from edgekit.cli.args import (
+    IMPORTANCE_CHOICES,
+    data_args,
+    model_args,
+    model_of,
+    recovery_args,
+    sample_args,
+    task_args,
+    timing_args,
+)
+from edgekit.cli.options import build_options, task_values
 from edgekit.console import emit, out
 
 VERB = "plan"
@@ -36,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="distillation time per pruned candidate")
     p.add_argument("--importance", default="l1", choices=IMPORTANCE_CHOICES)
     p.add_argument("--device", help="measure the candidates on this device over SSH (`edgekit devices`)")
+    task_args(p)
+    recovery_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         model_of(args), args.target, args.precision, backend=args.backend,
         calib=args.calib, val=args.val, preprocess=args.preprocess, input_shapes=args.input_shape,
         weights=args.weights, calib_samples=args.calib_samples, val_samples=args.val_samples,
-        profile_seconds=args.profile_seconds, min_runs=args.min_runs, threads=args.threads, memory=False)
+        profile_seconds=args.profile_seconds, min_runs=args.min_runs, threads=args.threads, memory=False,
+        max_accuracy_drop=args.max_accuracy_drop, **task_values(args))
     budgets = Budgets(args.max_accuracy_drop, args.max_latency_ms, args.max_size_mb, args.objective)
     prune = None
     if args.prune:

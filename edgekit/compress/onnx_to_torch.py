@@ -549,6 +549,40 @@ def _concat(b: _Builder, node: onnx.NodeProto) -> list[Value]:
     return [b.call(torch.cat, [b.tensor(i) for i in node.input], dim=int(_attrs(node)["axis"]))]
 
 
+def _slice(b: _Builder, node: onnx.NodeProto) -> list[Value]:
+    """Constant starts/ends/axes/steps (inputs from opset 10, attributes before) as one Python index: its
+    clamping of out-of-range ends (ONNX writes INT64_MAX for "to the end") is ONNX's."""
+    a = _attrs(node)
+    if b.opset < 10:
+        starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+    else:
+        starts, ends = b.const(node, 1, "starts"), b.const(node, 2, "ends")
+        axes, steps = b.optional_const(node, 3), b.optional_const(node, 4)
+    rank = len(b.input_shape(node))
+    axes = list(range(len(starts))) if axes is None else [int(x) % rank for x in axes]
+    steps = [1] * len(starts) if steps is None else [int(x) for x in steps]
+    index: list[slice] = [slice(None)] * rank
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[axis] = slice(int(start), int(end), step)
+    return [b.call(_getitem, b.tensor(node.input[0]), tuple(index))]
+
+
+def _getitem(x: torch.Tensor, index: tuple[slice, ...]) -> torch.Tensor:
+    if any(s.step is not None and s.step < 0 for s in index):  # torch has no negative steps: flip, then slice
+        dims = [i for i, s in enumerate(index) if s.step is not None and s.step < 0]
+        size = [x.shape[i] for i in dims]
+        x = torch.flip(x, dims)
+        index = tuple(_flipped(s, size[dims.index(i)]) if i in dims else s for i, s in enumerate(index))
+    return x[index]
+
+
+def _flipped(s: slice, n: int) -> slice:
+    """slice(start, stop, -k) over n elements as a positive-step slice of the flipped axis."""
+    start, stop, step = s.indices(n)
+    count = len(range(start, stop, step))
+    return slice(n - 1 - start, n - 1 - start + count * -step, -step)
+
+
 def _softmax(b: _Builder, node: onnx.NodeProto) -> list[Value]:
     fn = torch.softmax if node.op_type == "Softmax" else torch.log_softmax
     x = b.tensor(node.input[0])
@@ -747,6 +781,7 @@ _CONVERTERS: dict[str, Converter] = {
     "Flatten": _flatten,
     "Reshape": _reshape,
     "Concat": _concat,
+    "Slice": _slice,
     "Resize": _resize,
     "Upsample": _resize,
     "Softmax": _softmax,

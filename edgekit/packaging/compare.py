@@ -116,6 +116,10 @@ def compare(a: Package, b: Package, opts: CompareOptions | None = None) -> dict[
         row["accuracy"] = _pair(va.get("accuracy"), vb.get("accuracy"), ratio=False)
         if row["accuracy"]["a"] is not None and row["accuracy"]["b"] is not None:
             row["accuracy"]["change_points"] = round(100 * (row["accuracy"]["b"] - row["accuracy"]["a"]), 4)
+        ta, tb = va.get("task") or {}, vb.get("task") or {}
+        same = ta.get("metric") == tb.get("metric")  # accuracy and mAP do not subtract
+        row["task"] = {**_pair(ta.get("value") if same else None, tb.get("value") if same else None, ratio=False),
+                       "metric": ta.get("metric") or tb.get("metric")}
         row["cosine"] = _pair(va.get("cosine_min"), vb.get("cosine_min"), ratio=False)
         row["verdict"] = {"a": _verdict(ra), "b": _verdict(rb)}
         row["settings"] = _diff(_flat((ra or {}).get("details") or {}), _flat((rb or {}).get("details") or {})) \
@@ -421,9 +425,14 @@ def _latency_check(row: dict[str, Any], limits: RegressionLimits, add: Any) -> N
 
 
 def _accuracy_check(row: dict[str, Any], limits: RegressionLimits, add: Any, other_data: bool) -> None:
-    k, acc, cos = row["key"], row["accuracy"], row["cosine"]
+    k, acc, cos, task = row["key"], row["accuracy"], row["cosine"], row.get("task") or {}
     caveat = "the packages were validated on different data" if other_data else ""
-    if acc["a"] is not None and acc["b"] is not None:
+    if task.get("a") is not None and task.get("b") is not None and task.get("metric") != "accuracy":
+        drop = round(task["a"] - task["b"], 4)  # the task metric that decided, in points (mAP50-95, mIoU)
+        add(k, task["metric"], f"drop <= {limits.accuracy_points:g} points",
+            f"{task['b']:.2f} vs {task['a']:.2f} ({-drop + 0.0:+.2f} points)",
+            "FAIL" if drop > limits.accuracy_points + 1e-9 else "PASS", drop, caveat)
+    elif acc["a"] is not None and acc["b"] is not None:
         drop = round(100 * (acc["a"] - acc["b"]), 4)
         add(k, "accuracy", f"drop <= {limits.accuracy_points:g} points",
             f"{acc['b']:.2%} vs {acc['a']:.2%} ({-drop + 0.0:+.2f} points)",

@@ -146,6 +146,8 @@ def artifact_rows(manifest: dict[str, Any]) -> list[dict[str, str]]:
             "speedup": f"{speed:.2f}x" if speed else "–",
             "vs ORT fp32": f"{a['speedup_vs_onnxruntime_fp32']:.2f}x" if a.get("speedup_vs_onnxruntime_fp32") else "–",
             "accuracy": _fmt(v.get("accuracy") if v.get("accuracy") is None else v["accuracy"] * 100, ".1f"),
+            # the task metric that decided, and its change against FP32 in points
+            "task": (f"{t['metric']} {t['value']:.1f} ({-t['drop_points']:+.1f})" if (t := v.get("task")) else "–"),
             "cosine": _fmt(v.get("cosine_min"), ".5f"),
             "SNR dB": _fmt(v.get("snr_db_min"), ".1f"),
             "top-1 agr.": _fmt(None if v.get("top1_agreement") is None else v["top1_agreement"] * 100, ".1f"),
@@ -212,6 +214,8 @@ def render_report(manifest: dict[str, Any]) -> str:
                 lines.append(f"- {k}: {val}")
         lines += [f"- Note: {n}" for n in a.get("notes", [])]
         lines.append("")
+    lines += _task_markdown(manifest)
+    lines += _recovery_markdown(manifest)
     lines += _planner_section(manifest)
     lines += _compression_section(manifest.get("compression"))
     if manifest["source"].get("notes"):
@@ -283,3 +287,129 @@ def _compression_section(c: dict[str, Any] | None) -> list[str]:
             lines.append(f"- {label}: {run['epochs_run']} epochs, {run['seconds']} s, best {run['metric']} "
                          f"{run['best_metric']:.2%} at epoch {run['best_epoch']} ({run['stopped']})")
     return [*lines, ""]
+
+
+# ---------------------------------------------------------------- task metric and recovery (report.md and .html)
+
+MAX_CLASS_BARS = 20  # classes drawn in the report's per-class chart; all are in the tables
+
+
+def task_artifacts(manifest: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(artifact, its verification.task) for every artifact a task metric judged."""
+    return [(a, t) for a in manifest.get("artifacts") or [] if isinstance(t := (a.get("verification") or {})
+                                                                             .get("task"), dict)]
+
+
+def per_class_rows(manifest: dict[str, Any]) -> list[tuple[str, float | None, dict[str, float | None], float]]:
+    """(class, FP32 value, {artifact key: value}, worst drop) for every class, worst drop first: the classes
+    INT8 hurt are the ones to read (the FP32 figure is the same reference for every artifact)."""
+    ref: dict[str, float | None] = {}
+    vals: dict[str, dict[str, float | None]] = {}
+    for a, t in task_artifacts(manifest):
+        for c in t.get("per_class") or []:
+            name = str(c.get("name"))
+            ref.setdefault(name, c.get("reference"))
+            vals.setdefault(name, {})[a["key"]] = c.get("value")
+    rows = []
+    for name, r in ref.items():
+        drops = [r - v for v in vals[name].values() if r is not None and v is not None]
+        rows.append((name, r, vals[name], max(drops, default=0.0)))
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i][3], i))  # stable: ties keep the class order
+    return [rows[i] for i in order]
+
+
+def kept_rung(q: dict[str, Any]) -> int | None:
+    """Index of the recovery rung whose result was kept: `kept` names its step, its setting or both."""
+    kept = q.get("kept")
+    rec = q.get("recovery") or []
+    if kept is None:
+        return None
+    for i, r in enumerate(rec):
+        names = {str(r.get("step")), str(r.get("setting")), f"{r.get('step')}: {r.get('setting')}",
+                 f"{r.get('step')} {r.get('setting')}", f"{r.get('step')} ({r.get('setting')})"}
+        if str(kept) in names:
+            return i
+    # The ladder stops at the first rung that meets the budgets: that one was kept.
+    return next((i for i, r in enumerate(rec) if r.get("passed")), None)
+
+
+def rung_metric(r: dict[str, Any]) -> str:
+    """'mAP50-95 37.20': the figure the rung reached (metric may be its name or, in older records, the value)."""
+    metric, value = r.get("metric"), r.get("value")
+    if isinstance(metric, (int, float)) and not isinstance(metric, bool) and value is None:
+        return f"{metric:.2f}"
+    return " ".join(x for x in (None if metric is None else str(metric),
+                                None if value is None else _fmt(value, ".2f")) if x) or "–"
+
+
+def _md(x: Any) -> str:
+    """A table cell: pipes and line breaks from a manifest must not break the row."""
+    return str(x).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _task_markdown(manifest: dict[str, Any]) -> list[str]:
+    dt, judged = (manifest.get("data") or {}).get("task") or {}, task_artifacts(manifest)
+    if not judged and not dt:
+        return []
+    lines = ["## Task metric", ""]
+    if dt.get("task"):
+        vs = "the labels" if dt.get("vs") == "labels" else "the FP32 model's own predictions (no labels)"
+        lines.append(f"Judged by {dt.get('metric')} ({dt.get('task')}) against {vs}; an artifact may lose at most "
+                     f"{_fmt(dt.get('max_metric_drop'))} points against FP32. Tensor figures are "
+                     + ("binding too (--strict-tensors)." if dt.get("strict_tensors") else "diagnostics only."))
+        if dt.get("task") == "detect":
+            lines.append(f"Decoder {dt.get('decoder')}, NMS IoU {_fmt(dt.get('iou'))}, "
+                         f"confidence {_fmt(dt.get('conf'))}.")
+    lines += [f"- Note: {_md(n)}" for n in dt.get("notes") or []]
+    if not judged:
+        return [*lines, "", "No task metric was computed: the tensor figures decided.", ""]
+    lines += ["", "| artifact | metric | value | FP32 | drop (points) | budget | vs | mAP50 (FP32) | samples | task | "
+              "verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a, t in judged:
+        m50 = f"{_fmt(t.get('map50'), '.2f')} ({_fmt(t.get('reference_map50'), '.2f')})" \
+            if t.get("map50") is not None else "–"
+        lines.append(f"| {_md(a['key'])} | {_md(t.get('metric'))} | {_fmt(t.get('value'), '.2f')} | "
+                     f"{_fmt(t.get('reference'), '.2f')} | {_fmt(t.get('drop_points'), '.2f')} | "
+                     f"{_fmt(t.get('max_drop'))} | {_md(t.get('vs'))} | {m50} | {_fmt(t.get('samples'))} | "
+                     f"{'within budget' if t.get('passed') else 'OVER budget'} | "
+                     f"{'ok' if a['verification'].get('passed') else 'REJECTED'} |")
+    rows = per_class_rows(manifest)
+    if rows:
+        keys = [a["key"] for a, _ in judged]
+        lines += ["", "### Per class (worst drop first)", "",
+                  "| class | FP32 | " + " | ".join(map(_md, keys)) + " | worst drop |",
+                  "|---|" + "---|" * (len(keys) + 2)]
+        lines += [f"| {_md(name)} | {_fmt(r, '.2f')} | " + " | ".join(_fmt(v.get(k), ".2f") for k in keys)
+                  + f" | {drop:.2f} |" for name, r, v, drop in rows]
+    for a, t in judged:
+        v = a["verification"]
+        if v.get("tensor_failures"):
+            binding = "binding (--strict-tensors)" if dt.get("strict_tensors") else "diagnostics (not binding)"
+            lines += ["", f"Tensor figures of {_md(a['key'])}, {binding}:",
+                      *[f"- {_md(f)}" for f in v["tensor_failures"]]]
+        lines += [f"- {_md(a['key'])}: {_md(n)}" for n in t.get("notes") or [] if n not in (dt.get("notes") or [])]
+    return [*lines, ""]
+
+
+def _recovery_markdown(manifest: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for a in manifest.get("artifacts") or []:
+        q = a.get("quantization")
+        if not isinstance(q, dict):
+            continue
+        floats = q.get("exclude_nodes") or []
+        lines += [f"### {_md(a['key'])}", "",
+                  f"Quantization: {_md(q.get('method'))} calibration on {_fmt(q.get('samples'))} samples"
+                  + (f", {len(floats)} node(s) in float" if floats else "")
+                  + (f"; kept from the rung {_md(q['kept'])}" if q.get("kept") else "") + "."]
+        rec, kept = q.get("recovery") or [], kept_rung(q)
+        if not rec:
+            lines += ["", "No recovery rung was tried (the first INT8 attempt met the budgets, or --recover none).", ""]
+            continue
+        lines += ["", "| # | rung | setting | reached | passed | seconds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {i + 1} | {_md(r.get('step'))}{' **(kept)**' if i == kept else ''} | "
+                  f"{_md(r.get('setting', ''))} | {_md(rung_metric(r))} | {'yes' if r.get('passed') else 'no'} | "
+                  f"{_fmt(r.get('seconds'), '.1f')} |"
+                  for i, r in enumerate(rec)]
+        lines.append("")
+    return ["## INT8 recovery", "", *lines] if lines else []

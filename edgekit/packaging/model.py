@@ -148,6 +148,10 @@ class VerificationRecord(_Record):
     worst_slices: list[dict[str, Any]] = field(default_factory=list)
     worst_slice: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    task: dict[str, Any] | None = None  # the task metric that decided (tasks.base.TaskResult.to_dict)
+    tensor_failures: list[str] = field(default_factory=list)
+    tensor_passed: bool | None = None
+    integrity_failures: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -172,12 +176,13 @@ class ArtifactRecord(_Record):
     notes: list[str] = field(default_factory=list)
     host_latency_ms: LatencyRecord | None = None  # this host's (or the estimate), once a device measured it
     device_latency_ms: LatencyRecord | None = None
+    quantization: dict[str, Any] | None = None  # INT8: settings kept and the recovery ladder's record
 
     _nested: ClassVar[dict[str, tuple[type[_Record], bool]]] = {
         "files": (FileRecord, True), "verification": (VerificationRecord, False),
         **{k: (LatencyRecord, False) for k in ("latency_ms", "reference_latency_ms", "host_latency_ms",
                                                "device_latency_ms")}}
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"host_latency_ms", "device_latency_ms"})
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"host_latency_ms", "device_latency_ms", "quantization"})
 
     @property
     def passed(self) -> bool:

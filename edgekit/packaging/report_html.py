@@ -22,7 +22,6 @@ from edgekit.packaging.report_svg import (
     PRECISION_COLORS,
     TOP_LAYERS,
     Point,
-    backend_color,
     esc,
     hbar_svg,
     layer_chart_svg,
@@ -31,30 +30,11 @@ from edgekit.packaging.report_svg import (
     shown_layers,
     si,
 )
-
-# One colour per backend everywhere on the page (Okabe-Ito: distinguishable with colour blindness).
-
-def _f(v: Any, spec: str = ".3f", suffix: str = "") -> str:
-    return "–" if v is None else format(v, spec) + suffix
-
-
-def _dot(backend: str) -> str:
-    return f'<span class="dot" style="background:{backend_color(backend)}"></span>'
-
-
-def _table(head: list[str], rows: list[list[str]], numeric: set[int] = frozenset(), cls: str = "sortable",
-           row_cls: list[str] | None = None) -> str:
-    """Cells are HTML already (callers escape); numeric columns align right and sort as numbers."""
-    th = "".join(f'<th{" class=n" if i in numeric else ""}>{h}</th>' for i, h in enumerate(head))
-    body = "".join(f'<tr{f" class={rc}" if (rc := (row_cls or [""] * len(rows))[j]) else ""}>'
-                   + "".join(f'<td{" class=n" if i in numeric else ""}>{c}</td>' for i, c in enumerate(r)) + "</tr>"
-                   for j, r in enumerate(rows))
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _section(id_: str, title: str, body: str) -> str:
-    return f'<section id="{id_}"><h2>{esc(title)}</h2>{body}</section>'
-
+from edgekit.packaging.report_svg import dot as _dot
+from edgekit.packaging.report_svg import fnum as _f
+from edgekit.packaging.report_svg import html_table as _table
+from edgekit.packaging.report_svg import section as _section
+from edgekit.packaging.report_task import recovery_section, task_section
 
 # ---------------------------------------------------------------- summary
 
@@ -93,8 +73,14 @@ def _summary(m: dict[str, Any]) -> str:
         est = " est." if lat.get("where") == "estimate" else ""
         fp32 = next((x["bytes"] for x in m["artifacts"] if x["backend"] == a["backend"] and x["precision"] == "fp32"),
                     (m.get("source") or {}).get("bytes"))
-        acc, ref = v.get("accuracy"), v.get("reference_accuracy")
-        if acc is not None and ref is not None:
+        acc, ref, task = v.get("accuracy"), v.get("reference_accuracy"), v.get("task")
+        acc_k = "Accuracy"
+        if isinstance(task, dict):  # the task metric decided the verdict: it is the figure to read first
+            drop = task.get("drop_points")
+            acc_k, acc_v = str(task.get("metric")), _f(task.get("value"), ".2f")
+            acc_s = (f"FP32 {_f(task.get('reference'), '.2f')} ({_f(None if drop is None else -drop + 0.0, '+.2f')} "
+                     f"points; vs {task.get('vs')})")
+        elif acc is not None and ref is not None:
             acc_v, acc_s = f"{acc:.1%}", f"FP32 {ref:.1%} ({(acc - ref) * 100:+.2f} points)"
         else:
             agr = v.get("top1_agreement")
@@ -109,7 +95,7 @@ def _summary(m: dict[str, Any]) -> str:
                   + f" · {esc(lat.get('where', ''))}"),
             _card("Speedup vs FP32", _f(a.get("speedup"), ".2f", "×"), f"same backend; {_f(vs_ort, '.2f', '×')} "
                   "vs ONNX Runtime FP32"),
-            _card("Accuracy", acc_v, esc(acc_s)),
+            _card(acc_k, esc(acc_v), esc(acc_s)),
         ]
     ok = bool(m.get("passed"))
     failed_n = sum(not x["verification"]["passed"] for x in m.get("artifacts", []))
@@ -434,14 +420,17 @@ def render_html(manifest: dict[str, Any], package_dir: Path | None = None) -> st
     m = manifest
     src = m.get("source") or {}
     name = Path(str(src.get("path", "model"))).name
-    sections = [_summary(m), _pareto_section(m), _layers_section(m), _verification_section(m, package_dir),
-                _compression_section(m), _device_section(m), _environment_section(m)]
-    titles = {"summary": "Summary", "pareto": "Trade-offs", "layers": "Per layer", "verification": "Verification",
-              "compression": "Compression", "device": "Device", "environment": "Environment"}
+    sections = [_summary(m), task_section(m, package_dir), _pareto_section(m), _layers_section(m),
+                _verification_section(m, package_dir), recovery_section(m), _compression_section(m),
+                _device_section(m), _environment_section(m)]
+    titles = {"summary": "Summary", "task": "Task metric", "pareto": "Trade-offs", "layers": "Per layer",
+              "verification": "Verification", "recovery": "INT8 recovery", "compression": "Compression",
+              "device": "Device", "environment": "Environment"}
     nav = "".join(f'<a href="#{k}">{v}</a>' for k, v in titles.items() if f'<section id="{k}">' in "".join(sections))
     sha = base64.b64encode(hashlib.sha256(JS.encode()).digest()).decode()
-    # No request can leave the page: nothing but the inline style and this exact script are allowed.
-    csp = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{sha}'; img-src data:"
+    # No request can leave the page: nothing but the inline style, this exact script and images beside the page
+    # (the package's report-images/ thumbnails) are allowed.
+    csp = f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{sha}'; img-src 'self' data:"
     verdict = '<span class="badge ok">passed</span>' if m.get("passed") else '<span class="badge bad">REJECTED</span>'
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{csp}">'

@@ -43,6 +43,30 @@ def backend_color(backend: str) -> str:
 
 
 
+# ---------------------------------------------------------------- HTML pieces every section uses
+
+def fnum(v: Any, spec: str = ".3f", suffix: str = "") -> str:
+    return "–" if v is None else format(v, spec) + suffix
+
+
+def dot(backend: str) -> str:
+    """One colour per backend everywhere on the page (Okabe-Ito: distinguishable with colour blindness)."""
+    return f'<span class="dot" style="background:{backend_color(backend)}"></span>'
+
+
+def html_table(head: list[str], rows: list[list[str]], numeric: set[int] = frozenset(), cls: str = "sortable",
+               row_cls: list[str] | None = None) -> str:
+    """Cells are HTML already (callers escape); numeric columns align right and sort as numbers."""
+    th = "".join(f'<th{" class=n" if i in numeric else ""}>{h}</th>' for i, h in enumerate(head))
+    body = "".join(f'<tr{f" class={rc}" if (rc := (row_cls or [""] * len(rows))[j]) else ""}>'
+                   + "".join(f'<td{" class=n" if i in numeric else ""}>{c}</td>' for i, c in enumerate(r)) + "</tr>"
+                   for j, r in enumerate(rows))
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def section(id_: str, title: str, body: str) -> str:
+    return f'<section id="{id_}"><h2>{esc(title)}</h2>{body}</section>'
+
 
 @dataclass
 class Point:
@@ -388,6 +412,9 @@ svg{display:block;max-width:100%;height:auto}svg text{font-family:inherit}
 .tick{font-size:11px;fill:#424a53}.axis{font-size:12px;font-weight:600;fill:#1f2328}.plabel{font-size:11px;fill:#1f2328}
 .dim{fill:#8c959f}.hscroll svg{max-width:none}
 footer{color:var(--muted);font-size:12px;margin:48px 0 24px}
+.examples{display:flex;flex-wrap:wrap;gap:16px;margin-top:8px}figure.ex{margin:0}
+.exbox{position:relative}.exbox img,.exbox svg{position:absolute;left:0;top:0;max-width:none}
+tr.kept td{background:#dafbe1;font-weight:650}
 """
 # Progressive enhancement only: click a header to sort. Without it every table is still complete.
 JS = """document.querySelectorAll("table.sortable").forEach(function(t){var hs=t.tHead.rows[0].cells;

@@ -29,6 +29,7 @@ from edgekit.version import __version__
 
 def write_package(folder: Path, manifest: dict[str, Any], plan: Plan, preprocess: Preprocess | None) -> None:
     """Every file of the package beside its artifacts; the manifest is validated before it is written."""
+    write_example_images(folder, manifest, preprocess)
     plan.save(folder / "plan.yaml")
     if preprocess:
         (folder / "preprocess.yaml").write_text(yaml.safe_dump(preprocess.to_dict(), sort_keys=False))
@@ -70,9 +71,14 @@ def assemble_manifest(opts: BuildOptions, target: Target, spec: ModelSpec, prepr
             "speedup_vs_onnxruntime_fp32": round(ort_ref.p50 / lat.p50, 4)
             if lat.p50 and (lat.where == "estimate") == (ort_ref.where == "estimate") else None,
             "peak_memory_mb": memory.get(a.key),
-            "details": a.details,
+            "details": {k: v for k, v in a.details.items() if k not in ("recovery", "recovery_kept")},
             "notes": notes,
         })
+        if ap.quantization is not None:  # INT8: the settings that were kept, and what the recovery ladder tried
+            records[-1]["quantization"] = {
+                "method": ap.quantization.method, "samples": ap.quantization.samples,
+                "exclude_nodes": list(ap.quantization.exclude_nodes),
+                "recovery": a.details.get("recovery", []), "kept": a.details.get("recovery_kept")}
     toolchain = {"edgekit": __version__, "python": platform.python_version()}
     for b in [backends.get(REFERENCE_BACKEND), *chosen]:
         toolchain.update(b.versions())
@@ -113,6 +119,49 @@ def assemble_manifest(opts: BuildOptions, target: Target, spec: ModelSpec, prepr
         "host": {**host["cpu"], "command": " ".join(sys.argv)},
         "artifacts": records,
     }
+
+
+def task_record(verifier: Any) -> dict[str, Any] | None:
+    """data.task: which task metric judged the artifacts and against what (None: tensor figures only)."""
+    ev = verifier.task
+    if ev is None:
+        return {"task": None, "notes": list(verifier.task_notes)} if verifier.task_notes else None
+    s = verifier.task_settings
+    record = {"task": ev.task, "metric": ev.metric, "vs": ev.vs, "max_metric_drop": s.max_metric_drop,
+              "strict_tensors": s.strict_tensors, "notes": list(ev.notes)}
+    if ev.task == "detect":
+        record.update(decoder=ev.decoder_name, iou=s.iou, conf=s.conf, max_det=s.max_det,
+                      annotations=Path(s.val_annotations).name if s.val_annotations else None)
+    return record
+
+
+def write_example_images(folder: Path, manifest: dict[str, Any], preprocess: Preprocess | None) -> None:
+    """The few images the report draws boxes on, as small JPEGs inside the package (report-images/), each
+    example's `image` rewritten to that relative path: a package never names a file outside itself."""
+    from PIL import Image
+
+    written: dict[str, str | None] = {}
+    for a in manifest["artifacts"]:
+        task = (a.get("verification") or {}).get("task") or {}
+        for ex in task.get("examples", []):
+            src = ex.get("image")
+            if src is None:  # .npz validation data: boxes on a blank frame
+                continue
+            if src not in written:
+                written[src] = None
+                try:
+                    with Image.open(src) as im:
+                        im = im.convert("RGB")
+                        if ex.get("frame") == "input" and preprocess is not None:
+                            im = preprocess._resize(im)
+                        im.thumbnail((320, 320))
+                        rel = f"report-images/{len(written)}.jpg"
+                        (folder / "report-images").mkdir(exist_ok=True)
+                        im.save(folder / rel, quality=85)
+                        written[src] = rel
+                except (OSError, ValueError, TypeError):
+                    pass  # no picture, only the per-class table: a drawing is never a reason to fail a build
+            ex["image"] = written[src]
 
 
 def record_compression(manifest: dict[str, Any], report: dict[str, Any], original: ModelSpec | None,

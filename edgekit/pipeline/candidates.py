@@ -5,23 +5,30 @@ and the planner both evaluate their candidates through here; timing is done for 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgekit import backends
 from edgekit.backends.base import Artifact
 from edgekit.console import note, progress
-from edgekit.data import DataSplit
+from edgekit.data import Dataset, DataSplit
 from edgekit.errors import BadInput, EdgekitError
 from edgekit.ingest import ModelSpec
 from edgekit.packaging.manifest import write_json
-from edgekit.pipeline.recovery import Rejected, recover_int8
+from edgekit.pipeline.recovery import RECOVERY_STEPS, Rejected, Step, recover_int8
 from edgekit.pipeline.stages import CachedStages
 from edgekit.planning.types import ArtifactPlan, Plan
+from edgekit.tasks.evaluator import TaskSettings, resolve_task
 from edgekit.verify.metrics import describe_slice
-from edgekit.verify.verifier import Thresholds, Verification, verify_outputs
+from edgekit.verify.verifier import Thresholds, Verification, apply_task, verify_outputs
 
 
 @dataclass
@@ -55,12 +62,16 @@ class CandidateContext:
     best_effort: bool  # BadInput of one artifact is recorded too (--backend all / --precision all)
     plan: Plan | None = None
     notes: list[str] = field(default_factory=list)
+    recover_budget_s: float = 900.0  # seconds the recovery ladder may spend on one artifact
+    train: str | None = None  # --train: data for the ladder's quantization-aware training
+    qat_epochs: int = 3
 
 
 def evaluate_candidate(ctx: CandidateContext, ap: ArtifactPlan) -> CandidateResult:
     """Export, verify, recover and (when still rejected) localise one artifact plan."""
     result = CandidateResult(ap)
     folder = ctx.root / result.key
+    start = time.monotonic()
     try:
         art = ctx.verifier.stages.export(ctx.spec, ap, ctx.data, folder)
     except EdgekitError as e:  # one converter failing must not lose the others: recorded
@@ -68,14 +79,29 @@ def evaluate_candidate(ctx: CandidateContext, ap: ArtifactPlan) -> CandidateResu
     try:
         v = ctx.verifier.check(art)
         if not v.passed and ap.precision == "int8" and ctx.recover:
-            art, v = recover_int8(Rejected(ctx.spec, ap, art, v, ctx.data, ctx.root, ctx.work, ctx.verifier,
-                                           ctx.plan))
+            rejected = Rejected(ctx.spec, ap, art, v, ctx.data, ctx.root, ctx.work, ctx.verifier, ctx.plan,
+                                budget_s=ctx.recover_budget_s, train=ctx.train, qat_epochs=ctx.qat_epochs,
+                                first_seconds=time.monotonic() - start)
+            art, v = recover_int8(rejected, recovery_ladder())
     except Exception as e:  # a runtime that cannot load or run it: that artifact fails, not the build
         return _failed(ctx, result, folder, "verification", e)
     if not v.passed:
         localise_into(ctx.spec, art, v, ctx.data, ctx.root, ctx.threads, ctx.thresholds)
     result.artifact, result.verification = art, v
     return result
+
+
+def recovery_ladder() -> tuple[Step, ...]:
+    """recovery.RECOVERY_STEPS, then quantization-aware training where edgekit.pipeline.qat_rung is installed
+    (it imports recovery for Attempt, so the rung is added here, not there: no import cycle)."""
+    if importlib.util.find_spec("edgekit.pipeline.qat_rung") is None:
+        return RECOVERY_STEPS
+    try:
+        from edgekit.pipeline.qat_rung import qat_rung
+    except ImportError as e:  # its own dependencies missing: the PTQ rungs still run
+        note(f"the QAT recovery rung is unavailable: {e}")
+        return RECOVERY_STEPS
+    return (*RECOVERY_STEPS, qat_rung)
 
 
 def _failed(ctx: CandidateContext, result: CandidateResult, folder: Path, stage: str,
@@ -119,18 +145,48 @@ class Verifier:
     """Reference outputs computed once; each artifact compared with them on the validation samples."""
 
     def __init__(self, spec: ModelSpec, reference: Artifact, data: DataSplit, thresholds: Thresholds,
-                 threads: int, stages: CachedStages) -> None:
-        self.stages = stages
+                 threads: int, stages: CachedStages, task: TaskSettings | None = None) -> None:
+        self.stages, self.spec, self.reference_artifact = stages, spec, reference
         self.batches = data.validation.batches(spec)
         if not self.batches:
             raise BadInput(f"validation data has fewer samples than the model's batch {spec.inputs[0].shape[0]}")
         self.labels = data.validation.batch_labels(spec)
         self.names = [o.name for o in spec.outputs]
         self.thresholds, self.threads = thresholds, threads
+        self.task_settings = task or TaskSettings()
         self.reference = stages.outputs(reference, self.batches, threads)
-        self.warnings = self._sanity() + self._detector_note(spec)
+        self.task, self.task_notes = resolve_task(spec, data.validation, self.task_settings, self.reference)
+        self.warnings = self._sanity() + ([] if self.task_settings.task == "detect" else self._detector_note(spec))
         for w in self.warnings:
             note(f"[yellow]warning[/yellow]: {w}")
+        for n in self.task_notes:
+            note(f"task: {n}")
+        if self.task is not None and self.task.reference is not None:
+            r = self.task.reference
+            note(f"task {self.task.task}: FP32 {self.task.metric} {r.value:.2f}"
+                 + (f", mAP50 {r.map50:.2f}" if r.map50 is not None else "") + f" (vs {self.task.vs})")
+
+    def judge(self, outputs: list[np.ndarray], precision: str | None) -> Verification:
+        """The verdict of outputs computed on `self.batches`: tensor figures, then the task metric deciding."""
+        v = verify_outputs(self.reference, outputs, self.names, self.labels, self.thresholds, precision)
+        if self.task is not None:
+            samples = len(self.reference[0])
+            apply_task(v, self.task.result(outputs, self.reference, self.task_settings.max_metric_drop, samples),
+                       self.task_settings.strict_tensors)
+        return v
+
+    def task_metric(self, dataset: Dataset) -> Callable[[list[np.ndarray]], float] | None:
+        """The task metric (points) of a model's outputs over `dataset` (its labels, or the FP32 model's predictions
+        on it), for a quantizer's own accuracy loop; None without a task metric."""
+        if self.task is None:
+            return None
+        batches = dataset.batches(self.spec)
+        reference = self.stages.outputs(self.reference_artifact, batches, self.threads)
+        ev, _ = resolve_task(self.spec, dataset, dataclasses.replace(self.task_settings, task=self.task.task),
+                             reference)
+        if ev is None:
+            return None
+        return lambda outputs: ev.score(outputs).value
 
     @staticmethod
     def _detector_note(spec: ModelSpec) -> list[str]:
@@ -168,9 +224,10 @@ class Verifier:
         with progress() as bar:
             bar.add_task(f"verifying {a.key}", total=None)
             out = self.stages.outputs(a, self.batches, self.threads)
-        v = verify_outputs(self.reference, out, self.names, self.labels, self.thresholds, a.precision)
+        v = self.judge(out, a.precision)
         centred = f" (mean-centred {v.centred_cosine_min:.5f})" if v.centred_cosine_min is not None else ""
-        note(f"verify {a.key}: cosine {v.cosine_min:.5f}{centred}, SNR {v.snr_db_min:.1f} dB"
+        note(f"verify {a.key}: " + (f"{v.task.summary()}; tensor figures: " if v.task is not None else "")
+             + f"cosine {v.cosine_min:.5f}{centred}, SNR {v.snr_db_min:.1f} dB"
              + (f", accuracy {v.accuracy:.1%} (FP32 {v.reference_accuracy:.1%})" if v.accuracy is not None else "")
              + (f"; worst slice {describe_slice(v.worst_slice)}" if v.worst_slice else "")
              + ("" if v.passed else f" -> REJECTED: {'; '.join(v.failures)}"))

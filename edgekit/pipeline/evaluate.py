@@ -23,7 +23,7 @@ from edgekit.console import note
 from edgekit.data import DataSplit, Preprocess, prepare_data
 from edgekit.errors import BadInput, EdgekitError
 from edgekit.ingest import ModelSpec, parse_input_shapes
-from edgekit.pipeline.assemble import assemble_manifest, layer_rows, record_compression
+from edgekit.pipeline.assemble import assemble_manifest, layer_rows, record_compression, task_record
 from edgekit.pipeline.candidates import CandidateContext, CandidateResult, Verifier, evaluate_candidate, public_error
 from edgekit.pipeline.options import RECOVER_MODES, BuildOptions
 from edgekit.pipeline.stages import CachedStages, compress_model
@@ -83,7 +83,8 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
         note(n)
     explicit = bool(opts.backend) and opts.backend != "all"
     sel.chosen = check_ops(spec, sel.chosen, explicit, sel.reasons)
-    data = prepare_data(spec, opts.calib, opts.val, preprocess, opts.calib_samples, opts.val_samples)
+    data = prepare_data(spec, opts.calib, opts.val, preprocess, opts.calib_samples, opts.val_samples,
+                        task=opts.task_settings.task)
     note(data.note)
     if sel.given_plan is not None and sel.given_plan.model_sha256 != spec.sha256:
         raise BadInput(f"plan {opts.plan} was made for another model (sha256 {sel.given_plan.model_sha256[:12]}, "
@@ -103,9 +104,11 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
     failed: list[dict[str, Any]] = []
     references = _references(spec, target, data, plan, sel, stages, work, several, best_effort, failed,
                              (root, shown_root))
-    verifier = Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads, stages)
+    verifier = Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads, stages,
+                        opts.task_settings)
     ctx = CandidateContext(spec, data, verifier, root, shown_root, work, threads, opts.thresholds, recover,
-                           tolerant=several, best_effort=best_effort, plan=plan)
+                           tolerant=several, best_effort=best_effort, plan=plan,
+                           recover_budget_s=opts.recover_budget, train=opts.train, qat_epochs=opts.qat_epochs)
     kept = _shipped([evaluate_candidate(ctx, ap) for ap in plan.artifacts], best_effort, failed)
     artifacts = [r.artifact for r in kept if r.artifact is not None]
     verifications = {r.artifact.key: r.verification for r in kept if r.artifact is not None and r.verification}
@@ -124,6 +127,7 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
               for a in artifacts}
     manifest = assemble_manifest(opts, target, spec, preprocess, data, plan, sel.chosen, artifacts, verifications,
                                  latencies, memory, verifier.warnings)
+    manifest["data"]["task"] = task_record(verifier)
     manifest["layers"] = layer_rows(spec, target, artifacts, plan, references[REFERENCE_BACKEND], data, threads,
                                     stages)
     if plan.candidates:

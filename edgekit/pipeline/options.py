@@ -8,6 +8,7 @@ from typing import Any
 
 from edgekit.compress.stage import CompressOptions
 from edgekit.profiling.timing import ProfileSettings
+from edgekit.tasks.evaluator import TaskSettings
 from edgekit.verify.verifier import Thresholds
 
 RECOVER_MODES = ("auto", "none")
@@ -48,6 +49,9 @@ class BuildOptions:
     strict: bool = False
     recover: str = "auto"  # INT8 that misses the thresholds: auto = the retries below before rejecting; none
     detector_head: bool = True  # INT8 of a detector keeps its head in float (quantize.detection_head)
+    task_settings: TaskSettings = field(default_factory=TaskSettings)  # --task, --decoder, --max-metric-drop ...
+    recover_budget: float = 900.0  # seconds the recovery ladder may spend per artifact
+    qat_epochs: int = 3  # the ladder's quantization-aware training rung
 
 
 @dataclass

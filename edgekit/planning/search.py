@@ -73,6 +73,8 @@ class PruneSearch:
                 raise BadInput(f"--prune {r}: pruning ratios are fractions of channels, 0 < r < 1")
 
 
+STABLE_WITHIN = 0.03  # the planner's rounds stop once every speed ratio is known within 3% (the playoff: 1.5%)
+
 @dataclass
 class Candidate:
     key: str
@@ -89,6 +91,7 @@ class Candidate:
     reason: str
     prune_ratio: float = 0.0
     macs: int = 0
+    task: str = ""  # the task metric that decided, e.g. "mAP50-95 61.20 (-0.40)"
 
     @property
     def latency_ms(self) -> float:
@@ -132,6 +135,9 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path, prune: Pru
         trial = dataclasses.replace(opts, out=str(Path(tmp) / "candidates"), backend=opts.backend or "all",
                                     precisions=opts.precisions or ["all"], force=True, plan=None, strict=True)
         trial.thresholds = dataclasses.replace(opts.thresholds, max_accuracy_drop=budgets.max_accuracy_drop)
+        # The rounds end when every candidate's ratio to its reference is settled (the time stays an upper bound):
+        # a plan waits for the comparison, not for a fixed number of rounds.
+        trial.profile = dataclasses.replace(opts.profile, stable_within=opts.profile.stable_within or STABLE_WITHIN)
         note("planner: building, verifying and timing every candidate")
         stages = CachedStages(trial)
         base = _base_round(trial, target, Path(tmp), stages)
@@ -289,7 +295,8 @@ def _playoff(candidates: list[Candidate], sources: dict[str, tuple[_Round, str]]
         arts[c.key] = r.artifacts[key]
         threads = max(threads, int((record.get("latency_ms") or {}).get("threads") or 1))
     feeds = base.data.validation.batches(base.spec)[0]  # what the rounds were timed on
-    settings = ProfileSettings(seconds=max(2 * opts.profile.seconds, 3.0), min_runs=max(opts.profile.min_runs, 200))
+    settings = ProfileSettings(seconds=max(2 * opts.profile.seconds, 3.0), min_runs=max(opts.profile.min_runs, 200),
+                               stable_within=opts.profile.stable_within or STABLE_WITHIN / 2)
     note(f"planner: {len(finalists)} candidates within {PLAYOFF_MARGIN:.0%} of the fastest: timing them again, "
          f"longer, side by side")
     latencies = LocalMeasurer(threads).measure(arts, feeds, settings)
@@ -374,6 +381,8 @@ def _candidates(r: _Round, target: Target, model: CostModel, budgets: Budgets,
                       round(est, 4), round(measured, 4) if measured is not None else None, where, a["bytes"],
                       v.get("accuracy"), v["cosine_min"], "ok", "", r.prune_ratio,
                       int((r.manifest.get("compression") or {}).get("macs_after") or r.manifest["source"]["macs"]))
+        if t := v.get("task"):
+            c.task = f"{t['metric']} {t['value']:.2f} ({-t['drop_points']:+.2f})"
         drop = (original_accuracy - c.accuracy) * 100 if original_accuracy is not None and c.accuracy is not None \
             else None
         if not v["passed"]:
@@ -397,6 +406,7 @@ def candidate_rows(candidates: list[Candidate]) -> list[dict[str, Any]]:
         "candidate": c.key, "pruned": f"{c.prune_ratio:.0%}" if c.prune_ratio else "–",
         "float nodes": str(c.float_nodes), "est. ms": f"{c.estimated_ms:.3f}",
         "measured ms": f"{c.measured_ms:.3f}" if c.measured_ms is not None else "–", "bytes": f"{c.bytes:,}",
-        "accuracy": f"{c.accuracy:.2%}" if c.accuracy is not None else "–", "cosine": f"{c.cosine:.5f}",
+        "accuracy": f"{c.accuracy:.2%}" if c.accuracy is not None else "–",
+        **({"task": c.task or "–"} if any(x.task for x in candidates) else {}), "cosine": f"{c.cosine:.5f}",
         "verdict": c.verdict, "reason": c.reason,
     } for c in candidates]

@@ -35,6 +35,8 @@ class QuantizationSettings:
     fast_bias_correction: bool = True
     model_type: str | None = None  # transformer: NNCF's special handling
     accuracy_control: bool = False  # NNCF quantize_with_accuracy_control, needs labels
+    # A prequantized Q/DQ ONNX (quantization-aware training's) the backend takes as its INT8 instead of calibrating
+    qdq_model: str | None = None
 
 
 @dataclass
@@ -64,7 +66,12 @@ class Plan:
     compress: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for ap in d["artifacts"]:  # a QAT model is a scratch file of the build: the artifact holds what it became
+            q = ap["quantization"] or {}
+            if q.get("qdq_model") is None or Path(q["qdq_model"]).is_absolute():
+                q.pop("qdq_model", None)
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -58,6 +58,10 @@ class ProfileSettings:
     # with ONNX Runtime per run, 0.70 in blocks of 25 with 3 discarded; measured on 2 cores).
     block: int = 25
     block_skip: int = 3
+    # Stop as soon as every job's speed ratio to the first job is known within this fraction (the 95% interval
+    # of the median of the per-round ratios), past min_runs and STABLE_MIN_ROUNDS: the planner's rounds end when
+    # the comparison is settled, not after a fixed time. None: the time budget alone (build, compare, check).
+    stable_within: float | None = None
 
 
 def where_local() -> str:
@@ -84,6 +88,24 @@ class Timed:
     latency: dict[str, Latency]
     block_medians: dict[str, list[float]]
     rounds: int
+
+
+STABLE_MIN_ROUNDS = 6
+
+
+def ratios_settled(medians: dict[str, list[float]], within: float) -> bool:
+    """Every job's ratio to the first job, per round (both timed in that round), has a median whose 95%
+    interval (1.58 IQR / sqrt(n), the notch of a box plot) is within `within` of it."""
+    keys = list(medians)
+    base = np.asarray(medians[keys[0]], dtype=np.float64)
+    if len(base) < STABLE_MIN_ROUNDS or len(keys) < 2:
+        return False
+    for k in keys[1:]:
+        r = np.asarray(medians[k], dtype=np.float64) / np.maximum(base, 1e-12)
+        q1, med, q3 = np.percentile(r, [25, 50, 75])
+        if 1.58 * (q3 - q1) / np.sqrt(len(r)) > within * med:
+            return False
+    return True
 
 
 def block_rule(settings: ProfileSettings) -> tuple[int, int]:
@@ -135,6 +157,8 @@ def timed_rounds(groups: list[dict[str, Callable[[], Any]]], settings: ProfileSe
             on_round(rnd)
         runs = min(len(v) for v in times.values())
         up = min(spent.values()) >= settings.seconds if per_job_seconds else clock() - started >= budget
+        if settings.stable_within is not None and not up:
+            up = ratios_settled(medians, settings.stable_within)
         if (runs >= settings.min_runs and up and rnd >= min_rounds) or runs >= settings.max_runs:
             return RoundTimes(times, medians, rnd)
 

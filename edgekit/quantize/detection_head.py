@@ -31,8 +31,8 @@ FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.
 MIN_ANCHORS = 16  # an anchor axis is at least this long (and SLICE_AXIS_RATIO times the channel-like one)
 WEAK_PROXY_NOTE = ("the model looks like a detector ({reason}): cosine, SNR and per-slice figures compare "
                    "tensors, a weak proxy for mAP; the score slices are judged on above-threshold overlap and "
-                   "rank order, but only a detection metric on labelled data (--task detect, not yet in edgekit) "
-                   "shows what INT8 did to the detections")
+                   "rank order, but only a detection metric shows what INT8 did to the detections: give --task "
+                   "detect (with --decoder yolov8|yolov5|yolox|module:function) to judge them by mAP")
 
 
 def looks_like_detector(spec: Any) -> str | None:

@@ -11,11 +11,12 @@ Methods (`layer_sensitivity(method=...)`):
   from the full INT8 model, interactions included).
 - `only`: for each node, INT8 with only that node quantized (everything else in float); the figure is
   the SNR lost by quantizing it alone, turned into the same "gain" scale (see `_only_gain_db`).
+- `qdq_error`: no build of the backend: one Q/DQ model by ONNX Runtime's quantizer, same settings, each node's
+  error introduced measured in one pass (quantize.layer_error); a proxy for any backend, real builds confirm.
 
-Backend caveat: ONNX Runtime's Q/DQ quantizer puts a Q/DQ pair on a tensor when its producer OR any
-consumer is quantized. An activation tensor with outlier channels between two quantized convs stays
-INT8 when only one of them is excluded, so leave-one-out sees no gain for either; `only` sees both
-(each quantizes that tensor) and the mixed-precision search then keeps both in float.
+Backend caveat: ONNX Runtime's Q/DQ quantizer puts a Q/DQ pair on a tensor when its producer OR any consumer is
+quantized: a tensor with outlier channels between two quantized convs stays INT8 when only one is excluded, so
+leave-one-out sees no gain for either; `only` sees both, and `qdq_error` lists the pair together.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,12 @@ from edgekit.home import cache_dir
 from edgekit.ingest import ModelSpec
 from edgekit.planning.types import ArtifactPlan, QuantizationSettings
 from edgekit.quantize.ops import WEIGHTED_OPS as QUANTIZABLE_OPS
-from edgekit.verify.verifier import Thresholds, Verification, run_all, verify_outputs
+from edgekit.verify.verifier import Thresholds, Verification, headline, run_all, verify_outputs
 
-METHODS = ("leave_one_out", "only")
+METHODS = ("leave_one_out", "only", "qdq_error")
 REFERENCE_BACKEND = backends.REFERENCE_BACKEND  # every artifact is verified against it in FP32 (README: Verification)
 CACHE_SCHEMA = "edgekit-sensitivity/1"
+Judge = Callable[[list[np.ndarray], str], Verification]  # outputs on the validation batches -> the verdict
 
 
 @dataclass
@@ -64,10 +67,8 @@ class LayerSensitivity:
 
 
 class Sensitivities(list[LayerSensitivity]):
-    """The ranked layers (most sensitive first) with what they were measured against.
-
-    A list, so callers can treat it as `list[LayerSensitivity]`; `cached` says whether it came from
-    the cache without building anything."""
+    """The ranked layers (most sensitive first) with what they were measured against; a list, so callers can
+    treat it as `list[LayerSensitivity]`; `cached`: it came from the cache without building anything."""
 
     def __init__(self, layers: list[LayerSensitivity], *, method: str, backend: str, uniform: dict[str, Any],
                  skipped: list[str], key: str, cached: bool = False) -> None:
@@ -101,11 +102,13 @@ class MixedPrecisionStep:
     accuracy: float | None
     reference_accuracy: float | None
     failures: list[str] = field(default_factory=list)
+    metric: str = "cosine"  # the figure that decided (edgekit.verify.verifier.headline): a task metric, or cosine
+    value: float | None = None
 
     @classmethod
     def of(cls, float_nodes: list[str], v: Verification) -> MixedPrecisionStep:
         return cls(list(float_nodes), v.passed, v.cosine_min, v.snr_db_min, v.top1_agreement, v.accuracy,
-                   v.reference_accuracy, list(v.failures))
+                   v.reference_accuracy, list(v.failures), *headline(v))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,16 +156,30 @@ def layer_sensitivity(
         raise BadInput(f"unknown sensitivity method '{method}'; use one of {', '.join(METHODS)}")
     if calibration is None or len(calibration) == 0:
         raise BadInput("sensitivity analysis needs calibration data for the INT8 builds")
-    backend = backends.get_installed(backend_name)
+    proxy = method == "qdq_error"  # measured on the reference backend's Q/DQ model, whichever backend asks
+    measured = REFERENCE_BACKEND if proxy else backend_name
+    backend = backends.get_installed(measured)
     candidates, skipped = _candidates(spec, settings, max_nodes)
     batches, labels = _validation(spec, validation, max_batches)
-    key = _cache_key(spec, backend_name, backend, method, settings, calibration, batches, labels, candidates,
-                     options or {})
-    cache_file = Path(cache_dir or default_cache_dir()) / f"{spec.sha256[:16]}-{backend_name}-{method}-{key[:24]}.json"
+    key = _cache_key(spec, measured, backend, method, settings, calibration, batches, labels, candidates,
+                     {} if proxy else options or {})
+    cache_file = Path(cache_dir or default_cache_dir()) / f"{spec.sha256[:16]}-{measured}-{method}-{key[:24]}.json"
     if use_cache and (hit := _read_cache(cache_file, key)) is not None:
         return hit
+    if proxy:
+        result = _qdq_error(spec, calibration, batches, settings, candidates, skipped, key, threads)
+    else:
+        result = _built(spec, backend_name, calibration, batches, labels, settings, candidates, skipped, key, method,
+                        threads, options)
+    if use_cache:
+        _write_cache(cache_file, result)
+    return result
 
-    from edgekit.console import progress
+
+def _built(spec: ModelSpec, backend_name: str, calibration: Dataset, batches: list[dict[str, np.ndarray]],
+           labels: np.ndarray | None, settings: QuantizationSettings, candidates: list[_Node], skipped: list[str],
+           key: str, method: str, threads: int | None, options: dict[str, Any] | None) -> Sensitivities:
+    from edgekit.console import progress  # methods leave_one_out and only: a real build of the backend per node
 
     runner = _Runner(spec, backend_name, calibration, batches, labels, threads, options=options)
     cap_db = 60.0  # "only": a node explaining all of the uniform noise gains at most this much
@@ -171,7 +188,7 @@ def layer_sensitivity(
         task = bar.add_task(f"INT8 sensitivity ({method}, {backend_name})", total=len(candidates) + 1)
         uniform = runner.verify(settings)
         bar.advance(task)
-        all_named = _graph_node_names(spec)
+        all_named = [n.name for n in spec.load().graph.node if n.name]
         for node in candidates:
             if method == "leave_one_out":
                 v = runner.verify(_with_float(settings, [node.name]))
@@ -188,21 +205,30 @@ def layer_sensitivity(
     # SNR gain first: it is continuous and the thresholds on SNR/cosine follow it, while accuracy over a
     # few validation batches moves in coarse steps (1/samples) and ties often; it breaks SNR ties.
     layers.sort(key=lambda s: (round(s.snr_gain_db, 2), s.accuracy_gain_points or 0.0, s.macs), reverse=True)
-    result = Sensitivities(layers, method=method, backend=backend_name, skipped=skipped, key=key, uniform={
+    return Sensitivities(layers, method=method, backend=backend_name, skipped=skipped, key=key, uniform={
         "snr_db": uniform.snr_db_min, "cosine": uniform.cosine_min, "accuracy": uniform.accuracy,
         "reference_accuracy": uniform.reference_accuracy, "passed_default_thresholds": uniform.passed,
         "validation_samples": uniform.samples})
-    if use_cache:
-        _write_cache(cache_file, result)
-    return result
+
+
+def _qdq_error(spec: ModelSpec, calibration: Dataset, batches: list[dict[str, np.ndarray]],
+               settings: QuantizationSettings, candidates: list[_Node], skipped: list[str], key: str,
+               threads: int | None) -> Sensitivities:
+    """Method qdq_error: the one-pass ranking in search order, on the sensitivity scale (quantize.layer_error)."""
+    from edgekit.quantize.layer_error import gain_db, qdq_layer_errors, search_order
+
+    errors = qdq_layer_errors(spec, calibration, batches, settings, [n.name for n in candidates], threads)
+    layers = [LayerSensitivity(e.node, e.op_type, e.macs, errors.output_snr_db + (g := gain_db(e, errors)), g)
+              for e in search_order(errors)]
+    return Sensitivities(layers, method="qdq_error", backend=REFERENCE_BACKEND, skipped=skipped + errors.skipped,
+                         key=key, uniform={"snr_db": errors.output_snr_db, "seconds": round(errors.seconds, 3),
+                                           "validation_batches": len(batches)})
 
 
 def _only_gain_db(uniform_snr: float, only_snr: float, cap_db: float) -> float:
-    """The SNR a node's float copy would gain in the full INT8 model, estimated from its error alone.
-
-    Treats each node's quantization error as independent additive noise at the output: the uniform
-    model's noise N = sum of the nodes' noises n_i, so keeping node i in float leaves N - n_i, a gain
-    of -10 log10(1 - n_i / N). Puts both methods on one scale for ranking and the search."""
+    """The SNR a node's float copy would gain in the full INT8 model, from its error alone: each node's error as
+    independent additive noise at the output, the uniform model's noise N = sum of the nodes' n_i, so keeping
+    node i in float leaves N - n_i, a gain of -10 log10(1 - n_i / N): both methods on one scale."""
     share = 10 ** ((uniform_snr - only_snr) / 10)  # n_i / N
     return float(min(cap_db, -10 * math.log10(max(1 - share, 10 ** (-cap_db / 10)))))
 
@@ -218,16 +244,10 @@ class _Node:
     macs: int
 
 
-def _graph_node_names(spec: ModelSpec) -> list[str]:
-    return [n.name for n in spec.load().graph.node if n.name]
-
-
 def _candidates(spec: ModelSpec, settings: QuantizationSettings, max_nodes: int) -> tuple[list[_Node], list[str]]:
-    """Quantizable nodes, most MACs first when over max_nodes; also the ones left out.
-
-    Only nodes named in the graph: exclude_nodes matches by name, and ingest gives unnamed nodes a
-    made-up name (OP_index) that no quantizer would find."""
-    named = set(_graph_node_names(spec))
+    """Quantizable nodes, most MACs first when over max_nodes; also the ones left out. Only nodes named in the
+    graph: exclude_nodes matches by name, and ingest's made-up names (OP_index) no quantizer would find."""
+    named = {n.name for n in spec.load().graph.node if n.name}
     already = set(settings.exclude_nodes)
     quantizable = [_Node(c.name, c.op_type, c.macs) for c in spec.layers
                    if c.op_type in QUANTIZABLE_OPS and c.name not in already]
@@ -260,7 +280,8 @@ class _Runner:
 
     def __init__(self, spec: ModelSpec, backend_name: str, calibration: Dataset,
                  batches: list[dict[str, np.ndarray]], labels: np.ndarray | None, threads: int | None,
-                 thresholds: Thresholds | None = None, options: dict[str, Any] | None = None) -> None:
+                 thresholds: Thresholds | None = None, options: dict[str, Any] | None = None,
+                 judge: Judge | None = None) -> None:
         self.options = dict(options or {})  # the backend's plan options (a TensorRT target's engine settings)
         self.spec, self.backend_name, self.calibration = spec, backend_name, calibration
         self.backend = backends.get_installed(backend_name)
@@ -268,6 +289,9 @@ class _Runner:
         self.threads = threads or min(4, os.cpu_count() or 1)
         self.thresholds = thresholds or Thresholds()
         self.names = [o.name for o in spec.outputs]
+        self.judge = judge  # the build's verdict (Verifier.judge: its reference, its task metric) on these batches
+        if judge is not None:
+            return
         ref_backend = backends.get_installed(REFERENCE_BACKEND)
         with _scratch() as root:
             ref = ref_backend.export(spec, ArtifactPlan(REFERENCE_BACKEND, "fp32"), None, root)
@@ -280,7 +304,13 @@ class _Runner:
             session = self.backend.load(art, self.threads)
             outputs = run_all(session, self.batches)
             del session  # release the runtime's hold on the files before the folder goes
+        if self.judge is not None:
+            return self.judge(outputs, "int8")
         return verify_outputs(self.reference, outputs, self.names, self.labels, self.thresholds)
+
+
+class _OutOfTime(Exception):  # the search's deadline passed before a build it needed
+    pass
 
 
 @contextlib.contextmanager
@@ -362,17 +392,21 @@ def mixed_precision(
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     options: dict[str, Any] | None = None,
+    judge: Judge | None = None,
+    deadline: float | None = None,
+    uniform_rejected: bool = False,
 ) -> MixedPrecisionResult:
     """The fewest most-sensitive nodes to keep in float so that INT8 meets `thresholds`.
 
-    Verification uses all validation batches by default (`max_batches=None`), as the build does, so a
-    configuration accepted here passes the build's verification on the same data. `max_float_fraction`
-    caps the float nodes at that share of the measured quantizable nodes (rounded, at least 1): past it the
-    result would be a float model under an INT8 label (no smaller, no faster), so the search stops."""
+    Verification uses all validation batches by default (`max_batches=None`), as the build does. `judge` (the
+    build's Verifier.judge, on those batches): each step gets the build's verdict, task metric included.
+    `max_float_fraction` caps the float nodes at that share of the measured quantizable nodes (rounded, at least
+    1): past it the result would be a float model under an INT8 label. No build starts past `deadline`
+    (time.monotonic()). `uniform_rejected`: the caller saw uniform INT8 with these settings fail: not rebuilt."""
     if calibration is None or len(calibration) == 0:
         raise BadInput("mixed precision needs calibration data for the INT8 builds")
     batches, labels = _validation(spec, validation, max_batches)
-    runner = _Runner(spec, backend_name, calibration, batches, labels, threads, thresholds, options)
+    runner = _Runner(spec, backend_name, calibration, batches, labels, threads, thresholds, options, judge)
     steps: list[MixedPrecisionStep] = []
 
     def attempt(nodes: list[str]) -> MixedPrecisionStep:
@@ -384,7 +418,7 @@ def mixed_precision(
         return MixedPrecisionResult(list(nodes), _with_float(settings, nodes), passed, reason, steps,
                                     list(sensitivities or []))
 
-    if attempt([]).passed:
+    if not uniform_rejected and attempt([]).passed:
         return result([], True, "uniform INT8 meets the thresholds")
     if sensitivities is None:
         sensitivities = layer_sensitivity(spec, backend_name, calibration, validation, settings, cache_dir,
@@ -402,31 +436,33 @@ def mixed_precision(
         why = "no quantizable nodes to keep in float" if not ranked else f"the cap is 0 ({capped_by})"
         return result([], False, f"uniform INT8 misses the thresholds and {why}")
 
-    # Search over prefixes of the ranked list (the k most sensitive nodes in float): grow k as 1, 2, 4,
-    # ... until a build passes, then bisect between the last failing and the first passing k. Builds are
-    # the cost (seconds to minutes each on real models), so this takes ~2*log2(k) builds where one node
-    # at a time takes k. It assumes more float nodes never hurt, which holds but for noise; the answer
-    # is always a configuration that was itself built and verified.
+    # Prefixes of the ranked list (the k most sensitive nodes in float): grow k as 1, 2, 4, ... until a build
+    # passes, then bisect: ~2*log2(k) builds where one node at a time takes k. It assumes more float nodes never
+    # hurt (true but for noise); the answer is always a configuration that was itself built and verified.
     tried: dict[int, MixedPrecisionStep] = {}
 
     def passes(k: int) -> bool:
         if k not in tried:
+            if deadline is not None and time.monotonic() > deadline:
+                raise _OutOfTime
             tried[k] = attempt(ranked[:k])
         return tried[k].passed
 
     low, k = 0, 1  # low: largest k known to fail (0 = uniform)
-    while not passes(k):
-        low = k
-        if k >= limit:
-            best = max(tried.values(), key=lambda s: s.snr_db_min)
-            return result(best.float_nodes, False, f"thresholds still missed with {k} nodes in float "
-                          f"({capped_by}); best step: {', '.join(best.failures)}")
-        k = min(2 * k, limit)
-    high = k
-    while high - low > 1:
-        mid = (low + high) // 2
-        if passes(mid):
-            high = mid
-        else:
-            low = mid
+    try:
+        while not passes(k):
+            low = k
+            if k >= limit:
+                best = max(tried.values(), key=lambda s: s.snr_db_min if s.value is None else s.value)
+                return result(best.float_nodes, False, f"thresholds still missed with {k} nodes in float "
+                              f"({capped_by}); best step: {', '.join(best.failures)}")
+            k = min(2 * k, limit)
+        high = k
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if passes(mid) else (mid, high)
+    except _OutOfTime:  # the smallest passing prefix built so far, if any
+        if not any(s.passed for s in tried.values()):
+            return result([], False, f"time budget spent after {len(steps)} builds")
+        high = min(k for k, s in tried.items() if s.passed)
     return result(ranked[:high], True, f"thresholds met with {high} node{'s' if high != 1 else ''} in float")

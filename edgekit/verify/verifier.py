@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.backends.base import Session
+from edgekit.tasks.evaluator import TaskResult
 from edgekit.verify.metrics import (
     SLICE_FIGURES,
     OutputAgreement,
@@ -96,6 +97,13 @@ class Verification:
     worst_slices: list[dict[str, Any]] = field(default_factory=list)
     worst_slice: dict[str, Any] | None = None  # the one closest to (or furthest past) a threshold, of all outputs
     notes: list[str] = field(default_factory=list)  # what was not judged, and why
+    # The task metric (accuracy, mAP50-95, mIoU) against FP32 where there is one: it decides the verdict, and the
+    # tensor figures' misses move to tensor_failures (diagnostics), binding again with --strict-tensors.
+    task: TaskResult | None = None
+    tensor_failures: list[str] = field(default_factory=list)
+    tensor_passed: bool | None = None
+    # Misses no task metric overrides: NaN/inf outputs, a reference that is the same for every sample.
+    integrity_failures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,7 +158,8 @@ def verify_outputs(
     )
     v.notes += [f"output {names[i]}: {note}" for i, note in mask_notes]
     t = thresholds
-    v.failures += [f"output {a.name} has {a.non_finite} NaN/inf values" for a in agreements if a.non_finite]
+    v.integrity_failures += [f"output {a.name} has {a.non_finite} NaN/inf values" for a in agreements if a.non_finite]
+    v.failures += v.integrity_failures
     min_cos, min_centred = t.cosine_for(precision), t.centred_cosine_for(precision)
     if v.cosine_min < min_cos:
         v.failures.append(f"cosine {v.cosine_min:.4f} < {min_cos}")
@@ -167,10 +176,11 @@ def verify_outputs(
         # Figures that cannot fail verify nothing: a random-initialised model whose logits are exactly 0, or
         # validation samples that are all the same image, would pass any artifact at cosine 1.0.
         zeros = all(float(np.abs(r).max()) == 0 for r in reference)
-        v.failures.append(f"the FP32 reference gives {'all zeros' if zeros else 'the same output'} for every one of "
-                          f"the {len(reference[0])} validation samples: the model (untrained? a constant head?) or "
-                          "the data (identical samples?) is degenerate, and no figure can tell a right artifact "
-                          "from a wrong one")
+        v.integrity_failures.append(
+            f"the FP32 reference gives {'all zeros' if zeros else 'the same output'} for every one of the "
+            f"{len(reference[0])} validation samples: the model (untrained? a constant head?) or the data (identical "
+            "samples?) is degenerate, and no figure can tell a right artifact from a wrong one")
+        v.failures.append(v.integrity_failures[-1])
     limits = _slice_limits(t)
     for a in agreements:
         v.failures += _judge_slices(a, limits)
@@ -187,7 +197,27 @@ def verify_outputs(
         name, worst = min(judged, key=lambda pair: _margin(pair[1], limits))
         v.worst_slice = {"output": name, **asdict(worst)}
     v.passed = not v.failures
+    v.tensor_passed, v.tensor_failures = v.passed, list(v.failures)
     return v
+
+
+def apply_task(v: Verification, task: TaskResult, strict_tensors: bool) -> None:
+    """The task metric decides: its miss fails the artifact; the tensor figures' misses stay as diagnostics
+    (binding with strict_tensors). NaN/inf outputs and a degenerate reference fail whatever the metric says."""
+    v.task = task
+    binding = v.tensor_failures if strict_tensors else v.integrity_failures
+    v.failures = list(binding)
+    if not task.passed:
+        v.failures.insert(0, f"{task.metric} {task.value:.2f} is {task.drop_points:.2f} points below FP32 "
+                             f"{task.reference:.2f} (vs {task.vs}; max drop {task.max_drop:g})")
+    v.passed = not v.failures
+
+
+def headline(v: Verification) -> tuple[str, float]:
+    """The figure that decided: the task metric where there is one, else the worst cosine."""
+    if v.task is not None:
+        return v.task.metric, v.task.value
+    return "cosine", v.cosine_min
 
 
 def _slice_limits(t: Thresholds) -> dict[str, float]:

@@ -212,6 +212,21 @@ def test_concat_with_constant() -> None:
            {"k": _rand(1, 3, 9, 9)})
 
 
+@pytest.mark.parametrize("starts, ends, axes, steps", [
+    ([0], [2], [1], None),  # a YOLOv8 head's box/score split
+    ([1, 2], [2**63 - 1, -1], [2, 3], [2, 1]),  # ONNX's "to the end", a stride
+    ([-1], [-(2**63)], [1], [-1]),  # reversed channels: torch has no negative step
+    ([8, 0], [1, 9], [-1, 2], [-3, 4]),
+])
+def test_slice(starts: list[int], ends: list[int], axes: list[int], steps: list[int] | None) -> None:
+    inits = {"s": np.array(starts, np.int64), "e": np.array(ends, np.int64), "a": np.array(axes, np.int64)}
+    names = ["x", "s", "e", "a"]
+    if steps is not None:
+        inits["t"] = np.array(steps, np.int64)
+        names.append("t")
+    _check([_node("Slice", names)], X, inits)
+
+
 @pytest.mark.parametrize("axis", [1, 2, 0])
 def test_flatten(axis: int) -> None:
     _check([_node("Flatten", ["x"], axis=axis)], X)

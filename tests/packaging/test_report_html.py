@@ -64,8 +64,8 @@ def rejected(tmp_path_factory: pytest.TempPathFactory) -> Path:
     npz = tmp / "calib.npz"
     np.savez(npz, images=np.random.default_rng(1).standard_normal((60, 3, 16, 16)).astype(np.float32))
     r = run_cli("build", _evil_model(tmp / "evil.onnx"), "--target", "host-cpu", "--backend", "onnxruntime",
-                "--precision", "int8", "--calib", npz, "--min-cosine", "0.99999", "--recover", "none",
-                "--out", tmp / "pkg", *FAST)
+                "--precision", "int8", "--calib", npz, "--min-cosine", "0.99999", "--strict-tensors",
+                "--recover", "none", "--out", tmp / "pkg", *FAST)
     assert r.code == 1, r.stderr
     return tmp / "pkg.rejected"
 

@@ -86,7 +86,7 @@ def test_rejected_artifact_exits_1_and_leaves_no_package(mobilenet_opset11: Path
     out = tmp_path / "pkg"
     r = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--precision", "int8",
                 "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--min-snr-db", "150",
-                "--recover", "none", "--out", out, *FAST)
+                "--strict-tensors", "--recover", "none", "--out", out, *FAST)
     assert r.code == 1
     assert "rejected onnxruntime int8" in r.stderr and "SNR" in r.stderr
     assert not out.exists()
@@ -188,6 +188,8 @@ def _check_every_artifact(m: dict, package: Path, model: Path) -> None:
         assert v["precision"] == a["precision"] and v["centred_cosine_min"] is not None, a["key"]
         if a["precision"] in ("fp32", "fp16"):
             assert v["passed"] and v["cosine_min"] >= 0.999 and v["centred_cosine_min"] >= 0.999, (a["key"], v)
+        elif v["passed"] and v.get("task"):  # the task metric decided: within its budget, the tensors diagnostics
+            assert v["task"]["drop_points"] <= v["task"]["max_drop"] and not v["integrity_failures"], (a["key"], v)
         elif v["passed"]:
             assert v["cosine_min"] >= t["min_cosine"] and v["snr_db_min"] >= t["min_snr_db"], (a["key"], v)
             assert v["centred_cosine_min"] >= t["min_centred_cosine"], (a["key"], v)
@@ -264,7 +266,7 @@ def test_all_ships_what_verifies_and_lists_the_rest(defects_data: Path, tmp_path
     listed with its reason and not shipped; the build exits 0 with the others. --strict: all or nothing."""
     args = ["build", BUNDLED_ONNX, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "all",
             "--calib", defects_data / "calib", "--val", defects_data / "val", "--preprocess", BUNDLED_PREPROCESS,
-            "--val-samples", "100", "--min-snr-db", "60", "--recover", "none", *FAST]
+            "--val-samples", "100", "--min-snr-db", "60", "--strict-tensors", "--recover", "none", *FAST]
     r = run_cli(*args, "--out", tmp_path / "pkg")
     assert r.code == 0, r.stderr
     m = read_manifest(tmp_path / "pkg")

@@ -203,3 +203,26 @@ def test_device_runner_interleaves_real_sessions(tmp_path: Path) -> None:
     assert set(fast) == set(slow) == {"p50", "p90", "p99", "mean", "min", "runs", "threads", "load_s"}
     assert fast["runs"] == slow["runs"] >= 8 and fast["threads"] == 1
     assert fast["p50"] < slow["p50"] and fast["min"] <= fast["p50"] <= fast["p90"] <= fast["p99"]
+
+
+def test_rounds_stop_when_the_ratios_are_settled() -> None:
+    """stable_within ends the rounds once every ratio is known that closely: steady jobs stop at the minimum
+    rounds, long before the time budget; jobs whose ratio keeps swinging run to the budget."""
+    from edgekit.profiling.timing import STABLE_MIN_ROUNDS, ProfileSettings, ratios_settled, timed_rounds
+
+    keys = ["ref", "fast", "slow"]
+    settings = ProfileSettings(warmup_runs=0, min_runs=20, seconds=60.0, block=10, block_skip=0, stable_within=0.03)
+    clock = _FakeClock(_synthetic_durations(keys))  # +-30% per run, block medians far steadier
+    steady = timed_rounds([{k: clock.job(k)} for k in keys], settings, clock=clock)
+    assert steady.rounds >= STABLE_MIN_ROUNDS
+    assert clock.now < 0.25 * settings.seconds * len(keys)  # stopped long before the time was up
+    assert ratios_settled(steady.block_medians, 0.03)
+    rng = np.random.default_rng(1)
+    swinging = {"ref": list(np.full(10 ** 6, 1e-3)),
+                "other": list(np.repeat(rng.choice([1e-3, 4e-3], 10 ** 5), 10))}  # whole blocks 1x or 4x
+    clock = _FakeClock(swinging)
+    noisy = timed_rounds([{k: clock.job(k)} for k in swinging], ProfileSettings(
+        warmup_runs=0, min_runs=20, seconds=0.5, block=10, block_skip=0, stable_within=0.03), clock=clock)
+    assert clock.now >= 0.5 * 2 and noisy.rounds > 3 * STABLE_MIN_ROUNDS
+    assert not ratios_settled({"a": [1.0] * 5, "b": [2.0] * 5}, 0.03)  # too few rounds to say
+    assert ratios_settled({"a": [1.0] * 8, "b": [2.0] * 8}, 0.03)

@@ -150,7 +150,7 @@ def test_rejection_on_snr_alone_still_names_a_layer(mobilenet_opset11: Path, mob
     out = tmp_path / "pkg"
     r = run_cli("build", mobilenet_opset11, "--target", "host-cpu", "--backend", "onnxruntime", "--precision",
                 "int8", "--calib", mobilenet_npz, "--input-shape", "images=1,3,64,64", "--min-snr-db", "150",
-                "--recover", "none", "--out", out, *FAST)
+                "--strict-tensors", "--recover", "none", "--out", out, *FAST)
     assert r.code == 1
     v = read_manifest(tmp_path / "pkg.rejected")["artifacts"][0]["verification"]
     table = json.loads((tmp_path / "pkg.rejected" / "debug" / "onnxruntime-int8.json").read_text())

@@ -237,7 +237,8 @@ def test_uniform_int8_is_rejected_by_its_score_slices(yolo: dict[str, Path]) -> 
     pass (cosine ~0.9993, SNR ~28 dB) while its score rows are gone. The slice check rejects it."""
     out = yolo["root"] / "uniform"
     r = run_cli("build", yolo["model"], "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
-                "--calib", yolo["calib"], "--val", yolo["val"], "--out", out, "--no-detector-head", *FAST)
+                "--calib", yolo["calib"], "--val", yolo["val"], "--out", out, "--no-detector-head", "--recover", "none",
+                *FAST)
     assert r.code == 1, r.stderr
     m = read_manifest(out.with_name("uniform.rejected"))
     (a,) = m["artifacts"]
@@ -284,7 +285,7 @@ def test_planner_never_packages_an_artifact_whose_scores_failed(yolo: dict[str, 
     which cannot fix the shared output scale), never chosen; what is packaged passes, scores included."""
     out = yolo["root"] / "planned"
     r = run_cli("build", yolo["model"], "--target", "host-cpu", "--backend", "onnxruntime", "--calib", yolo["calib"],
-                "--val", yolo["val"], "--out", out, "--no-detector-head", *FAST)
+                "--val", yolo["val"], "--out", out, "--no-detector-head", "--recover", "none", *FAST)
     assert r.code == 0, r.stderr + r.stdout
     m = read_manifest(out)
     (chosen,) = m["artifacts"]

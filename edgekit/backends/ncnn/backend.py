@@ -142,6 +142,7 @@ def _io_blobs(param: Path) -> tuple[list[str], list[str]]:
 class NcnnBackend(Backend):
     name = "ncnn"
     precisions = ("fp32", "fp16", "int8")
+    calibration_methods = ("minmax", "entropy")  # ncnn2int8's KL serves "percentile" too
     requires = ("ncnn", "pnnx")
     install_hint = "pip install 'edgekit[ncnn]'"
     int8_weighted_layers_only = True  # ncnn2int8 quantizes weighted layers; the rest runs in float

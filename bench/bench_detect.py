@@ -81,7 +81,8 @@ def plan(backends: list[str], ds: Path, tmp: Path, size: int) -> dict[str, Any]:
     cmd = [str(REPO / ".venv" / "bin" / "edgekit"), "plan", "--model", "edgekit.zoo.defectdet:defectdet",
            "--weights", str(MODEL.with_suffix(".pt")), "--input-shape", f"images=1,3,{size},{size}",
            "--target", "host-cpu", "--backend", ",".join(backends), "--calib", str(ds / "calib"), "--val",
-           str(ds / "val"), "--preprocess", str(pre), "--task", "detect", "--out", str(out), "--json"]
+           str(ds / "val"), "--preprocess", str(pre), "--task", "detect", "--out", str(out), "--json",
+           "--calib-samples", "100", "--val-samples", "100"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0

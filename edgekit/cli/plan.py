@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", help="limit the candidates to these backends (default: all the target lists)")
     p.add_argument("--precision", help="limit the precisions (default: all the target supports)")
     data_args(p, preprocess=None)
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points vs FP32 (labels) (default 1.0)")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points of the task metric (accuracy, "
+                   "mAP50-95, mIoU) vs FP32 (default 1.0; --max-metric-drop is the same budget)")
     p.add_argument("--max-latency-ms", type=float)
     p.add_argument("--max-size-mb", type=float)
     p.add_argument("--objective", default="latency", choices=["latency", "size"])
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights, calib_samples=args.calib_samples, val_samples=args.val_samples,
         profile_seconds=args.profile_seconds, min_runs=args.min_runs, threads=args.threads, memory=False,
         max_accuracy_drop=args.max_accuracy_drop, **task_values(args))
-    budgets = Budgets(args.max_accuracy_drop, args.max_latency_ms, args.max_size_mb, args.objective)
+    drop = args.max_metric_drop if args.max_metric_drop is not None else args.max_accuracy_drop  # the newer name
+    budgets = Budgets(drop, args.max_latency_ms, args.max_size_mb, args.objective)
     prune = None
     if args.prune:
         try:

@@ -135,6 +135,8 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path, prune: Pru
         trial = dataclasses.replace(opts, out=str(Path(tmp) / "candidates"), backend=opts.backend or "all",
                                     precisions=opts.precisions or ["all"], force=True, plan=None, strict=True)
         trial.thresholds = dataclasses.replace(opts.thresholds, max_accuracy_drop=budgets.max_accuracy_drop)
+        # The plan's budget in points is the task metric's too (accuracy, mAP50-95, mIoU)
+        trial.task_settings = dataclasses.replace(opts.task_settings, max_metric_drop=budgets.max_accuracy_drop)
         # The rounds end when every candidate's ratio to its reference is settled (the time stays an upper bound):
         # a plan waits for the comparison, not for a fixed number of rounds.
         trial.profile = dataclasses.replace(opts.profile, stable_within=opts.profile.stable_within or STABLE_WITHIN)

@@ -71,6 +71,7 @@ def _classify(reference: list[np.ndarray], dataset: Any) -> TaskEvaluator:
         ev = ClassifyEvaluator(i, labels, "labels", dataset.class_names)
     else:
         ev = ClassifyEvaluator(i, reference[i].reshape(n, -1).argmax(1), "fp32", dataset.class_names)
-        ev.notes.append("no labels: the FP32 model's top-1 classes are the reference (accuracy = agreement)")
+        ev.notes.append("no labels: the FP32 model's top-1 classes are the reference (accuracy = agreement); "
+                        "recorded, while the tensor figures and top-1 agreement decide")
     ev.reference = ev.score(reference)
     return ev

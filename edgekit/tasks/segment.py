@@ -12,9 +12,13 @@ from edgekit.tasks.labels import swap_folder
 INDEX_MODES = {"P", "L", "1", "I", "I;16", "I;16L", "I;16B"}  # modes whose pixel values are class indices
 
 
-def mask_file(image: Path) -> Path:
-    """dataset/images/val/a.jpg -> dataset/masks/val/a.png (the last 'images' folder becomes 'masks')."""
-    return swap_folder(Path(image), "images", "masks", ".png")
+def mask_file(image: Path) -> Path | None:
+    """dataset/images/val/a.jpg -> dataset/masks/val/a.png (the last 'images' folder becomes 'masks'). None
+    without an 'images' folder: a PNG beside a PNG image would be the image itself."""
+    image = Path(image)
+    if "images" not in image.parts[:-1]:
+        return None
+    return swap_folder(image, "images", "masks", ".png")
 
 
 def read_mask(path: Path) -> np.ndarray:

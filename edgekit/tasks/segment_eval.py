@@ -55,14 +55,15 @@ class SegmentEvaluator(TaskEvaluator):
             ev.threshold = threshold
         ev.num_classes = 2 if channels == 1 else max(channels, int(reference[i].max()) + 1 if axis is None else 0)
         files = dataset.files
-        if files is not None and any(mask_file(f).is_file() for f in files):
+        masks = [mask_file(f) for f in files] if files is not None else []
+        if files is not None and any(m is not None and m.is_file() for m in masks):
             ev.vs = "labels"
-            missing = [f for f in files if not mask_file(f).is_file()]
+            missing = [(f, m) for f, m in zip(files, masks) if m is None or not m.is_file()]
             if missing:
-                raise BadInput(f"no mask {mask_file(missing[0])} for image {missing[0]} ({len(missing)} images "
-                               "have none): give every validation image its class-index PNG in masks/")
+                raise BadInput(f"no mask {missing[0][1]} for image {missing[0][0]} ({len(missing)} images have "
+                               "none): give every validation image its class-index PNG in masks/")
             h, w = ev.predict(reference).shape[1:]
-            ev.truth = [_to_grid(read_mask(mask_file(f)), dataset.preprocess, (h, w)) for f in files]
+            ev.truth = [_to_grid(read_mask(m), dataset.preprocess, (h, w)) for m in masks if m is not None]
             top = max(int(t[t != IGNORE].max(initial=0)) for t in ev.truth)
             if top >= ev.num_classes:
                 raise BadInput(f"masks hold class {top} but the model predicts {ev.num_classes} classes")

@@ -47,9 +47,10 @@ def test_a_lost_point_of_accuracy_fails_and_says_so() -> None:
     ref = _logits(rng)
     out = ref.copy()
     out[:3] = -out[:3]  # 3 of 200 samples change class: 1.5 points
-    ev, _ = resolve_task(None, _Data(None), TaskSettings(), [ref])
-    assert ev is not None and ev.vs == "fp32" and ev.reference is not None and ev.reference.value == 100.0
-    v = verify_outputs([ref], [out], ["logits"], None, Thresholds())
+    labels = ref.argmax(1)
+    ev, _ = resolve_task(None, _Data(labels), TaskSettings(), [ref])
+    assert ev is not None and ev.vs == "labels" and ev.reference is not None and ev.reference.value == 100.0
+    v = verify_outputs([ref], [out], ["logits"], labels, Thresholds())
     apply_task(v, ev.result([out], [ref], 1.0, len(ref)), strict_tensors=False)
     changed = int((out.argmax(1) != ref.argmax(1)).sum())
     assert changed >= 2 and v.task is not None and v.task.drop_points == pytest.approx(changed / 2)

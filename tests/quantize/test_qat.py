@@ -6,14 +6,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import nncf  # noqa: F401  (both install here with the torch and openvino extras: missing is a failure)
 import numpy as np
 import onnx
 import pytest
+import torch  # noqa: F401
 import yaml
 from onnx import TensorProto, helper, numpy_helper
-
-pytest.importorskip("torch")
-pytest.importorskip("nncf")
 
 from edgekit import backends
 from edgekit.data import Dataset, DataSplit

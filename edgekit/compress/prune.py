@@ -100,7 +100,38 @@ def default_ignored(model: nn.Module, example: torch.Tensor) -> list[str]:
             widths.discard(width)
         if not widths:
             break
-    return out_layers
+    return list(dict.fromkeys([*out_layers, *_feeding_outputs(model, example)]))
+
+
+_WEIGHTED = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+
+
+def _feeding_outputs(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Trainable weighted layers that reach a model output through no other trainable weighted layer: a detector's
+    last head convs (YOLOv8's 64 = 4 x 16 box bins and nc class maps) are reshaped and concatenated into one
+    [1, 4+nc, N] output, so no width matches, and pruning them breaks the reshape. A frozen layer (Ultralytics' DFL
+    1x1 conv, requires_grad False) is a fixed operation, walked through."""
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    except Exception:  # an untraceable model: the width rule alone, as before
+        return []
+    names = {m: n for n, m in model.named_modules()}
+
+    def trainable(m: Any) -> bool:
+        return isinstance(m, _WEIGHTED) and bool(m.weight.requires_grad)
+
+    def reaches_output(node: Any, seen: set[int]) -> bool:
+        if not node.outputs:
+            return True
+        for o in node.outputs:
+            if id(o) not in seen and not trainable(o.module):
+                seen.add(id(o))
+                if reaches_output(o, seen):
+                    return True
+        return False
+
+    return [names[m] for m, node in graph.module2node.items()
+            if trainable(m) and m in names and reaches_output(node, set())]
 
 
 def _widths(model: nn.Module) -> dict[str, tuple[str, int, int]]:

@@ -164,11 +164,13 @@ def test_only_qat_recovers_a_model_with_every_block_hostile(tmp_path: Path) -> N
     assert r.code == 0, r.stdout + r.stderr
     m = read_manifest(tmp_path / "pkg")
     by_key = {f"{a['backend']}-{a['precision']}": a for a in m["artifacts"]}
-    for backend, ptq_steps in (("onnxruntime", ["planned", "calibration", "calibration", "float"]),
+    for backend, ptq_steps in (("onnxruntime", ["planned", "calibration", "float"]),
                                ("openvino", ["planned", "float", "accuracy control"])):
         a = by_key[f"{backend}-int8"]
         rows = a["quantization"]["recovery"]
-        assert [row["step"] for row in rows] == [*ptq_steps, "qat"], rows
+        # the calibration rung's count depends on the host: without VNNI the planned INT8 has 7-bit weights already
+        steps = [row["step"] for row in rows]
+        assert [st for i, st in enumerate(steps) if i == 0 or st != steps[i - 1]] == [*ptq_steps, "qat"], rows
         assert all(not row["passed"] and row["metric"] == "accuracy" and row["value"] < 90 for row in rows[:-1]), rows
         assert rows[-1]["passed"] and rows[-1]["value"] >= 99.0, rows
         assert a["quantization"]["kept"].startswith("qat: QAT (nncf ")

@@ -83,6 +83,9 @@ def _importance(name: str) -> Any:
             "bn": imp.BNScaleImportance, "taylor": imp.GroupTaylorImportance, "random": imp.RandomImportance}[name]()
 
 
+_WEIGHTED = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+
+
 def default_ignored(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Layers whose output channels are the model's outputs (a classifier's classes, a detector's
     box coordinates): pruning them would change what the model means."""
@@ -90,7 +93,7 @@ def default_ignored(model: nn.Module, example: torch.Tensor) -> list[str]:
         outputs = model(example)
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     widths = {o.shape[1] for o in outputs if o.dim() >= 2}
-    leaves = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d))]
+    leaves = [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
     # The last weighted layers whose width is an output width feed the outputs directly.
     out_layers = []
     for n, m in reversed(leaves):
@@ -101,9 +104,6 @@ def default_ignored(model: nn.Module, example: torch.Tensor) -> list[str]:
         if not widths:
             break
     return list(dict.fromkeys([*out_layers, *_feeding_outputs(model, example)]))
-
-
-_WEIGHTED = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
 
 
 def _feeding_outputs(model: nn.Module, example: torch.Tensor) -> list[str]:

@@ -94,10 +94,11 @@ def write_data(root: Path, blocks: int = 4, train: int = 512, calib: int = 128, 
         xs, ys = [], []
         while sum(len(x) for x in xs) < n:
             x = rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
-            top2 = np.sort(_run(model, x), axis=1)[:, -2:]
+            logits = _run(model, x)
+            top2 = np.sort(logits, axis=1)[:, -2:]
             sure = top2[:, 1] - top2[:, 0] >= margin
             xs.append(x[sure])
-            ys.append(_run(model, x[sure]).argmax(1) if sure.any() else np.zeros(0, np.int64))
+            ys.append(logits[sure].argmax(1))
         np.savez(root / f"{name}.npz", x=np.concatenate(xs)[:n], labels=np.concatenate(ys)[:n].astype(np.int64))
     return model
 

@@ -280,12 +280,18 @@ def box_agreement(package: Path, images: np.ndarray, labels: list[np.ndarray] | 
 def import_ultralytics() -> Any:
     """`ultralytics.nn.tasks`, quietly and offline. Ultralytics reads torchvision's installed version at import
     (importlib.metadata) and nothing here uses torchvision; without it installed, that one lookup answers
-    "0.0.0" while the import runs."""
+    "0.0.0" while the import runs. Importing ultralytics also replaces PIL's `Image.open` process-wide with one
+    that pip-installs pi-heif on any unreadable file; the real `Image.open` is put back, so edgekit's own image
+    readers (masks, calibration folders) keep raising their clear errors in the same process."""
     import importlib.metadata as md
+
+    from PIL import Image
 
     os.environ.setdefault("YOLO_VERBOSE", "False")
     os.environ.setdefault("YOLO_OFFLINE", "True")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     real = md.version
+    pil_open = Image.open
 
     def version(name: str) -> str:
         try:
@@ -300,6 +306,7 @@ def import_ultralytics() -> Any:
         import ultralytics.nn.tasks as tasks
     finally:
         md.version = real
+        Image.open = pil_open
     return tasks
 
 

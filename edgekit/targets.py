@@ -145,6 +145,13 @@ class Target:
     def has_isa(self, flag: str) -> bool:
         return flag in self.cpu.get("isa", [])
 
+    @property
+    def int8_dot_saturates(self) -> bool:
+        """An x86 CPU without VNNI/AMX: its u8*s8 dot product (vpmaddubsw) saturates at int16, so 8-bit
+        weights times large activations overflow; 7-bit weights (ORT reduce_range, NNCF overflow_fix) do not."""
+        vnni = any(self.has_isa(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        return self.kind == "cpu" and self.cpu.get("arch") == "x86_64" and not vnni
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {k: v for k, v in d.items() if v not in (None, [], "") or k in ("backends", "precisions")}

@@ -66,6 +66,13 @@ def threshold_args(p: argparse.ArgumentParser) -> None:
                    help="score-like output slices: Spearman rank correlation with FP32 (default 0.9)")
 
 
+def threshold_values(args: argparse.Namespace) -> dict[str, float | None]:
+    """What `threshold_args` read, by Thresholds' field names (for build_options)."""
+    return {"min_cosine": args.min_cosine, "min_snr_db": args.min_snr_db, "min_top1_agreement": args.min_top1_agreement,
+            "min_cosine_fp16": args.min_cosine_fp16, "min_centred_cosine": args.min_centred_cosine,
+            "min_score_iou": args.min_score_iou, "min_rank_correlation": args.min_rank_correlation}
+
+
 def task_args(p: argparse.ArgumentParser) -> None:
     """What the model is for and how its outputs are judged (edgekit.tasks.evaluator.TaskSettings), and the
     INT8 recovery ladder's budget; read by options.build_options."""

@@ -20,6 +20,7 @@ from edgekit.cli.args import (
     sample_args,
     task_args,
     threshold_args,
+    threshold_values,
     timing_args,
 )
 from edgekit.cli.options import build_options, compress_options, rounding_precisions, task_values
@@ -103,10 +104,7 @@ def _options(args: argparse.Namespace, target: str, out_dir: str | None) -> Any:
         calib=args.calib, val=args.val, preprocess=args.preprocess, input_shapes=args.input_shape,
         weights=args.weights, calib_method=args.calib_method, calib_samples=args.calib_samples,
         val_samples=args.val_samples, exclude_nodes=args.exclude_node,
-        min_cosine=args.min_cosine, min_snr_db=args.min_snr_db, min_top1_agreement=args.min_top1_agreement,
-        max_accuracy_drop=_max_drop(args), min_cosine_fp16=args.min_cosine_fp16,
-        min_centred_cosine=args.min_centred_cosine, min_score_iou=args.min_score_iou,
-        min_rank_correlation=args.min_rank_correlation,
+        max_accuracy_drop=_max_drop(args), **threshold_values(args),
         profile_seconds=args.profile_seconds, min_runs=args.min_runs, threads=args.threads,
         memory=not args.no_memory, force=args.force, dla_core=args.dla_core, plan=args.plan, train=args.train,
         device=args.device, cache=not args.no_cache, remeasure=args.remeasure, strict=args.strict,

@@ -14,6 +14,8 @@ from edgekit.cli.args import (
     recovery_args,
     sample_args,
     task_args,
+    threshold_args,
+    threshold_values,
     timing_args,
 )
 from edgekit.cli.options import build_options, task_values
@@ -37,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", default="latency", choices=["latency", "size"])
     sample_args(p)
     timing_args(p)
+    threshold_args(p)  # each candidate is verified as `edgekit build` verifies it
     p.add_argument("--out", default="plan.yaml", help="where to write the plan (default ./plan.yaml)")
     p.add_argument("--prune", metavar="R[,R..]", help="also consider pruning these fractions of channels "
                    "(per-group ratios by measured sensitivity, then distilled from the original)")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib, val=args.val, preprocess=args.preprocess, input_shapes=args.input_shape,
         weights=args.weights, calib_samples=args.calib_samples, val_samples=args.val_samples,
         profile_seconds=args.profile_seconds, min_runs=args.min_runs, threads=args.threads, memory=False,
-        max_accuracy_drop=args.max_accuracy_drop, **task_values(args))
+        max_accuracy_drop=args.max_accuracy_drop, **threshold_values(args), **task_values(args))
     drop = args.max_metric_drop if args.max_metric_drop is not None else args.max_accuracy_drop  # the newer name
     budgets = Budgets(drop, args.max_latency_ms, args.max_size_mb, args.objective)
     prune = None

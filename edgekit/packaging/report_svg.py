@@ -100,7 +100,9 @@ class _Scale:
             self.ticks = [k * 10 ** e for e in range(int(math.log10(self.lo)), int(math.log10(self.hi)) + 1) for k in f
                           if self.lo <= k * 10 ** e <= self.hi]
         else:
-            span = (hi - lo) or abs(hi) * 0.05 or 1.0
+            span = hi - lo
+            if span <= 1e-6 * max(abs(hi), abs(lo)):  # equal values, or equal but for float rounding (two cosines
+                span = abs(hi) * 0.05 or 1.0  # of 1.0 and 1 - 1e-16): a step that small would collapse the axis
             self.step = _nice(span * 1.2 / 5)
             self.lo = math.floor((lo - span * 0.08) / self.step) * self.step
             self.hi = math.ceil((hi + span * 0.08) / self.step) * self.step
@@ -114,7 +116,7 @@ class _Scale:
 
     def __call__(self, v: float) -> float:
         f = (math.log10(v) - math.log10(self.lo)) / (math.log10(self.hi) - math.log10(self.lo)) if self.log \
-            else (v - self.lo) / (self.hi - self.lo)
+            else (v - self.lo) / (self.hi - self.lo) if self.hi > self.lo else 0.5
         return self.a + f * (self.b - self.a)
 
     def label(self, v: float, scale: float = 1.0, suffix: str = "") -> str:

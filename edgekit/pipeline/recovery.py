@@ -156,7 +156,10 @@ def _mixed_precision(r: Rejected) -> Iterator[Attempt]:
         r.build_plan.sensitivity[r.plan.backend] = {s.node: round(s.snr_gain_db, 3) for s in res.sensitivities
                                                      if math.isfinite(s.snr_gain_db)}
     if not (res.passed and res.float_nodes):
-        best = max(res.steps, key=lambda s: -math.inf if s.value is None else s.value, default=None)
+        # The best step: the task metric, then the fewest missed thresholds, then the worst-output SNR (a task
+        # metric that every step meets would otherwise name the first, least-recovered step).
+        best = max(res.steps, key=lambda s: (-math.inf if s.value is None else s.value, -len(s.failures),
+                                             s.snr_db_min), default=None)
         r.add_row("float", f"mixed precision ({len(res.steps)} builds)", None, time.monotonic() - start, res.reason,
                   (best.metric, best.value) if best else None)
         note(f"no mixed-precision {r.plan.backend} int8 met the budgets ({res.reason})")

@@ -132,9 +132,7 @@ def default_plan(
         ap = ArtifactPlan(backend=backend, precision=precision, options=dict(options))
         if precision == "int8":
             q = QuantizationSettings(method=method, samples=calib_samples, exclude_nodes=list(exclude_nodes or []))
-            x86 = target.cpu.get("arch") == "x86_64"
-            vnni = any(target.has_isa(f) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-            if x86 and not vnni and target.kind == "cpu" and owner.int8_reduce_range:
+            if target.int8_dot_saturates and owner.int8_reduce_range:
                 q.reduce_range = True
                 ap.reasons.append("x86 CPU without VNNI: 7-bit weights (ORT reduce_range, NNCF overflow_fix) "
                                   "avoid u8*s8 saturation")

@@ -453,7 +453,8 @@ def mixed_precision(
         while not passes(k):
             low = k
             if k >= limit:
-                best = max(tried.values(), key=lambda s: s.snr_db_min if s.value is None else s.value)
+                best = max(tried.values(), key=lambda s: (-math.inf if s.value is None else s.value,
+                                                          -len(s.failures), s.snr_db_min))
                 return result(best.float_nodes, False, f"thresholds still missed with {k} nodes in float "
                               f"({capped_by}); best step: {', '.join(best.failures)}")
             k = min(2 * k, limit)

@@ -71,7 +71,10 @@ def test_build_with_prune_and_distill_records_compression(labelled, tmp_path: Pa
     model, data = labelled
     r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "fp32,int8",
                 "--input-shape", "images=1,3,64,64", "--calib", data, "--prune", "0.5", "--distill", "--train", data,
-                "--epochs", "2", "--max-accuracy-drop", "100", "--out", tmp_path / "pkg", *FAST)
+                "--epochs", "2", "--max-accuracy-drop", "100", "--out", tmp_path / "pkg", *FAST,
+                # Two epochs leave the halved network near chance, its logits nearly constant: with an AVX2-only
+                # host's 7-bit weights their mean-centred cosine was 0.97 (SNR 42 dB); VNNI hosts pass 0.98.
+                "--min-centred-cosine", "0.95")
     assert r.code == 0, r.stderr
     m = read_manifest(tmp_path / "pkg")
     c = m["compression"]

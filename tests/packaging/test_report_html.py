@@ -296,3 +296,15 @@ def test_report_renders_in_chromium(browser: Any, package: Path, rejected: Path,
     _open(browser, rejected / "report.html")
     assert _boxes(browser, "svg.pareto .marker")[0]["w"] > 0
     assert _boxes(browser, "table.diverging tr")
+
+
+def test_the_pareto_plot_draws_candidates_whose_cosines_differ_by_rounding_only() -> None:
+    """Two FP32 builds verified at cosine 1.0 and 1 - 1e-16 (a real --backend all build of a slice-only model):
+    the y axis once collapsed to one value and the report's build died dividing by zero."""
+    from edgekit.packaging.report_svg import Point, pareto_svg
+
+    pts = [Point("onnxruntime-fp32", "onnxruntime", 0.015, 1.0, 737, True, True, True, "ort"),
+           Point("openvino-fp32", "openvino", 0.16, 1 - 1e-16, 5087, True, True, False, "ov")]
+    svg = pareto_svg(pts, "cosine")
+    ys = [float(v) for v in re.findall(r'<circle[^>]* cy="([0-9.]+)"', svg)]
+    assert len(ys) >= 2 and all(24 <= y <= 384 for y in ys), ys  # every marker inside the plot's box

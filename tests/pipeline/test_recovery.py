@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, read_manifest, run_cli
+from conftest import FAST, HOST_REDUCE_RANGE, read_manifest, run_cli
 
 from edgekit import backends
 from edgekit.data import Dataset, DataSplit
@@ -22,6 +22,13 @@ from edgekit.tasks.evaluator import TaskSettings
 from edgekit.verify.verifier import Thresholds
 
 ROW_KEYS = {"step", "setting", "metric", "value", "passed", "seconds"}
+# The calibration rung's attempts on this host: where the planner already chose 7-bit weights (an x86 CPU without
+# VNNI), that attempt is the planned one and the rung tries the other calibrations only.
+CALIBRATIONS = [*([] if HOST_REDUCE_RANGE else ["7-bit weights"]), "entropy calibration", "percentile calibration"]
+# The hostile model pools noise: its logits vary ~6% across samples, and with an AVX2-only host's 7-bit weights the
+# hostile pair in float reaches SNR 30 dB and cosine 0.9996 but a mean-centred cosine of 0.96 (VNNI: above 0.98).
+# Uniform INT8 (0 dB) and `hostile` alone (3 dB) stay far below on both hosts, so this bar still separates them.
+HOSTILE_BAR = ["--min-centred-cosine", "0.95"]
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +49,22 @@ def _build(model: Path, calib: Path, out: Path, *extra: str) -> tuple[int, str, 
 
 
 def test_the_record_lists_every_rung_tried_with_its_metric_and_seconds(hostile, tmp_path: Path) -> None:
-    """Uniform INT8 loses everything: the calibration rung's three attempts miss (7-bit weights, entropy,
+    """Uniform INT8 loses everything: the calibration rung's attempts miss (7-bit weights unless planned, entropy,
     percentile: the weights are the problem), the float rung's search keeps `hostile` in float and passes. Every
     attempt is a row in the manifest and in the table printed when the ladder ends."""
     model, calib = hostile
-    code, log, m = _build(model, calib, tmp_path / "pkg")
+    code, log, m = _build(model, calib, tmp_path / "pkg", *HOSTILE_BAR)
     assert code == 0, log
     (a,) = m["artifacts"]
     q = a["quantization"]
     rows = q["recovery"]
-    assert [(r["step"], r["passed"]) for r in rows] == [("planned", False), ("calibration", False),
-                                                        ("calibration", False), ("calibration", False),
+    n = len(CALIBRATIONS)
+    assert [(r["step"], r["passed"]) for r in rows] == [("planned", False), *[("calibration", False)] * n,
                                                         ("float", True)], rows
-    assert [r["setting"] for r in rows[1:4]] == ["7-bit weights", "entropy calibration", "percentile calibration"]
+    assert [r["setting"] for r in rows[1:1 + n]] == CALIBRATIONS
     assert all(set(r) >= ROW_KEYS and r["seconds"] > 0 and r["metric"] for r in rows), rows
     first, last = rows[0]["value"], rows[-1]["value"]
-    assert last > first and all(r["value"] == first for r in rows[1:4])  # the figure that decided, each time
+    assert last > first and all(r["value"] == first for r in rows[1:1 + n])  # the figure that decided, each time
     assert "hostile" in rows[-1]["setting"] and q["kept"] == f"float: {rows[-1]['setting']}"
     # ONNX Runtime quantizes a tensor when its producer or a consumer is quantized: the ranked search may need the
     # hostile conv's reader too (it did on a fresh machine: ['hostile', 'conv2'])
@@ -67,15 +74,15 @@ def test_the_record_lists_every_rung_tried_with_its_metric_and_seconds(hostile, 
 
 
 def test_a_budget_of_zero_tries_one_attempt_and_says_so(hostile, tmp_path: Path) -> None:
-    """--recover-budget 0: the first attempt (7-bit weights) runs, nothing after it; the record says what was not
-    tried, and the rejected package carries the table."""
+    """--recover-budget 0: the first attempt (7-bit weights, or entropy calibration where 7-bit was planned) runs,
+    nothing after it; the record says what was not tried, and the rejected package carries the table."""
     model, calib = hostile
-    code, log, m = _build(model, calib, tmp_path / "pkg", "--recover-budget", "0")
+    code, log, m = _build(model, calib, tmp_path / "pkg", "--recover-budget", "0", *HOSTILE_BAR)
     assert code == 1, log
     (a,) = m["artifacts"]
     rows = a["quantization"]["recovery"]
     assert [r["step"] for r in rows] == ["planned", "calibration", "budget"], rows
-    assert rows[1]["setting"] == "7-bit weights" and not rows[1]["passed"] and rows[1]["seconds"] > 0
+    assert rows[1]["setting"] == CALIBRATIONS[0] and not rows[1]["passed"] and rows[1]["seconds"] > 0
     assert rows[2]["setting"].startswith("time budget 0 s spent after ")
     # (and the QAT rung where edgekit.pipeline.qat_rung is installed)
     assert rows[2]["note"].startswith("not tried: the rest of calibration, float, accuracy control"), rows[2]
@@ -138,9 +145,10 @@ def test_the_detector_head_rung_keeps_the_head_in_float(tmp_path: Path) -> None:
     assert code == 0, log
     (a,) = m["artifacts"]
     rows = a["quantization"]["recovery"]
-    assert [r["step"] for r in rows] == ["planned", "calibration", "calibration", "calibration", "float"], rows
+    n = len(CALIBRATIONS)
+    assert [r["step"] for r in rows] == ["planned", *["calibration"] * n, "float"], rows
     assert all(r["metric"] == "mAP50-95" for r in rows)
-    assert all(r["value"] < 10 for r in rows[:4]) and rows[-1]["value"] > 75 and rows[-1]["passed"]
+    assert all(r["value"] < 10 for r in rows[:1 + n]) and rows[-1]["value"] > 75 and rows[-1]["passed"]
     head = rows[-1]["setting"]
     assert head.startswith("detector head in float (") and a["quantization"]["kept"] == f"float: {head}"
     n = int(head.split("(")[1].split()[0])

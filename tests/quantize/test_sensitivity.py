@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import HOST_REDUCE_RANGE
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.data import Dataset
@@ -22,6 +24,11 @@ C = 16
 # what such outputs can reach rather than to min_cosine - 0.01.
 STRICT = Thresholds(min_cosine=0.995, min_snr_db=20.0, min_top1_agreement=0.85, max_accuracy_drop=10.0,
                     min_centred_cosine=0.95)
+
+
+def _int8(**settings: object) -> QuantizationSettings:
+    """INT8 as the planner sets it on this host (7-bit weights on x86 without VNNI), 32 calibration samples."""
+    return QuantizationSettings(**{"samples": 32, "reduce_range": HOST_REDUCE_RANGE, **settings})
 
 
 def _w(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -87,7 +94,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelSpec, Datase
 
 def test_uniform_int8_fails_and_the_hostile_layer_ranks_first(hostile, tmp_path: Path) -> None:
     spec, calib, val = hostile
-    settings = QuantizationSettings(samples=32)
+    settings = _int8()
     sens = layer_sensitivity(spec, "onnxruntime", calib, val, settings, cache_dir=tmp_path)
     assert not sens.cached
     assert sorted(s.node for s in sens) == ["conv1", "conv2", "conv4", "conv5", "fc", "hostile"]
@@ -95,8 +102,9 @@ def test_uniform_int8_fails_and_the_hostile_layer_ranks_first(hostile, tmp_path:
     top, rest = sens[0], sens[1:]
     assert top.node == "hostile" and top.op_type == "Conv" and top.macs == 16 * 16 * 16 * 16
     # Float weights alone recover only part of it under ORT's optimized runtime (the neighbouring Q/DQ
-    # tensors interact with it; see test_mixed_precision...), but no other node gains anything close.
-    assert top.snr_gain_db > 2 and all(s.snr_gain_db < 0.5 for s in rest), [s.to_dict() for s in sens]
+    # tensors interact with it; see test_mixed_precision...): ~3 dB on a VNNI host, ~1.6 dB with an AVX2-only
+    # host's 7-bit weights; no other node gains anything close.
+    assert top.snr_gain_db > 1 and all(s.snr_gain_db < 0.5 for s in rest), [s.to_dict() for s in sens]
     assert top.accuracy_gain_points is not None and top.accuracy_gain_points > 0
     assert sens.to_dict()["layers"][0]["node"] == "hostile"
 
@@ -106,7 +114,7 @@ def test_mixed_precision_keeps_the_hostile_layer_first_in_float(hostile, tmp_pat
     on the feature map (~32 dB with optimizations off); a neighbour (the next in rank) in float too
     fixes it. The search grows 1 -> 2 nodes and stops there."""
     spec, calib, val = hostile
-    r = mixed_precision(spec, "onnxruntime", calib, val, STRICT, QuantizationSettings(samples=32),
+    r = mixed_precision(spec, "onnxruntime", calib, val, STRICT, _int8(),
                         cache_dir=tmp_path)
     assert r.passed and r.float_nodes[0] == "hostile" and len(r.float_nodes) <= 2, r.to_dict()
     assert r.settings.exclude_nodes == r.float_nodes
@@ -122,7 +130,7 @@ def test_the_search_stops_before_int8_becomes_a_float_model(hostile, tmp_path: P
     layers in float (2, rounded), never all of them (an FP32 model under an INT8 label), and says why."""
     spec, calib, val = hostile
     exact = Thresholds(min_cosine=1 - 1e-12, min_snr_db=150.0)
-    r = mixed_precision(spec, "onnxruntime", calib, val, exact, QuantizationSettings(samples=32),
+    r = mixed_precision(spec, "onnxruntime", calib, val, exact, _int8(),
                         cache_dir=tmp_path, max_float_fraction=0.25)
     assert not r.passed and len(r.sensitivities) == 6
     assert max(len(s.float_nodes) for s in r.steps) == 2, [s.float_nodes for s in r.steps]
@@ -132,13 +140,13 @@ def test_the_search_stops_before_int8_becomes_a_float_model(hostile, tmp_path: P
 def test_healthy_int8_keeps_nothing_in_float(hostile, tmp_path: Path) -> None:
     spec, calib, val = hostile
     loose = Thresholds(min_cosine=0.0, min_snr_db=-100.0, min_top1_agreement=0.0, max_accuracy_drop=100.0)
-    r = mixed_precision(spec, "onnxruntime", calib, val, loose, QuantizationSettings(samples=32))
+    r = mixed_precision(spec, "onnxruntime", calib, val, loose, _int8())
     assert r.passed and r.float_nodes == [] and len(r.steps) == 1 and r.sensitivities == []
 
 
 def test_second_call_is_cached_and_new_calibration_is_not(hostile, tmp_path: Path) -> None:
     spec, calib, val = hostile
-    settings = QuantizationSettings(samples=32)
+    settings = _int8()
     first = layer_sensitivity(spec, "onnxruntime", calib, val, settings, cache_dir=tmp_path, max_nodes=2)
     assert not first.cached and len(first) == 2 and sorted(first.skipped) == ["conv1", "conv5", "fc", "hostile"]
     assert {s.node for s in first} == {"conv2", "conv4"}  # the two with the most MACs
@@ -148,7 +156,7 @@ def test_second_call_is_cached_and_new_calibration_is_not(hostile, tmp_path: Pat
     assert [s.to_dict() for s in again] == [s.to_dict() for s in first]
     other = layer_sensitivity(spec, "onnxruntime", _data(3), val, settings, cache_dir=tmp_path, max_nodes=2)
     assert not other.cached
-    changed = QuantizationSettings(samples=32, method="entropy")
+    changed = _int8(method="entropy")
     assert not layer_sensitivity(spec, "onnxruntime", calib, val, changed, cache_dir=tmp_path, max_nodes=2).cached
     assert len(list(tmp_path.glob("*.json"))) == 3
 
@@ -156,7 +164,7 @@ def test_second_call_is_cached_and_new_calibration_is_not(hostile, tmp_path: Pat
 def test_edgekit_home_sets_the_default_cache(hostile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec, calib, val = hostile
     monkeypatch.setenv("EDGEKIT_HOME", str(tmp_path))
-    layer_sensitivity(spec, "onnxruntime", calib, val, QuantizationSettings(samples=32), max_nodes=1)
+    layer_sensitivity(spec, "onnxruntime", calib, val, _int8(), max_nodes=1)
     assert len(list((tmp_path / "cache" / "sensitivity").glob(f"{spec.sha256[:16]}-onnxruntime-*.json"))) == 1
 
 
@@ -165,10 +173,14 @@ def test_outlier_activations_need_both_ends_of_the_tensor_in_float(tmp_path: Pat
     from either conv around the outlier tensor; `only` sees both and the search keeps the pair."""
     spec = ingest(str(_hostile_model(tmp_path / "m.onnx", outlier_activations=True)), tmp_path / "w")
     calib, val = _data(1), _labelled(spec, _data(2))
-    settings = QuantizationSettings(samples=32)
+    settings = _int8()
     loo = layer_sensitivity(spec, "onnxruntime", calib, val, settings, cache_dir=tmp_path)
     assert loo.uniform["snr_db"] < 10 and all(s.snr_gain_db < 3 for s in loo)
     only = layer_sensitivity(spec, "onnxruntime", calib, val, settings, cache_dir=tmp_path, method="only")
     assert {s.node for s in only[:2]} == {"conv2", "hostile"}
-    r = mixed_precision(spec, "onnxruntime", calib, val, STRICT, settings, sensitivities=only)
+    # The pair in float: SNR 31 dB and cosine 0.9997 on both kinds of host, but these logits pooled from noise
+    # vary ~6% across samples, and with an AVX2-only host's 7-bit weights their mean-centred cosine is 0.926
+    # (VNNI, 8-bit: above 0.95). The bar here is what the pair reaches on either; conv2 alone stays at 3.6 dB.
+    centred = dataclasses.replace(STRICT, min_centred_cosine=0.9)
+    r = mixed_precision(spec, "onnxruntime", calib, val, centred, settings, sensitivities=only)
     assert r.passed and sorted(r.float_nodes) == ["conv2", "hostile"], r.to_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Caches (build stages, sensitivities) and the device list of the tests' own: a fresh one per run, never
 # the user's ~/.cache/edgekit or ~/.config/edgekit.
 os.environ["EDGEKIT_HOME"] = tempfile.mkdtemp(prefix="edgekit-test-home-")
+atexit.register(shutil.rmtree, os.environ["EDGEKIT_HOME"], True)  # the run leaves nothing behind in /tmp
 BUNDLED_ONNX = REPO / "examples" / "defects" / "defectnet.onnx"
 BUNDLED_PREPROCESS = REPO / "examples" / "defects" / "preprocess.yaml"
 # tests/ mirrors edgekit/; the shared model builders (models.py, conftest) and the helpers other tests reuse

@@ -158,7 +158,9 @@ def _print_build(result: Any) -> None:
               f"{ref['runs']} interleaved runs). Speedup vs the same backend's FP32; size vs its FP32 (else vs "
               "the source); accuracy in %; est. = cost-model estimate for the target, not a measurement.")
     for reason in m["plan_reasons"]:
-        if reason.startswith(("no INT8 for", "left out", "the plan prunes")) or "builds no" in reason:
+        if reason.startswith("compression lost"):  # the whole build's verdict: said where errors are
+            err.print(f"[red]rejected[/red] {escape(reason)}", soft_wrap=True)
+        elif reason.startswith(("no INT8 for", "left out", "the plan prunes")) or "builds no" in reason:
             out.print(f"[dim]·[/dim] {reason}", soft_wrap=True)
     if m.get("cache", {}).get("reused"):
         reused = m["cache"]["reused"]

@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         input_shapes=args.input_shape, weights=args.weights, samples=args.samples, threshold=args.min_cosine,
         out=args.out,
     )
+    if loc.verdict_line():
+        out.print(loc.verdict_line(), markup=False)
     table = Table(title=f"{loc.backend} {loc.precision} vs FP32, layer by layer ({loc.compared} matched tensors)")
     for col in ("node", "op", "matched by", "cosine", "SNR dB", "max |err|"):
         table.add_column(col, justify="right" if col in ("cosine", "SNR dB", "max |err|") else "left")

@@ -23,6 +23,7 @@ from edgekit.pipeline.stages import CachedStages
 from edgekit.planning.types import Plan
 from edgekit.profiling.timing import Latency
 from edgekit.targets import Target, detect_host
+from edgekit.tasks.base import TaskResult
 from edgekit.verify.verifier import Thresholds, Verification
 from edgekit.version import __version__
 
@@ -165,16 +166,27 @@ def write_example_images(folder: Path, manifest: dict[str, Any], preprocess: Pre
 
 
 def record_compression(manifest: dict[str, Any], report: dict[str, Any], original: ModelSpec | None,
-                        spec: ModelSpec, latencies: dict[str, Latency], thresholds: Thresholds) -> None:
+                        spec: ModelSpec, latencies: dict[str, Latency], thresholds: Thresholds,
+                        task: TaskResult | None = None) -> None:
+    """manifest.compression. With a task metric (`task`: the compressed FP32 model judged against the original,
+    evaluate._compression_task) that metric decides; else the distillation's own figure (accuracy with labels,
+    top-1 agreement with the teacher), which is a classifier's."""
     assert original is not None
     before, after = latencies["original:fp32"], latencies[f"reference:{REFERENCE_BACKEND}"]
     acc = report["accuracy"]
     stages = ("distilled", "fine-tuned (hard labels)", "low-rank", "pruned", "original")  # last stage run first
     final = next(acc[k] for k in stages if k in acc)
     drop = round((acc["original"] - final) * 100, 3)
-    passed = drop <= thresholds.max_accuracy_drop
+    passed, budget = drop <= thresholds.max_accuracy_drop, thresholds.max_accuracy_drop
+    extra: dict[str, Any] = {}
+    if task is not None and not (task.task == "classify" and task.vs == "fp32"):
+        drop, passed, budget = round(task.drop_points, 3), task.passed, task.max_drop
+        # what the distillation loop itself watched, kept beside the task metric that decides
+        extra["training_metric"] = {"metric": report["metric"], "values": acc}
+        extra["task"] = {k: v for k, v in task.to_dict().items() if k != "examples"}
+        report = {**report, "metric": task.metric}
     manifest["compression"] = {
-        **report,
+        **report, **extra,
         "macs_before": original.macs, "macs_after": spec.macs, "macs_ratio": round(spec.macs / original.macs, 4),
         "params_before": original.params, "params_after": spec.params,
         "latency_before_ms": before.to_dict(), "latency_after_ms": after.to_dict(),
@@ -186,7 +198,7 @@ def record_compression(manifest: dict[str, Any], report: dict[str, Any], origina
     if not passed:
         manifest["passed"] = False
         manifest["plan_reasons"].append(f"compression lost {drop} points ({report['metric']}), more than the "
-                                        f"{thresholds.max_accuracy_drop} allowed: distill longer or prune less")
+                                        f"{budget:g} allowed: distill longer or prune less")
 
 
 def layer_rows(spec: ModelSpec, target: Target, artifacts: list[Artifact], plan: Plan, reference: Artifact,

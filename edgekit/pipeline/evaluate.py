@@ -32,6 +32,7 @@ from edgekit.planning.types import ArtifactPlan, Plan
 from edgekit.profiling.costmodel import estimate_latency
 from edgekit.profiling.timing import Latency
 from edgekit.targets import Target, detect_host
+from edgekit.tasks.base import TaskResult
 
 
 @dataclass
@@ -106,6 +107,13 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
                              (root, shown_root))
     verifier = Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads, stages,
                         opts.task_settings)
+    original_fp32, compression_task = None, None
+    if original is not None:
+        original_fp32 = stages.export(original, ArtifactPlan(REFERENCE_BACKEND, "fp32"), data, work / "original-fp32")
+        # Judged whatever the compressed model scores: a pruned detector that finds nothing leaves its own
+        # artifacts no task metric to fail on (their reference is that model), so only this check can see it.
+        compression_task = _compression_task(original, original_fp32, references[REFERENCE_BACKEND], data, opts,
+                                             threads, stages)
     ctx = CandidateContext(spec, data, verifier, root, shown_root, work, threads, opts.thresholds, recover,
                            tolerant=several, best_effort=best_effort, plan=plan,
                            recover_budget_s=opts.recover_budget, train=opts.train, qat_epochs=opts.qat_epochs)
@@ -118,9 +126,8 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
 
     # Measured where the backend runs here; otherwise the cost model's estimate, marked as one.
     timed = {f"reference:{k}": a for k, a in references.items()} | {a.key: a for a in artifacts}
-    if original is not None:  # the uncompressed model, timed in the same rounds: the pruning speedup
-        timed["original:fp32"] = stages.export(original, ArtifactPlan(REFERENCE_BACKEND, "fp32"), data,
-                                               work / "original-fp32")
+    if original_fp32 is not None:  # the uncompressed model, timed in the same rounds: the pruning speedup
+        timed["original:fp32"] = original_fp32
     feeds = data.validation.batches(spec)[0]
     latencies, estimated = _latencies(timed, spec, target, feeds, opts, threads, stages)
     memory = {a.key: stages.memory(a, threads, feeds) if opts.memory and a.key not in estimated else None
@@ -134,7 +141,7 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
         manifest["candidates"] = plan.candidates
         manifest["cost_model"] = plan.cost_model
     if compression is not None:
-        record_compression(manifest, compression, original, spec, latencies, opts.thresholds)
+        record_compression(manifest, compression, original, spec, latencies, opts.thresholds, compression_task)
     if failed:
         manifest["failed_artifacts"] = failed
         manifest["passed"] = manifest["passed"] and best_effort
@@ -231,6 +238,24 @@ def _shipped(results: list[CandidateResult], best_effort: bool, failed: list[dic
                        "verification": r.verification.to_dict()})
         kept.remove(r)
     return kept
+
+
+def _compression_task(original: ModelSpec, original_fp32: Artifact, compressed_fp32: Artifact, data: DataSplit,
+                      opts: BuildOptions, threads: int, stages: CachedStages) -> TaskResult | None:
+    """The compressed FP32 model judged as an artifact of the original: the task metric (mAP50-95, mIoU, accuracy)
+    of its outputs against the original's on the validation data (or the labels). Its INT8 artifacts are verified
+    against the compressed model, so this is the one place where what pruning lost is measured by the task's own
+    figure: a classifier's top-1 agreement, taken on a detector's [4+nc, N] rows, says nothing about its boxes."""
+    note("task: the compressed FP32 model against the original's")
+    judge = Verifier(original, original_fp32, data, opts.thresholds, threads, stages, opts.task_settings)
+    if judge.task is None:
+        return None
+    outputs = stages.outputs(compressed_fp32, judge.batches, threads)
+    task = judge.judge(outputs, "fp32").task
+    if task is not None:
+        note(f"compression, judged against the original: {task.summary()}"
+             + ("" if task.passed else " -> more than the budget"))
+    return task
 
 
 def _latencies(timed: dict[str, Artifact], spec: ModelSpec, target: Target, feeds: dict[str, Any],

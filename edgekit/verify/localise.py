@@ -52,6 +52,8 @@ class Localisation:
     layers: list[LayerAgreement] = field(default_factory=list)
     snr_threshold: float | None = None  # None: localised on cosine alone
     worst: dict[str, Any] | None = None  # the layer adding the most error, whether or not it crosses
+    # --package: the verdict the build gave this artifact (passed, failures, the task metric it missed or met)
+    package_verdict: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +61,23 @@ class Localisation:
     def _criteria(self) -> str:
         snr = f", SNR >= {self.snr_threshold} dB" if self.snr_threshold is not None else ""
         return f"cosine >= {self.threshold}{snr}"
+
+    def verdict_line(self) -> str | None:
+        """What the package's build decided for this artifact, task metric first: the reason to debug it."""
+        v = self.package_verdict
+        if v is None:
+            return None
+        task = v.get("task") or {}
+        said = "verified" if v.get("passed") else "REJECTED"
+        parts = []
+        if task.get("metric") and task.get("value") is not None:
+            ref = task.get("reference")
+            drop = task.get("drop_points")
+            parts.append(f"{task['metric']} {task['value']:.2f}" + (f" vs {ref:.2f} ({task.get('vs', 'fp32')})"
+                         if ref is not None else "") + (f", drop {drop:.2f} points" if drop is not None else ""))
+        parts += [f for f in v.get("failures", []) if not (task.get("metric") and f.startswith(task["metric"]))]
+        return f"the package's verdict: {said}" + (f": {'; '.join(parts)}" if parts else "") + \
+            ("; the layers below show where its tensors part from FP32" if self.first_divergence else "")
 
     def summary(self) -> str:
         d = self.first_divergence
@@ -285,7 +304,11 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
             if rec is None:
                 raise BadInput(f"{package} has no {backend} {precision} artifact")
             artifact = rec.to_artifact(loaded.path, check_sha256=False)
+            ver = rec.verification
+            verdict = None if ver is None else {"passed": ver.passed, "failures": list(ver.failures),
+                                                "task": ver.extra.get("task")}
         else:
+            verdict = None
             ap = default_plan(spec, t, backend, [precision]).artifacts[0]
             folder = Path(work) / "artifact"
             folder.mkdir()
@@ -301,6 +324,7 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
     order = {la.tensor: i for i, la in enumerate(locs[0].layers)}
     loc = min(locs, key=lambda lc: order.get(lc.first_divergence["tensor"], 1 << 30) if lc.first_divergence
               else 1 << 31)
+    loc.package_verdict = verdict
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "layers.json", loc.to_dict())
     (out_dir / "report.md").write_text(_markdown(loc))
@@ -308,7 +332,9 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
 
 
 def _markdown(loc: Localisation) -> str:
-    lines = [f"# {loc.backend} {loc.precision}: layer-by-layer agreement with FP32", "", loc.summary(), ""]
+    verdict = loc.verdict_line()
+    lines = [f"# {loc.backend} {loc.precision}: layer-by-layer agreement with FP32", "",
+             *([verdict, ""] if verdict else []), loc.summary(), ""]
     w = loc.worst
     if w is not None and loc.first_divergence is not w:
         lines += [f"Layer adding the most error: {w['node']} ({w['op_type']}), SNR {w['snr_db']:.1f} dB from "

@@ -176,3 +176,31 @@ def test_report_prints_a_signed_accuracy_change() -> None:
     assert "Accuracy change vs the original: +0.25 points" in lines[-0.25]
     assert "Accuracy change vs the original: -1.5 points" in lines[1.5]
     assert "Accuracy change vs the original: +0 points" in lines[0.0]
+
+
+def test_a_pruned_detector_is_judged_by_map_against_the_original(tmp_path: Path) -> None:
+    """--task detect with --prune: the compressed FP32 model is judged as an artifact of the original, by
+    mAP50-95 on the labelled boxes. Distillation's own figure (top-1 agreement, a classifier's) taken over the
+    [4+nc, N] output is recorded beside it, never deciding. The bundled detector from its PyTorch source, half its
+    channels pruned and one epoch on 64 images: it loses far more than the 1-point budget, so compression fails,
+    and the build with it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data = tmp_path / "boxes"
+    subprocess.run([sys.executable, "-m", "edgekit.zoo.defect_boxes", str(data), "--train", "0", "--calib", "64",
+                    "--val", "48"], check=True, cwd=REPO, capture_output=True)
+    detect = REPO / "examples" / "detect"
+    r = run_cli("build", "--model", "edgekit.zoo.defectdet:defectdet", "--weights", detect / "defectdet.pt",
+                "--input-shape", "images=1,3,160,160", "--target", "host-cpu", "--backend", "onnxruntime",
+                "--precision", "fp32", "--calib", data / "calib", "--val", data / "val", "--preprocess",
+                detect / "preprocess.yaml", "--task", "detect", "--prune", "0.5", "--distill", "--epochs", "1",
+                "--out", tmp_path / "pkg", *FAST)
+    assert r.code == 1, r.stderr
+    c = read_manifest(tmp_path / "pkg.rejected")["compression"]
+    assert c["metric"] == "mAP50-95" and c["task"]["vs"] == "labels" and c["task"]["reference"] > 40, c
+    assert c["accuracy_drop_points"] == round(c["task"]["drop_points"], 3) > 1 and not c["passed"]
+    assert c["training_metric"]["metric"] == "teacher_agreement"
+    assert "compression lost" in r.stderr + r.stdout and "(mAP50-95)" in r.stderr + r.stdout

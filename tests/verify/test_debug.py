@@ -60,6 +60,9 @@ def test_openvino_edited_ir_is_blamed_on_the_edited_layer(defects_data: Path, tm
     assert first["node"] == EDITED and first["op_type"] == "Conv" and first["cosine"] < 0.5
     assert first["inputs_from"] and first["feeds"]  # its neighbours are named
     assert f"first diverging layer {EDITED}" in r.stdout
+    # the build's own verdict comes first (it verified the artifact before the edit), task metric included
+    assert loc["package_verdict"]["passed"] and loc["package_verdict"]["task"]["metric"] == "accuracy"
+    assert "the package's verdict: verified: accuracy " in r.stdout, r.stdout
     before = [la for la in loc["layers"] if la["tensor"] != first["tensor"]][:3]
     assert all(la["cosine"] > 0.9999 for la in before)  # layers before it agree
 

@@ -206,7 +206,9 @@ class OpenVinoBackend(Backend):
         return keep, [f"{r.node} ({r.op_type}) kept in FP32: {r.reason}" for r in risks], found
 
     def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, model: Any) -> tuple[Any, dict]:
-        import nncf
+        from edgekit.quantize import import_nncf
+
+        nncf = import_nncf()
 
         q = plan.quantization
         assert q is not None, "an int8 artifact plan carries quantization settings"
@@ -266,7 +268,9 @@ class OpenVinoBackend(Backend):
         detector's mAP has no per-sample value) NNCF ranks the layers to revert by output differences; with labels
         by per-sample hits. options: max_accuracy_drop (points, default 1), accuracy_control_iterations (NNCF's
         max_num_iterations: at most that many layers reverted to float)."""
-        import nncf
+        from edgekit.quantize import import_nncf
+
+        nncf = import_nncf()
         from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
         batches = calibration.batches(spec)

@@ -3,7 +3,9 @@
 Losses, combined with weights:
 - response: KL divergence between temperature-softened outputs, scaled by T^2 (Hinton et al.), mixed
   with the hard-label cross-entropy (weight 1 - alpha) when labels exist. Without labels (what most
-  factory users have) it is pure distillation from the teacher's outputs.
+  factory users have) it is pure distillation from the teacher's outputs. A dense output (a detector's
+  [N, 4+nc, anchors], a segmenter's maps) is matched instead by MSE with each channel scaled by the teacher's
+  spread of it, and judged by that fit: softmax and top-1 over its channels are a classifier's figures.
 - feature hints: MSE between chosen intermediate layers, the student's mapped to the teacher's width by
   a trained adapter (FitNets): a 1x1 conv for feature maps, a Linear for vectors.
 - relation (RKD): pairwise distances and angles between the samples' embeddings (the classifier's
@@ -11,7 +13,8 @@ Losses, combined with weights:
   student keeps the teacher's geometry, not only its answers.
 
 The loop has an epoch and a time budget, early stopping on the validation metric (accuracy with
-labels, else top-1 agreement with the teacher), a seed for determinism, and a checkpoint to resume.
+labels, else top-1 agreement with the teacher, or the teacher fit of a dense output), a seed for
+determinism, and a checkpoint to resume.
 `labels_only=True` fine-tunes with hard labels alone: the baseline that shows what distillation adds.
 """
 
@@ -76,6 +79,25 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float
     """KL(teacher || student) on softened distributions, times T^2 so gradients keep their scale."""
     return F.kl_div(F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1),
                     reduction="batchmean") * t * t
+
+
+def is_dense(output: torch.Tensor) -> bool:
+    """An output that is not one [N, C] row of class logits per sample (a detector's [N, 4+nc, anchors], a
+    segmenter's maps): softmax over its axis 1 and top-1 of it are a classifier's figures and mean nothing there."""
+    return output.dim() != 2
+
+
+def dense_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Response distillation of a dense output: MSE with every channel (axis 1) divided by the teacher's spread
+    of it, so a detector's pixel box rows do not drown its 0-1 score rows."""
+    return F.mse_loss(student_out / scale, teacher_out / scale)
+
+
+def channel_scale(teacher_out: torch.Tensor) -> torch.Tensor:
+    """Per-channel (axis 1) standard deviation of the teacher's outputs, shaped to broadcast; never 0."""
+    dims = [d for d in range(teacher_out.dim()) if d != 1]
+    shape = [1, teacher_out.shape[1], *[1] * (teacher_out.dim() - 2)]
+    return teacher_out.std(dim=dims).clamp_min(1e-6).reshape(shape)
 
 
 def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
@@ -155,15 +177,26 @@ def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, teacher: nn.Module | None,
              batch: int = 256) -> tuple[str, float]:
-    """Accuracy with labels, else top-1 agreement with the teacher."""
+    """Accuracy with labels, else top-1 agreement with the teacher; a dense output (is_dense): the teacher fit, one
+    minus the per-channel-standardised squared error over the teacher's variance (1 = the teacher's outputs)."""
     model.eval()
-    pred = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    outs = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+    if is_dense(outs):
+        if teacher is None:
+            raise BadInput("a dense output (not [N, classes]) is judged against the teacher, which is missing")
+        teacher.eval()
+        ref = torch.cat([teacher(x[i:i + batch]) for i in range(0, len(x), batch)])
+        scale = channel_scale(ref)
+        dims = [d for d in range(ref.dim()) if d != 1]
+        centred = (ref - ref.mean(dim=dims, keepdim=True)) / scale
+        return "teacher_fit", float(1 - ((outs - ref) / scale).pow(2).mean() / centred.pow(2).mean().clamp_min(1e-12))
+    pred = outs.argmax(1)
     if y is not None:
         return "accuracy", float((pred == y).float().mean())
     if teacher is None:
         raise BadInput("without labels, the validation metric is agreement with a teacher")
     teacher.eval()
-    ref = torch.cat([teacher(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    ref = torch.cat([teacher(x[i:i + batch]) for i in range(0, len(x), batch)]).argmax(1)
     return "teacher_agreement", float((pred == ref).float().mean())
 
 
@@ -197,6 +230,12 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
             for s_name, t_name in settings.hint_layers:
                 adapters[s_name.replace(".", "_")] = _adapter(s_cap.out[s_name], t_cap.out[t_name],
                                                               f"{s_name}:{t_name}")
+    scale = None  # a dense output's per-channel spread on the training data, for dense_loss
+    if teacher is not None and not settings.labels_only:
+        with torch.no_grad():
+            teacher.eval()
+            probe = torch.cat([teacher(x[i:i + 256]) for i in range(0, min(len(x), 1024), 256)])
+        scale = channel_scale(probe) if is_dense(probe) else None
     params = list(student.parameters()) + list(adapters.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = (len(x) + settings.batch - 1) // settings.batch
@@ -240,8 +279,10 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
                 else:
                     with torch.no_grad():
                         t_out = teacher(xb)
-                    loss = settings.alpha * kd_loss(out, t_out, settings.temperature)
-                    if y is not None:
+                    # a dense output has no hard labels to mix with here: the teacher's outputs are all it learns
+                    loss = dense_loss(out, t_out, scale) if scale is not None else \
+                        settings.alpha * kd_loss(out, t_out, settings.temperature)
+                    if y is not None and scale is None:
                         loss = loss + (1 - settings.alpha) * F.cross_entropy(out, y[idx])
                     if use_hints:
                         for s_name, t_name in settings.hint_layers:

@@ -166,7 +166,7 @@ def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any,
     report: dict[str, Any] = {"accuracy": {}, "metric": "accuracy" if yv is not None else "teacher_agreement"}
 
     def measure(label: str, model: Any) -> None:
-        _, value = evaluate(model, xv, yv, teacher)
+        report["metric"], value = evaluate(model, xv, yv, teacher)  # teacher_fit for a dense output
         report["accuracy"][label] = round(value, 5)
         note(f"{label}: {report['metric']} {value:.2%}")
 

@@ -259,7 +259,9 @@ def _quantize(teacher: nn.Module, xc: list[Any], batch: int) -> nn.Module:
     activations with calibrated ranges (NNCF's CPU scheme: per-channel symmetric weights, per-tensor
     activations), all trainable."""
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "300")  # the first use compiles NNCF's kernels (~60 s)
-    import nncf
+    from edgekit.quantize import import_nncf
+
+    nncf = import_nncf()
 
     items = [tuple(a[i:i + batch] for a in xc) for i in range(0, len(xc[0]) - batch + 1, batch)] or \
         [tuple(a[:batch] for a in xc)]

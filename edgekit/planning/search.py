@@ -383,16 +383,26 @@ def _candidates(r: _Round, target: Target, model: CostModel, budgets: Budgets,
                       round(est, 4), round(measured, 4) if measured is not None else None, where, a["bytes"],
                       v.get("accuracy"), v["cosine_min"], "ok", "", r.prune_ratio,
                       int((r.manifest.get("compression") or {}).get("macs_after") or r.manifest["source"]["macs"]))
+        compression = r.manifest.get("compression") or {}
+        ct = compression.get("task")  # the pruned FP32 model judged against the original
+        total_drop = None  # a pruned candidate's task-metric loss against the original: pruning and quantization
         if t := v.get("task"):
-            c.task = f"{t['metric']} {t['value']:.2f} ({-t['drop_points']:+.2f})"
+            if ct and t.get("vs") == ct.get("vs") == "labels":  # one scale: both against the labels
+                total_drop = ct["reference"] - t["value"]
+            elif ct:  # against each one's FP32: the two losses add up (at most)
+                total_drop = ct["drop_points"] + t["drop_points"]
+            shown = t["drop_points"] if total_drop is None else total_drop
+            c.task = f"{t['metric']} {t['value']:.2f} ({-shown:+.2f}" + (" vs the original)" if ct else ")")
         drop = (original_accuracy - c.accuracy) * 100 if original_accuracy is not None and c.accuracy is not None \
-            else None
+            else total_drop
         if not v["passed"]:
             c.verdict, c.reason = "rejected", "; ".join(v["failures"])
         elif not compressed_ok:
-            c.verdict, c.reason = "rejected", "pruning lost more accuracy than the budget allows"
+            c.verdict, c.reason = "rejected", (f"pruning lost {compression.get('accuracy_drop_points', 0):.2f} points "
+                                               f"of {compression.get('metric', 'accuracy')}, more than the budget")
         elif drop is not None and drop > budgets.max_accuracy_drop + 1e-9:
-            c.verdict, c.reason = "over budget", f"accuracy {drop:.2f} points below the original"
+            what = t["metric"] if total_drop is not None and (t := v.get("task")) else "accuracy"
+            c.verdict, c.reason = "over budget", f"{what} {drop:.2f} points below the original"
         elif not _fits(target, c.bytes):
             c.verdict, c.reason = "does not fit", f"{c.bytes / 1e6:.1f} MB x3 > half of {target.memory['size_gb']} GB"
         elif budgets.max_latency_ms is not None and c.latency_ms > budgets.max_latency_ms:

@@ -38,7 +38,7 @@ from edgekit.console import note
 from edgekit.errors import EdgekitError
 from edgekit.planning.types import ArtifactPlan, Plan, QuantizationSettings
 from edgekit.quantize.ops import WEIGHTED_OPS
-from edgekit.verify.verifier import Verification, headline
+from edgekit.verify.verifier import DEGENERATE_REFERENCE, Verification, headline
 
 if TYPE_CHECKING:
     from edgekit.data import DataSplit
@@ -214,6 +214,14 @@ def recover_int8(r: Rejected, steps: tuple[Step, ...] = RECOVERY_STEPS) -> tuple
         return r.artifact, r.verification
     r.add_row("planned", _describe(q), r.verification, r.first_seconds)
     r.judged.append((q, dict(r.plan.options), headline(r.verification)[1]))
+    if any(f.startswith(DEGENERATE_REFERENCE) for f in r.verification.integrity_failures):
+        # The FP32 outputs do not depend on the input: no INT8 setting can be told right from wrong, so every
+        # rung (QAT included) would be time spent on a verdict that cannot change.
+        r.add_row("skipped", "no rung tried", None, 0.0, "the FP32 reference is degenerate (the same output for "
+                  "every validation sample): fix the model or the data")
+        note(f"{r.plan.backend} int8: no recovery tried: the FP32 reference itself is degenerate")
+        r.artifact.details["recovery"], r.artifact.details["recovery_kept"] = r.record, None
+        return r.artifact, r.verification
     seen = {_settings_key(q, r.plan.options)}
     digests = {_digest(r.artifact): "planned", _fingerprint(r.verification): "planned"}
     start = time.monotonic()

@@ -177,7 +177,7 @@ def verify_outputs(
         # validation samples that are all the same image, would pass any artifact at cosine 1.0.
         zeros = all(float(np.abs(r).max()) == 0 for r in reference)
         v.integrity_failures.append(
-            f"the FP32 reference gives {'all zeros' if zeros else 'the same output'} for every one of the "
+            f"{DEGENERATE_REFERENCE} {'all zeros' if zeros else 'the same output'} for every one of the "
             f"{len(reference[0])} validation samples: the model (untrained? a constant head?) or the data (identical "
             "samples?) is degenerate, and no figure can tell a right artifact from a wrong one")
         v.failures.append(v.integrity_failures[-1])
@@ -199,6 +199,9 @@ def verify_outputs(
     v.passed = not v.failures
     v.tensor_passed, v.tensor_failures = v.passed, list(v.failures)
     return v
+
+
+DEGENERATE_REFERENCE = "the FP32 reference gives"  # how the failure that no artifact can mend begins
 
 
 def apply_task(v: Verification, task: TaskResult, strict_tensors: bool) -> None:

@@ -181,9 +181,9 @@ def test_report_prints_a_signed_accuracy_change() -> None:
 def test_a_pruned_detector_is_judged_by_map_against_the_original(tmp_path: Path) -> None:
     """--task detect with --prune: the compressed FP32 model is judged as an artifact of the original, by
     mAP50-95 on the labelled boxes. Distillation's own figure (the teacher fit of the [4+nc, N] output; top-1
-    agreement over those rows, as it was, is a classifier's figure) is recorded beside it, never deciding. The bundled detector from its PyTorch source, half its
-    channels pruned and one epoch on 64 images: it loses far more than the 1-point budget, so compression fails,
-    and the build with it."""
+    agreement over those rows, as it was, is a classifier's figure) is recorded beside it, never deciding. The
+    bundled detector from its PyTorch source, half its channels pruned and one epoch on 64 images: it loses far
+    more than the 1-point budget, so compression fails, and the build with it."""
     import subprocess
     import sys
 

@@ -330,3 +330,6 @@ def test_model_whose_output_ignores_the_input_is_not_verified(tmp_path: Path) ->
     assert all("degenerate" in a["verification"]["failures"][-1] for a in m["artifacts"])
     assert any("same output for every validation sample" in w for w in m["data"]["warnings"])
     assert not (tmp_path / "pkg").exists()
+    # no recovery rung can mend a degenerate reference: none is tried (the ladder, QAT included, took a minute)
+    (int8,) = [a for a in m["artifacts"] if a["precision"] == "int8"]
+    assert [row["step"] for row in int8["quantization"]["recovery"]] == ["planned", "skipped"]

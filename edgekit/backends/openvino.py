@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from edgekit.backends import register
 from edgekit.backends.base import Artifact, Backend, OpIssue
 from edgekit.errors import BadInput, EdgekitError
+from edgekit.quantize import import_nncf
 from edgekit.quantize.fp16_range import fp16_unsafe_nodes
 from edgekit.quantize.qdq_model import prequantized, with_float_weights
 
@@ -206,8 +207,6 @@ class OpenVinoBackend(Backend):
         return keep, [f"{r.node} ({r.op_type}) kept in FP32: {r.reason}" for r in risks], found
 
     def _int8(self, spec: ModelSpec, plan: ArtifactPlan, calibration: Dataset, model: Any) -> tuple[Any, dict]:
-        from edgekit.quantize import import_nncf
-
         nncf = import_nncf()
 
         q = plan.quantization
@@ -268,8 +267,6 @@ class OpenVinoBackend(Backend):
         detector's mAP has no per-sample value) NNCF ranks the layers to revert by output differences; with labels
         by per-sample hits. options: max_accuracy_drop (points, default 1), accuracy_control_iterations (NNCF's
         max_num_iterations: at most that many layers reverted to float)."""
-        from edgekit.quantize import import_nncf
-
         nncf = import_nncf()
         from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 

@@ -306,7 +306,7 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
             artifact = rec.to_artifact(loaded.path, check_sha256=False)
             ver = rec.verification
             verdict = None if ver is None else {"passed": ver.passed, "failures": list(ver.failures),
-                                                "task": ver.extra.get("task")}
+                                                "task": ver.task}
         else:
             verdict = None
             ap = default_plan(spec, t, backend, [precision]).artifacts[0]

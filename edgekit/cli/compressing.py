@@ -100,7 +100,7 @@ def run_compress(args: argparse.Namespace, teacher: str | None, distill: bool) -
             raise BadInput("give --val (or --train) data to measure the model on")
         work = Path(tmp) / "out"
         work.mkdir()
-        result = compress(spec, target, opts, train, val, work, student=student)
+        result = compress(spec, target, opts, train, val, work, student=student, guide=_guide(args, spec, val))
         result.report |= _host_latency(spec, result.onnx_path, val, Path(tmp) / "timing", args)
         _finish(work, out_dir, args.force)
     _print(result.report, out_dir)
@@ -108,6 +108,17 @@ def run_compress(args: argparse.Namespace, teacher: str | None, distill: bool) -
     emit({"ok": True, "model": str(out_dir / "model.onnx"), "report": result.report})
     return 0
 
+
+
+def _guide(args: argparse.Namespace, spec: Any, val: Any) -> Any:
+    """--task detect|segment: the detector's loss and the task metric judge the compression (pipeline.stages)."""
+    from dataclasses import fields
+
+    from edgekit.pipeline.stages import task_guide
+    from edgekit.tasks.evaluator import TaskSettings
+
+    given = {f.name: getattr(args, f.name, None) for f in fields(TaskSettings)}  # task_args' options
+    return task_guide(spec, val, TaskSettings(**{k: v for k, v in given.items() if v is not None}))
 
 
 def _host_latency(original: Any, compressed_onnx: str, val: Any, work: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgekit.cli.args import compress_args
+from edgekit.cli.args import compress_args, task_args
 from edgekit.cli.compressing import compress_timing_args, run_compress
 
 VERB = "distill"
@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--force", action="store_true")
     compress_timing_args(d)
     compress_args(d, build=False)
+    task_args(d)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=10, help="distillation epochs per pruned candidate (default 10)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="distillation time per pruned candidate")
     p.add_argument("--importance", default="l1", choices=IMPORTANCE_CHOICES)
+    p.add_argument("--augment", default="hflip", choices=["none", "hflip", "dihedral"],
+                   help="distillation augmentation of the pruned candidates (dihedral: flips and 90-degree turns, "
+                   "where orientation carries no meaning)")
     p.add_argument("--device", help="measure the candidates on this device over SSH (`edgekit devices`)")
     task_args(p)
     recovery_args(p)
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise BadInput(f"--prune {args.prune}: give fractions of channels, e.g. 0.25,0.5") from None
         prune = PruneSearch(ratios, train=args.train, epochs=args.epochs, time_budget_s=args.time_budget,
-                            importance=args.importance)
+                            importance=args.importance, augment=args.augment)
     plan, candidates = plan_model(opts, budgets, args.out, prune=prune, device=args.device)
     chosen_key = next(c["key"] for c in plan.candidates if c.get("chosen"))
     emit({"plan": str(args.out), "chosen": chosen_key, "reasons": plan.reasons, "cost_model": plan.cost_model,

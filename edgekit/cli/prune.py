@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgekit.cli.args import compress_args, model_args
+from edgekit.cli.args import compress_args, model_args, task_args
 from edgekit.cli.compressing import compress_timing_args, run_compress
 
 VERB = "prune"
@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true")
     compress_timing_args(p)
     compress_args(p, build=False)
+    task_args(p)
 
 
 def run(args: argparse.Namespace) -> int:

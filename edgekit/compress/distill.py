@@ -20,8 +20,10 @@ determinism, and a checkpoint to resume.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgekit.compress.detect_distill import DETECT_LAYOUTS, detection_kd_loss, scores_are_logits
 from edgekit.console import note, progress
 from edgekit.errors import BadInput
 
 AUGMENTATIONS = ("none", "hflip", "dihedral")
+Metric = Callable[[nn.Module], tuple[str, float]]  # model -> (metric name, value; higher is better)
 
 
 @dataclass
@@ -52,6 +56,13 @@ class DistillSettings:
     seed: int = 0
     augment: str = "hflip"  # none | hflip | dihedral (only where orientation carries no meaning)
     labels_only: bool = False  # hard-label fine-tuning alone (the baseline distillation is compared with)
+    # A detector's decoded output layout (detect_distill.DETECT_LAYOUTS): its boxes and scores are distilled
+    # by detection_kd_loss instead of the dense MSE.
+    output_layout: str | None = None
+    # Exponential moving average of the weights (as Ultralytics trains detectors), judged and kept instead of
+    # the raw weights; None: off. Measured on the bundled detector pruned by 15 %: +3 to +7 mAP50-95 points
+    # mid-run over the raw weights, whose mAP swings by points from epoch to epoch.
+    ema_decay: float | None = None
 
     def check(self) -> None:
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
@@ -112,6 +123,29 @@ def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tens
 
     s, t = student_emb.flatten(1), teacher_emb.flatten(1)
     return F.smooth_l1_loss(distances(s), distances(t)) + 2 * F.smooth_l1_loss(angles(s), angles(t))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Ultralytics' ModelEMA): the decay ramps up over the
+    first hundred or so steps, when the weights are still far from where they settle; buffers that are not
+    floating point (BatchNorm's counters) are copied."""
+
+    def __init__(self, model: nn.Module, decay: float, ramp: float = 50.0) -> None:
+        import copy
+
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.ramp, self.updates = decay, ramp, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.ramp))
+        current = model.state_dict()
+        for k, v in self.model.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(current[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(current[k])
 
 
 class _Capture:
@@ -202,10 +236,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, teacher:
 
 def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor | None,
                   xv: torch.Tensor, yv: torch.Tensor | None, settings: DistillSettings,
-                  checkpoint: Path | None = None) -> DistillReport:
+                  checkpoint: Path | None = None, metric: Metric | None = None) -> DistillReport:
     """Train `student` in place (its best validation state is kept). `teacher` may be None only with
-    labels_only. A checkpoint file, if given, is resumed from when present and updated every epoch."""
+    labels_only. A checkpoint file, if given, is resumed from when present and updated every epoch. `metric`
+    (the task's own figure, e.g. mAP50-95 against the labels) picks the best epoch instead of evaluate()."""
     settings.check()
+    judge = metric or (lambda model: evaluate(model, xv, yv, teacher))
     if settings.labels_only and y is None:
         raise BadInput("fine-tuning with hard labels needs labelled training data")
     if not settings.labels_only and teacher is None:
@@ -236,17 +272,24 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
             teacher.eval()
             probe = torch.cat([teacher(x[i:i + 256]) for i in range(0, min(len(x), 1024), 256)])
         scale = channel_scale(probe) if is_dense(probe) else None
+    detect = scale is not None and settings.output_layout in DETECT_LAYOUTS
+    score_logits = detect and scores_are_logits(probe, str(settings.output_layout))
     params = list(student.parameters()) + list(adapters.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = (len(x) + settings.batch - 1) // settings.batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.epochs * steps_per_epoch,
                                                 pct_start=0.15)
     start_epoch, history = 0, []
-    metric_name, best = evaluate(student, xv, yv, teacher)
+    ema = WeightAverage(student, settings.ema_decay) if settings.ema_decay else None
+    judged = ema.model if ema else student  # the weights evaluated, kept and returned
+    metric_name, best = judge(judged)
     best_epoch, best_state = 0, {k: v.clone() for k, v in student.state_dict().items()}
     if checkpoint is not None and Path(checkpoint).exists():
         ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
         student.load_state_dict(ck["student"])
+        if ema is not None and "ema" in ck:
+            ema.model.load_state_dict(ck["ema"])
+            ema.updates = ck["ema_updates"]
         adapters.load_state_dict(ck["adapters"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, history, best, best_epoch = ck["epoch"], ck["history"], ck["best"], ck["best_epoch"]
@@ -280,8 +323,12 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
                     with torch.no_grad():
                         t_out = teacher(xb)
                     # a dense output has no hard labels to mix with here: the teacher's outputs are all it learns
-                    loss = dense_loss(out, t_out, scale) if scale is not None else \
-                        settings.alpha * kd_loss(out, t_out, settings.temperature)
+                    if detect:
+                        loss = detection_kd_loss(out, t_out, str(settings.output_layout), score_logits)
+                    elif scale is not None:
+                        loss = dense_loss(out, t_out, scale)
+                    else:
+                        loss = settings.alpha * kd_loss(out, t_out, settings.temperature)
                     if y is not None and scale is None:
                         loss = loss + (1 - settings.alpha) * F.cross_entropy(out, y[idx])
                     if use_hints:
@@ -295,16 +342,19 @@ def train_student(student: nn.Module, teacher: nn.Module | None, x: torch.Tensor
                 loss.backward()
                 opt.step()
                 sched.step()
+                if ema is not None:
+                    ema.update(student)
                 total += float(loss.detach()) * len(idx)
-            metric_name, value = evaluate(student, xv, yv, teacher)
+            metric_name, value = judge(judged)
             history.append({"epoch": epoch + 1, "loss": round(total / len(x), 5), metric_name: round(value, 5)})
             if value > best:
                 best, best_epoch = value, epoch + 1
-                best_state = {k: v.clone() for k, v in student.state_dict().items()}
+                best_state = {k: v.clone() for k, v in judged.state_dict().items()}
             bar.update(task, advance=1, description=f"{'fine-tuning' if settings.labels_only else 'distilling'} "
                                                     f"{metric_name} {value:.4f} (best {best:.4f})")
             if checkpoint is not None:
                 torch.save({"student": student.state_dict(), "adapters": adapters.state_dict(),
+                            **({"ema": ema.model.state_dict(), "ema_updates": ema.updates} if ema else {}),
                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                             "epochs": settings.epochs,
                             "history": history, "best": best, "best_epoch": best_epoch, "best_state": best_state,

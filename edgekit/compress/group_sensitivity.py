@@ -4,7 +4,9 @@ Torch-Pruning's dependency graph gives the groups (a conv with everything tied t
 its BatchNorm, the next layer's inputs, the other convs feeding the same residual Add). Each group is
 pruned alone, by the planned ratio and with the same importance criterion, on a copy of the model,
 and the copy is measured on validation data without any fine-tuning: the drop in accuracy (labels)
-or in agreement with the original's top-1 / outputs says how much that group's channels matter.
+or in agreement with the original's top-1 / outputs says how much that group's channels matter. With a task
+guide (`--task detect|segment`) the task's own metric measures it: the cosine of a detector's whole output is
+its pixel box rows, and ratios spread by it left a 15 % prune of the bundled detector at mAP50-95 1.5.
 Results are cached by model hash, data and settings, like the INT8 sensitivity.
 
 The planner then spreads a global ratio unevenly: the most sensitive quarter of the groups is pruned
@@ -21,7 +23,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +31,9 @@ from edgekit.console import progress
 from edgekit.data import Dataset
 from edgekit.home import cache_dir
 from edgekit.ingest import ModelSpec
+
+if TYPE_CHECKING:
+    from edgekit.compress.stage import TaskGuide
 
 CACHE_SCHEMA = "edgekit-prune-sensitivity/1"
 
@@ -38,7 +43,8 @@ class GroupSensitivity:
     module: str  # the group's root module (torch name): what `layer_ratios` keys
     channels: int
     macs_share: float  # the root layer's share of the model's MACs
-    metric: float  # accuracy (labels) or top-1 agreement with the original, after pruning this group alone
+    metric: float  # accuracy (labels), top-1 agreement with the original or the task metric (a fraction), after
+    # pruning this group alone
     drop_points: float  # original metric minus that, in points
     cosine: float  # output cosine vs the original model
 
@@ -51,7 +57,8 @@ def default_cache_dir() -> Path:
 
 
 def group_sensitivity(spec: ModelSpec, validation: Dataset, ratio: float, importance: str = "l1",
-                      max_samples: int = 256, cache_dir: Path | None = None) -> list[GroupSensitivity]:
+                      max_samples: int = 256, cache_dir: Path | None = None,
+                      guide: TaskGuide | None = None) -> list[GroupSensitivity]:
     """Sensitivity of every prunable group to losing `ratio` of its channels, most sensitive first."""
     import torch
     import torch_pruning as tp
@@ -63,7 +70,7 @@ def group_sensitivity(spec: ModelSpec, validation: Dataset, ratio: float, import
     n = min(len(x_all), max_samples)
     x = torch.from_numpy(np.ascontiguousarray(x_all[:n], np.float32))
     labels = validation.labels[:n] if validation.labels is not None else None
-    key = _cache_key(spec, x, labels, ratio, importance)
+    key = _cache_key(spec, x, labels, ratio, importance, guide.key if guide and guide.scorer_for else "")
     cache = (cache_dir or default_cache_dir()) / f"{spec.sha256[:16]}-{key[:24]}.json"
     cached = _read(cache, key)
     if cached is not None:
@@ -73,7 +80,9 @@ def group_sensitivity(spec: ModelSpec, validation: Dataset, ratio: float, import
     example = torch.zeros(*spec.inputs[0].shape)
     with torch.no_grad():
         reference = _batched(model, x)
-    base = _metric(reference, reference, labels)
+    scorer = guide.scorer_for([reference.numpy()]) if guide is not None and guide.scorer_for else None
+    metric = (lambda out: scorer([out.numpy()])[1]) if scorer else (lambda out: _metric(out, reference, labels))
+    base = metric(reference)
     ignored = set(default_ignored(model, example))
     modules = dict(model.named_modules())
     names = {m: name for name, m in modules.items()}
@@ -98,7 +107,7 @@ def group_sensitivity(spec: ModelSpec, validation: Dataset, ratio: float, import
             pruner.step()
             with torch.no_grad():
                 out = _batched(trial.eval(), x)
-            value = _metric(out, reference, labels)
+            value = metric(out)
             cos = float(torch.nn.functional.cosine_similarity(out.flatten(1), reference.flatten(1)).mean())
             results.append(GroupSensitivity(name, int(width), round(float(layer_macs.get(modules[name], 0)) / macs, 5),
                                             round(value, 5), round((base - value) * 100, 3), round(cos, 6)))
@@ -142,11 +151,13 @@ def _metric(out: Any, reference: Any, labels: np.ndarray | None) -> float:
     return float(torch.nn.functional.cosine_similarity(out.flatten(1), reference.flatten(1)).mean())
 
 
-def _cache_key(spec: ModelSpec, x: Any, labels: np.ndarray | None, ratio: float, importance: str) -> str:
+def _cache_key(spec: ModelSpec, x: Any, labels: np.ndarray | None, ratio: float, importance: str,
+               task: str = "") -> str:
     import torch_pruning as tp
 
     h = hashlib.sha256(json.dumps({"schema": CACHE_SCHEMA, "model": spec.sha256, "ratio": ratio,
-                                   "importance": importance, "torch_pruning": getattr(tp, "__version__", "?")},
+                                   "importance": importance, "torch_pruning": getattr(tp, "__version__", "?"),
+                                   **({"task": task} if task else {})},
                                   sort_keys=True).encode())
     h.update(x.numpy().tobytes())
     if labels is not None:

@@ -542,7 +542,14 @@ def _reshape(b: _Builder, node: onnx.NodeProto) -> list[Value]:
     if src is not None and len(target) == 2 and target[0] == src[0] and target[1] in (-1, int(np.prod(src[1:]))):
         # batch kept, the rest flattened: say so, so the channel count is not frozen into the graph
         return [b.call(torch.flatten, x, 1)]
+    if src is not None and len(target) > 1 and src[0] == target[0] == 1:
+        # A batch-1 export's reshape keeps the batch: keep whatever batch comes (training and ranking run 64)
+        return [b.call(_reshape_keep_batch, x, tuple(target[1:]))]
     return [b.call(torch.reshape, x, tuple(target))]
+
+
+def _reshape_keep_batch(x: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:
+    return x.reshape(x.shape[0], *rest)
 
 
 def _concat(b: _Builder, node: onnx.NodeProto) -> list[Value]:

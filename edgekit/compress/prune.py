@@ -144,6 +144,30 @@ def _widths(model: nn.Module) -> dict[str, tuple[str, int, int]]:
     return out
 
 
+def nearest_multiple_ratios(model: nn.Module, example: torch.Tensor, settings: PruneSettings,
+                            ignored: list[nn.Module]) -> dict[nn.Module, float]:
+    """Per-group ratios whose kept channels are the multiple of round_to nearest to what the ratio keeps.
+    Torch-Pruning rounds the kept count down: 15 % of a 32-channel layer at a multiple of 16 (AVX-512's fp32
+    lanes) removes half of it, and a 15 % prune of the bundled detector removed 40 % of its MACs. A layer
+    narrower than one multiple, or grouped, keeps Torch-Pruning's own rule (its ratio, rounded down)."""
+    step = int(settings.round_to or 1)
+    names = {m: n for n, m in model.named_modules()}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    out: dict[nn.Module, float] = {}
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        root = group[0].dep.target.module
+        ratio = settings.layer_ratios.get(names.get(root, ""), settings.ratio)
+        width = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
+        if width < step or getattr(root, "groups", 1) != 1:
+            out[root] = ratio
+            continue
+        keep = min(width, max(step, round(width * (1 - ratio) / step) * step))
+        # half a channel below: Torch-Pruning keeps int(width * (1 - ratio)), and a float a hair under `keep`
+        # would become keep - 1 and then round down a whole multiple
+        out[root] = min(settings.max_layer_ratio, max(0.0, (width - keep - 0.5) / width))
+    return out
+
+
 def prune(model: nn.Module, example: torch.Tensor, settings: PruneSettings,
           loss_batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
           loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
@@ -159,9 +183,12 @@ def prune(model: nn.Module, example: torch.Tensor, settings: PruneSettings,
     ignored_names = settings.ignored_layers or default_ignored(model, example)
     macs0, params0, layer_macs0, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
     before = _widths(model)
+    ratios = {modules[n]: r for n, r in settings.layer_ratios.items()}
+    if settings.round_to and settings.steps == 1 and not settings.global_ranking:
+        ratios = nearest_multiple_ratios(model, example, settings, [modules[n] for n in ignored_names])
     pruner = tp.pruner.MetaPruner(
         model, example, importance=_importance(settings.importance), global_pruning=settings.global_ranking,
-        pruning_ratio=settings.ratio, pruning_ratio_dict={modules[n]: r for n, r in settings.layer_ratios.items()},
+        pruning_ratio=settings.ratio, pruning_ratio_dict=ratios,
         max_pruning_ratio=settings.max_layer_ratio, iterative_steps=settings.steps,
         ignored_layers=[modules[n] for n in ignored_names], round_to=settings.round_to,
     )

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,26 @@ class CompressOptions:
     seed: int = 0
     step_finetune_share: float = 0.25  # of the epoch (and time) budget, spent fine-tuning between pruning steps
     taylor_samples: int = 128  # training samples whose loss gradients rank channels (Taylor importance)
+
+
+# Given the teacher's validation outputs, a scorer of a student's (None: the task gives no figure here); a
+# scorer returns (metric name, value as a fraction, higher is better).
+Scorer = Callable[[list[np.ndarray]], tuple[str, float]]
+
+
+DETECTOR_EMA = 0.99  # a detector is trained and kept as a weight average (distill.WeightAverage)
+
+
+@dataclass
+class TaskGuide:
+    """What the task tells compression (the pipeline builds it from --task; `edgekit prune/distill` run without):
+    the decoded detector layout whose boxes and scores distillation matches (detect_distill), and the task's
+    own figure (mAP50-95, mIoU) that judges every stage and picks the best epoch, where a dense output's
+    teacher fit said 96 % of a detector that had lost 20 points of mAP."""
+
+    layout: str | None = None
+    scorer_for: Callable[[list[np.ndarray]], Scorer | None] | None = None
+    key: str = ""  # what the cache key holds of it (task settings, layout)
 
 
 @dataclass
@@ -142,9 +163,9 @@ def without_validation(x: Any, y: Any, xv: Any) -> tuple[Any, Any, int]:
 
 
 def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any, validation: Any,
-             workdir: Path, student: ModelSpec | None = None) -> CompressResult:
+             workdir: Path, student: ModelSpec | None = None, guide: TaskGuide | None = None) -> CompressResult:
     """Prune and/or distill `spec`'s model (or train the given `student` from it); `train` and
-    `validation` are Datasets (labels optional)."""
+    `validation` are Datasets (labels optional); `guide`, the task's loss layout and metric."""
     import torch
 
     from edgekit.compress.distill import DistillSettings, evaluate, train_student
@@ -164,9 +185,12 @@ def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any,
     example = torch.zeros(*spec.inputs[0].shape)
     xv, yv = _tensors(validation)
     report: dict[str, Any] = {"accuracy": {}, "metric": "accuracy" if yv is not None else "teacher_agreement"}
+    metric = _task_metric(teacher, xv, guide)
+    layout = guide.layout if guide else None
 
     def measure(label: str, model: Any) -> None:
-        report["metric"], value = evaluate(model, xv, yv, teacher)  # teacher_fit for a dense output
+        # the task's figure where there is one, else accuracy / agreement, or teacher_fit for a dense output
+        report["metric"], value = metric(model) if metric else evaluate(model, xv, yv, teacher)
         report["accuracy"][label] = round(value, 5)
         note(f"{label}: {report['metric']} {value:.2%}")
 
@@ -208,7 +232,8 @@ def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any,
         between = None
         if opts.steps > 1:
             report["prune_steps"] = []
-            between = _step_finetune(student, teacher, example, x, y, xv, yv, opts, report["prune_steps"])
+            between = _step_finetune(student, teacher, example, x, y, xv, yv, opts, report["prune_steps"], metric,
+                                     layout)
         pr = prune(student, example, settings, batches, loss_fn, between_steps=between)
         report["prune"] = pr.to_dict() | {"round_to": round_to, "round_to_reason": reason}
         save_pruned(student, str(workdir / "pruned.pt"))
@@ -225,20 +250,22 @@ def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any,
                            "(in `edgekit build`, --calib images serve when there is no --train)")
         base = DistillSettings(epochs=opts.epochs, time_budget_s=opts.time_budget_s, temperature=opts.temperature,
                                alpha=opts.alpha, relation_weight=opts.relation_weight,
-                               hint_layers=opts.hint_layers, augment=opts.augment, seed=opts.seed)
+                               hint_layers=opts.hint_layers, augment=opts.augment, seed=opts.seed,
+                               output_layout=layout, ema_decay=DETECTOR_EMA if layout else None)
         if y is None and not opts.distill:
             raise BadInput("fine-tuning needs labelled --train data (class folders or 'labels' in the .npz); "
                            "without labels use --distill")
         if y is not None and (opts.finetune_baseline or not opts.distill):
             finetuned = copy.deepcopy(student)
-            ft = train_student(finetuned, None, x, y, xv, yv, DistillSettings(**{**asdict(base), "labels_only": True}))
+            ft = train_student(finetuned, None, x, y, xv, yv, DistillSettings(**{**asdict(base), "labels_only": True}),
+                               metric=metric)
             report["finetune"] = ft.to_dict()
             measure("fine-tuned (hard labels)", finetuned)
             if not opts.distill:
                 student = finetuned
         if opts.distill:
             dr = train_student(student, teacher, x, y, xv, yv, base,
-                               checkpoint=Path(opts.checkpoint) if opts.checkpoint else None)
+                               checkpoint=Path(opts.checkpoint) if opts.checkpoint else None, metric=metric)
             report["distill"] = dr.to_dict()
             measure("distilled", student)
     out = workdir / "model.onnx"
@@ -254,8 +281,28 @@ def compress(spec: ModelSpec, target: Target, opts: CompressOptions, train: Any,
     return CompressResult(str(out), report)
 
 
+def _task_metric(teacher: Any, xv: Any, guide: TaskGuide | None) -> Any:
+    """model -> (name, value) by the task's evaluator on the validation samples, against the labels or the
+    teacher's outputs; None where the guide gives no scorer (the figure evaluate() computes decides)."""
+    import torch
+
+    if guide is None or guide.scorer_for is None:
+        return None
+
+    @torch.no_grad()
+    def outputs(model: Any) -> list[np.ndarray]:
+        model.eval()
+        parts = [model(xv[i:i + 64]) for i in range(0, len(xv), 64)]
+        parts = [p if isinstance(p, (tuple, list)) else (p,) for p in parts]
+        return [torch.cat([p[k] for p in parts]).numpy() for k in range(len(parts[0]))]
+
+    scorer = guide.scorer_for(outputs(teacher))
+    return None if scorer is None else (lambda model: scorer(outputs(model)))
+
+
 def _step_finetune(student: Any, teacher: Any, example: Any, x: Any, y: Any, xv: Any, yv: Any,
-                   opts: CompressOptions, log: list[dict[str, Any]]) -> Any:
+                   opts: CompressOptions, log: list[dict[str, Any]], metric: Any = None,
+                   layout: str | None = None) -> Any:
     """The callback iterative pruning runs after each step: the accuracy the step left, then (before
     the next step, with training data) a short fine-tune so the next ranking sees a recovered model:
     hard labels where the data has them, else distillation from the teacher. Each between-step run
@@ -270,16 +317,18 @@ def _step_finetune(student: Any, teacher: Any, example: Any, x: Any, y: Any, xv:
 
     def between(step: int) -> None:
         macs, _ = tp.utils.count_ops_and_params(student, example)
-        pruned = evaluate(student, xv, yv, teacher)[1]
+        judge = metric or (lambda model: evaluate(model, xv, yv, teacher))
+        pruned = judge(student)[1]
         entry: dict[str, Any] = {"step": step + 1, "macs": int(macs), "pruned": round(pruned, 5)}
         if step + 1 < opts.steps and x is not None:  # after the last step the main fine-tune/distillation runs
             labels = y is not None
             settings = DistillSettings(epochs=epochs, time_budget_s=seconds, temperature=opts.temperature,
                                        alpha=opts.alpha, augment=opts.augment, seed=opts.seed + step + 1,
-                                       labels_only=labels, patience=epochs + 1)
-            run = train_student(student, None if labels else teacher, x, y, xv, yv, settings)
+                                       labels_only=labels, patience=epochs + 1, output_layout=layout,
+                                       ema_decay=DETECTOR_EMA if layout else None)
+            run = train_student(student, None if labels else teacher, x, y, xv, yv, settings, metric=metric)
             entry |= {"finetune": "hard labels" if labels else "distillation", "epochs": run.epochs_run,
-                      "finetuned": round(evaluate(student, xv, yv, teacher)[1], 5)}
+                      "finetuned": round(judge(student)[1], 5)}
         log.append(entry)
         note(f"pruning step {step + 1}/{opts.steps}: {report_line(entry)}")
 

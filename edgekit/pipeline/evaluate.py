@@ -98,7 +98,7 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
         sel.reasons.append("the plan prunes and distills the model first (its compress settings)")
     if wanted is not None and (wanted.prune or wanted.distill or wanted.low_rank_energy):
         original = spec
-        spec, compression = compress_model(spec, target, wanted, preprocess, data, work, stages)
+        spec, compression = compress_model(spec, target, wanted, preprocess, data, work, stages, opts.task_settings)
     plan = _artifact_plans(opts, target, spec, data, sel)
 
     several = len(plan.artifacts) > 1

@@ -137,6 +137,7 @@ def float_where_it_matters(r: Rejected) -> Iterator[Attempt]:
 
 
 def _mixed_precision(r: Rejected) -> Iterator[Attempt]:
+    from edgekit.quantize.sensitivity import MixedPrecisionStep
     from edgekit.quantize.sensitivity import mixed_precision as search
 
     base, options = r.best()
@@ -156,10 +157,7 @@ def _mixed_precision(r: Rejected) -> Iterator[Attempt]:
         r.build_plan.sensitivity[r.plan.backend] = {s.node: round(s.snr_gain_db, 3) for s in res.sensitivities
                                                      if math.isfinite(s.snr_gain_db)}
     if not (res.passed and res.float_nodes):
-        # The best step: the task metric, then the fewest missed thresholds, then the worst-output SNR (a task
-        # metric that every step meets would otherwise name the first, least-recovered step).
-        best = max(res.steps, key=lambda s: (-math.inf if s.value is None else s.value, -len(s.failures),
-                                             s.snr_db_min), default=None)
+        best = max(res.steps, key=MixedPrecisionStep.rank, default=None)
         r.add_row("float", f"mixed precision ({len(res.steps)} builds)", None, time.monotonic() - start, res.reason,
                   (best.metric, best.value) if best else None)
         note(f"no mixed-precision {r.plan.backend} int8 met the budgets ({res.reason})")

@@ -21,8 +21,9 @@ from edgekit.targets import Target
 from edgekit.verify.verifier import run_all
 
 if TYPE_CHECKING:
-    from edgekit.compress.stage import CompressOptions
+    from edgekit.compress.stage import CompressOptions, TaskGuide
     from edgekit.pipeline.options import BuildOptions
+    from edgekit.tasks.evaluator import TaskSettings
 
 
 class CachedStages:
@@ -137,8 +138,37 @@ def _versions(*modules: str) -> dict[str, str | None]:
     return out
 
 
+def task_guide(spec: ModelSpec, validation: Any, settings: TaskSettings | None) -> TaskGuide | None:
+    """What --task tells compression: a detector's decoded layout (the loss reads its boxes and scores) and the
+    task's metric on the validation data (against the labels, or the teacher's outputs) to judge and stop by.
+    Only for detect and segment, the dense outputs whose teacher fit says little; a classifier's accuracy or
+    top-1 agreement is already its task figure."""
+    from edgekit.compress.detect_distill import DETECT_LAYOUTS
+    from edgekit.compress.stage import TaskGuide
+    from edgekit.tasks.evaluator import resolve_task
+
+    if settings is None or settings.task not in ("detect", "segment"):
+        return None
+    layout = None
+    if settings.task == "detect":
+        from edgekit.tasks.decoders import guess_decoder
+        from edgekit.tasks.detect_eval import input_hw
+
+        name = settings.decoder or guess_decoder([list(o.shape) for o in spec.outputs], input_hw(spec, validation))
+        layout = name if name in DETECT_LAYOUTS else None
+
+    def scorer_for(teacher_outputs: list[np.ndarray]) -> Any:
+        evaluator, _ = resolve_task(spec, validation, settings, teacher_outputs)
+        if evaluator is None:
+            return None
+        return lambda outputs: (evaluator.metric, evaluator.score(outputs).value / 100)
+
+    return TaskGuide(layout, scorer_for, key=f"{dataclasses.asdict(settings)}|{layout}")
+
+
 def compress_model(spec: ModelSpec, target: Target, c: CompressOptions, preprocess: Preprocess | None,
-              data: DataSplit, work: Path, stages: CachedStages) -> tuple[ModelSpec, dict[str, Any]]:
+              data: DataSplit, work: Path, stages: CachedStages, task: TaskSettings | None = None
+              ) -> tuple[ModelSpec, dict[str, Any]]:
     """Prune / distill, then ingest the result: later stages verify quantization against the compressed
     FP32 model, and the accuracy change of compression itself is checked against the original."""
     from edgekit.cache import digest
@@ -151,12 +181,13 @@ def compress_model(spec: ModelSpec, target: Target, c: CompressOptions, preproce
         train = src.load(np.arange(src.count), spec, "training")
     folder = work / "compress"
     settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("train", "checkpoint")}
+    guide = task_guide(spec, data.validation, task)
     key = digest("compress", spec.sha256, settings, stages.data(train), stages.data(data.validation),
-                 target.channel_multiple, _versions("torch", "torch-pruning"))
+                 target.channel_multiple, _versions("torch", "torch-pruning"), guide.key if guide else "")
     report = stages.cache.get_tree("compress", key, folder, "compression (prune/distill)")
     if report is None:
         folder.mkdir()
-        result = compress(spec, target, c, train, data.validation, folder)
+        result = compress(spec, target, c, train, data.validation, folder, guide=guide)
         report = result.report
         stages.cache.put_tree("compress", key, folder, ["model.onnx"], report)
     compressed = stages.ingest(str(folder / "model.onnx"), work / "compressed", {}, None)

@@ -66,6 +66,7 @@ class PruneSearch:
     time_budget_s: float | None = None
     importance: str = "l1"
     by_sensitivity: bool = True
+    augment: str = "hflip"  # distill.AUGMENTATIONS
 
     def check(self) -> None:
         for r in self.ratios:
@@ -258,13 +259,16 @@ def _pruned_round(trial: BuildOptions, target: Target, prune: PruneSearch, ratio
     layer_ratios: dict[str, float] = {}
     if prune.by_sensitivity:
         from edgekit.compress.group_sensitivity import group_sensitivity, ratios_from_sensitivity
+        from edgekit.pipeline.stages import task_guide
 
-        groups = group_sensitivity(base.spec, base.data.validation, ratio, prune.importance)
+        guide = task_guide(base.spec, base.data.validation, trial.task_settings)  # mAP ranks a detector's groups
+        groups = group_sensitivity(base.spec, base.data.validation, ratio, prune.importance, guide=guide)
         layer_ratios = ratios_from_sensitivity(groups, ratio)
     compress = CompressOptions(prune=ratio, importance=prune.importance, round_to=round_to,
                                layer_ratios=layer_ratios, distill=True, train=prune.train or trial.calib,
                                train_from_calibration=prune.train is None,
-                               epochs=prune.epochs, time_budget_s=prune.time_budget_s, finetune_baseline=False)
+                               epochs=prune.epochs, time_budget_s=prune.time_budget_s, finetune_baseline=False,
+                               augment=prune.augment)
     note(f"planner: pruning {ratio:.0%} of channels (per-group ratios by sensitivity), distilling, building")
     folder = tmp / f"pruned-{ratio}"
     ev = _evaluate(dataclasses.replace(trial, out=str(folder), compress=compress), target, folder, stages)
@@ -366,7 +370,10 @@ def _original_accuracy(manifest: dict[str, Any]) -> float | None:
 def _candidates(r: _Round, target: Target, model: CostModel, budgets: Budgets,
                 original_accuracy: float | None) -> list[Candidate]:
     out = []
-    compressed_ok = (r.manifest.get("compression") or {}).get("passed", True)
+    compression = r.manifest.get("compression") or {}
+    compressed_ok = compression.get("passed", True)
+    ct = compression.get("task")  # the pruned FP32 model judged against the original
+    macs = int(compression.get("macs_after") or r.manifest["source"]["macs"])
     # The layers of the model this round built (pruned or not), as the package recorded them.
     features = [LayerFeatures(la["op_type"], la["macs"], la["params"], math.prod(max(d, 1) for d in la["output_shape"]))
                 for la in r.manifest["layers"]]
@@ -381,10 +388,7 @@ def _candidates(r: _Round, target: Target, model: CostModel, budgets: Budgets,
         q = r.plans[a["key"]].quantization
         c = Candidate(_key(r, a["key"]), a["backend"], a["precision"], len(q.exclude_nodes) if q else 0,
                       round(est, 4), round(measured, 4) if measured is not None else None, where, a["bytes"],
-                      v.get("accuracy"), v["cosine_min"], "ok", "", r.prune_ratio,
-                      int((r.manifest.get("compression") or {}).get("macs_after") or r.manifest["source"]["macs"]))
-        compression = r.manifest.get("compression") or {}
-        ct = compression.get("task")  # the pruned FP32 model judged against the original
+                      v.get("accuracy"), v["cosine_min"], "ok", "", r.prune_ratio, macs)
         total_drop = None  # a pruned candidate's task-metric loss against the original: pruning and quantization
         if t := v.get("task"):
             if ct and t.get("vs") == ct.get("vs") == "labels":  # one scale: both against the labels

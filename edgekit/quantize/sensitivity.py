@@ -1,8 +1,7 @@
 """Per-layer INT8 sensitivity and a mixed-precision search (the most sensitive layers kept in float).
 
-Everything is measured with the real backend: each variant is a real INT8 build by the backend's own
-quantizer (`QuantizationSettings.exclude_nodes` keeps nodes in float), run in its runtime and compared
-with the FP32 ONNX Runtime reference, as the build's verification does.
+Measured with the real backend: each variant is a real INT8 build by its own quantizer (`exclude_nodes` keeps
+nodes in float), run in its runtime and compared with the FP32 ONNX Runtime reference, as verification does.
 
 Methods (`layer_sensitivity(method=...)`):
 - `leave_one_out` (default): uniform INT8 once, then for each node INT8 with only that node in float;
@@ -112,6 +111,9 @@ class MixedPrecisionStep:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def rank(self) -> tuple[float, int, float]:  # the best failed step: task metric, fewest misses, then worst SNR
+        return -math.inf if self.value is None else self.value, -len(self.failures), self.snr_db_min
 
 
 @dataclass
@@ -453,8 +455,7 @@ def mixed_precision(
         while not passes(k):
             low = k
             if k >= limit:
-                best = max(tried.values(), key=lambda s: (-math.inf if s.value is None else s.value,
-                                                          -len(s.failures), s.snr_db_min))
+                best = max(tried.values(), key=MixedPrecisionStep.rank)
                 return result(best.float_nodes, False, f"thresholds still missed with {k} nodes in float "
                               f"({capped_by}); best step: {', '.join(best.failures)}")
             k = min(2 * k, limit)

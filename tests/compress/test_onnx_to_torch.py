@@ -405,3 +405,21 @@ def test_converted_model_prunes_and_exports(load, tmp_path: Path) -> None:
     (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(out, module(x).numpy(), atol=1e-4)
+
+
+def test_a_batch_one_export_runs_any_batch() -> None:
+    """The bundled detector's ONNX has reshapes to [1, 4, 16, 525] (a batch-1 export): converted, it runs the
+    batches distillation and pruning sensitivity use, each sample as ONNX Runtime gives it alone."""
+    import onnxruntime as ort
+    import torch
+    from conftest import REPO
+
+    path = REPO / "examples" / "detect" / "defectdet.onnx"
+    module = onnx_to_torch(onnx.load(str(path))).eval()
+    x = np.random.default_rng(0).random((4, 3, 160, 160), dtype=np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = np.concatenate([sess.run(None, {"images": x[i:i + 1]})[0] for i in range(4)])
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    assert got.shape == (4, 7, 525)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)

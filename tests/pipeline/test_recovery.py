@@ -173,7 +173,10 @@ def test_only_qat_recovers_a_model_with_every_block_hostile(tmp_path: Path) -> N
     m = read_manifest(tmp_path / "pkg")
     by_key = {f"{a['backend']}-{a['precision']}": a for a in m["artifacts"]}
     for backend, ptq_steps in (("onnxruntime", ["planned", "calibration", "float"]),
-                               ("openvino", ["planned", "float", "accuracy control"])):
+                               # OpenVINO's one calibration retry is 7-bit weights, which a host that
+                               # saturates INT8 dot products (no VNNI) plans from the start
+                               ("openvino", ["planned", *([] if HOST_REDUCE_RANGE else ["calibration"]), "float",
+                                             "accuracy control"])):
         a = by_key[f"{backend}-int8"]
         rows = a["quantization"]["recovery"]
         # the calibration rung's count depends on the host: without VNNI the planned INT8 has 7-bit weights already

@@ -86,6 +86,14 @@ TARGET_SCHEMA: dict[str, Any] = {
             },
         },
         "dla_cores": {"type": "integer", "minimum": 0},
+        # The CPU whose arithmetic the target's artifacts are verified on (ARM boards: under qemu-user with this
+        # CPU model, edgekit.emulate), where it differs from the build host's.
+        "isa": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["arch", "cpu"],
+            "properties": {"arch": {"enum": ["x86_64", "aarch64"]}, "cpu": {"type": "string"}},
+        },
         # Published whole-model latencies on this device (e.g. benchncnn): the cost model fits its
         # per-precision efficiency to them (edgekit/profiling/costmodel.py).
         "benchmarks": {
@@ -129,6 +137,7 @@ class Target:
     vendor: str = ""
     gpu: dict[str, Any] | None = None
     dla_cores: int = 0
+    isa: dict[str, str] | None = None  # {arch, cpu}: the CPU the artifacts' numerics are checked on
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -141,6 +150,14 @@ class Target:
 
     def supports(self, precision: str) -> bool:
         return precision in self.precisions
+
+    @property
+    def emulated_cpu(self) -> str | None:
+        """The CPU model to verify on under emulation: the target's own CPU when its architecture is not this
+        machine's (an aarch64 board built on x86); None when the host computes as the target does."""
+        if self.is_host or not self.isa or self.isa.get("arch") == platform.machine():
+            return None
+        return self.isa.get("cpu")
 
     def has_isa(self, flag: str) -> bool:
         return flag in self.cpu.get("isa", [])

@@ -565,3 +565,30 @@ def export_channel_stride(path: Path, samples: int) -> tuple[Path, Path]:
     data = path.with_suffix(".npz")
     np.savez(data, x=np.random.default_rng(0).standard_normal((samples, 4, 8, 8)).astype(np.float32))
     return path, data
+
+
+class Fp16SumOverflow(nn.Module):
+    """Activations and weights that fp16 storage holds exactly (inputs 20-40, weights +-100 plus multiples of
+    1/16), through a 1x1 conv whose running sum passes 65504 before its two halves cancel: fp32 arithmetic (x86,
+    or ARM with fp16 storage only) computes it; ncnn's fp16 arithmetic on an ARMv8.2 core overflows to inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(64, 16, 1)
+        w = torch.randint(-2, 3, (16, 64)).float() / 16
+        w[:, :32] += 100.0
+        w[:, 32:] -= 100.0
+        self.conv.weight.data = w.view(16, 64, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([x, x], 1)).mean((2, 3))
+
+
+def export_fp16_sum_overflow(path: Path, samples: int) -> tuple[Path, Path]:
+    """Fp16SumOverflow as ONNX (input x [1, 32, 8, 8], output y [1, 16]) and `samples` inputs in [20, 40]."""
+    torch.onnx.export(Fp16SumOverflow().eval(), (torch.zeros(1, 32, 8, 8),), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"])
+    data = path.with_suffix(".npz")
+    np.savez(data, x=np.random.default_rng(0).uniform(20, 40, (samples, 32, 8, 8)).astype(np.float32))
+    return path, data

@@ -105,6 +105,12 @@ class Backend(ABC):
     # edgekit's tree joins a target (targets.load_target appends it) without editing the target's file.
     extra_targets: ClassVar[tuple[str, ...]] = ()
     report_color: ClassVar[str | None] = None  # the backend's colour in report charts; None: one of the spares
+    # Its artifacts run in the device runner's loaders on the aarch64 wheels of runtime_distributions under
+    # qemu-user (edgekit.emulate): an ARM target's artifacts are verified there too, on the board's CPU model.
+    verifies_under_emulation: ClassVar[bool] = False
+    # Releases of runtime_distributions to try there, newest first, where the host's aarch64 wheel does not run
+    # under qemu: {distribution: (version, ...)}.
+    emulation_fallbacks: ClassVar[dict[str, tuple[str, ...]]] = {}
     # ---- what the device runner (profiling/runner.py, standard library only) needs
     # Python modules the runner imports on the device to run the artifacts (its BACKEND_NEEDS table must
     # agree); None: the runner cannot run them.
@@ -163,6 +169,17 @@ class Backend(ABC):
         """Fields that replace or add to the device runner's timing of one artifact (`result`, as the runner
         wrote it): figures the runtime's own tool reported (TensorRT: trtexec's GPU compute time). None here."""
         return {}
+
+    def emulation_variants(self, artifact: Artifact, cpu_features: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        """Runtime option sets to verify under emulation on a CPU with these features, the fastest first, as
+        (what it is, options merged into details["runtime_options"]); the first that verifies is kept. By
+        default the artifact as built."""
+        return [("as built", {})]
+
+    def arithmetic_precision(self, precision: str, details: dict[str, Any]) -> str:
+        """The precision the target's kernels compute this artifact in (the cost model's peak), where it can differ
+        from the precision it stores (details: the artifact's, runtime_options included). By default the same."""
+        return precision
 
     def int8_retries(self, q: QuantizationSettings) -> list[tuple[str, QuantizationSettings]]:
         """What the build tries, in order, when an INT8 artifact is rejected (each kept only if it passes);

@@ -8,7 +8,7 @@ import tempfile
 from functools import cache
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import onnx
@@ -118,6 +118,9 @@ class OnnxRuntimeBackend(Backend):
     install_hint = "pip install onnxruntime"
     runtime_distributions = ("onnxruntime",)
     device_modules = ("onnxruntime", "numpy")
+    verifies_under_emulation = True
+    # onnxruntime 1.20-1.26's aarch64 wheels import under qemu-user 7.2; 1.28-1.32's crash there (signal 11).
+    emulation_fallbacks: ClassVar[dict[str, tuple[str, ...]]] = {"onnxruntime": ("1.26.0", "1.24.1", "1.22.0")}
     report_color = "#0072B2"
 
     def versions(self) -> dict[str, str]:

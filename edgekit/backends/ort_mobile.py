@@ -92,6 +92,8 @@ class OrtMobileBackend(Backend):
     install_hint = "pip install onnxruntime"
     runtime_distributions = ("onnxruntime",)
     device_modules = ("onnxruntime", "numpy")
+    verifies_under_emulation = True
+    emulation_fallbacks = ort_backend.OnnxRuntimeBackend.emulation_fallbacks
     # The ladder's 7-bit-weights retry: the artifact is verified on this host's kernels, and x86 u8*s8 without
     # VNNI saturates (an AVX2 host lost 2.25 points of accuracy that 7-bit weights kept); harmless on ARM.
     int8_reduce_range = True

@@ -103,6 +103,11 @@ def recovery_args(p: argparse.ArgumentParser) -> None:
                    "per artifact, e.g. 900, 90s, 15m, 1h (default 15m)")
     p.add_argument("--qat-epochs", type=int, default=3, help="epochs of the ladder's quantization-aware training "
                    "rung (default 3)")
+    p.add_argument("--emulate", default="auto", choices=("auto", "require", "off"), help="ARM targets: verify "
+                   "every NCNN/ONNX Runtime artifact again in the target's aarch64 runtime under qemu-user with the "
+                   "board's CPU model (auto: where qemu is installed; require: reject what cannot be checked there)")
+    p.add_argument("--emulate-samples", type=int, default=16, metavar="N", help="validation samples the emulated "
+                   "run computes (default 16; qemu runs a small model in 0.1-1.3 s per inference)")
 
 
 def compress_args(p: argparse.ArgumentParser, build: bool) -> None:

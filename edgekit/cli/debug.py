@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--samples", type=int, default=4, help="validation samples to compare (default 4)")
     g.add_argument("--min-cosine", type=float, default=Thresholds().min_cosine, help="per-layer agreement threshold")
     g.add_argument("--out", help="folder for layers.json and report.md (default build/debug-MODEL-BACKEND-PRECISION)")
+    g.add_argument("--emulate", action="store_true", help="compare the blobs the target's own CPU computes (an ARM "
+                   "board's runtime under qemu-user with its CPU model) instead of this host's")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         model=model_of(args), target=args.target, backend=args.backend, precision=args.precision,
         package=args.package, calib=args.calib, val=args.val, preprocess=args.preprocess,
         input_shapes=args.input_shape, weights=args.weights, samples=args.samples, threshold=args.min_cosine,
-        out=args.out,
+        out=args.out, emulate=args.emulate,
     )
     if loc.verdict_line():
         out.print(loc.verdict_line(), markup=False)

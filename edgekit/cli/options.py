@@ -81,7 +81,8 @@ def task_values(args: argparse.Namespace) -> dict[str, Any]:
     return {"task": args.task, "decoder": args.decoder, "iou": args.iou, "conf": args.conf, "max_det": args.max_det,
             "val_annotations": args.val_annotations, "mask_threshold": args.mask_threshold,
             "max_metric_drop": args.max_metric_drop, "strict_tensors": args.strict_tensors,
-            "recover_budget": args.recover_budget, "qat_epochs": args.qat_epochs}
+            "recover_budget": args.recover_budget, "qat_epochs": args.qat_epochs, "emulate": args.emulate,
+            "emulate_samples": args.emulate_samples}
 
 
 def compress_options(args: argparse.Namespace, distill: bool, precision: str = "fp32") -> CompressOptions:

@@ -5,6 +5,7 @@ and the planner both evaluate their candidates through here; timing is done for 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import shutil
@@ -23,6 +24,7 @@ from edgekit.data import Dataset, DataSplit
 from edgekit.errors import BadInput, EdgekitError
 from edgekit.ingest import ModelSpec
 from edgekit.packaging.manifest import write_json
+from edgekit.pipeline.isa_check import IsaCheck
 from edgekit.pipeline.recovery import RECOVERY_STEPS, Rejected, Step, recover_int8
 from edgekit.pipeline.stages import CachedStages
 from edgekit.planning.types import ArtifactPlan, Plan
@@ -147,6 +149,7 @@ class Verifier:
     def __init__(self, spec: ModelSpec, reference: Artifact, data: DataSplit, thresholds: Thresholds,
                  threads: int, stages: CachedStages, task: TaskSettings | None = None) -> None:
         self.stages, self.spec, self.reference_artifact = stages, spec, reference
+        self.validation = data.validation
         self.batches = data.validation.batches(spec)
         if not self.batches:
             raise BadInput(f"validation data has fewer samples than the model's batch {spec.inputs[0].shape[0]}")
@@ -155,6 +158,7 @@ class Verifier:
         self.thresholds, self.threads = thresholds, threads
         self.task_settings = task or TaskSettings()
         self.reference = stages.outputs(reference, self.batches, threads)
+        self.isa: IsaCheck | None = None  # the target's own arithmetic (emulated), checked after the host's
         self.task, self.task_notes = resolve_task(spec, data.validation, self.task_settings, self.reference)
         self.warnings = self._sanity() + ([] if self.task_settings.task == "detect" else self._detector_note(spec))
         for w in self.warnings:
@@ -181,6 +185,30 @@ class Verifier:
             else:
                 apply_task(v, result, self.task_settings.strict_tensors)
         return v
+
+    def subset(self, samples: int) -> Verifier:
+        """This verifier on the first `samples` validation samples (whole batches): the bounded sample an emulated
+        run computes. The task metric is resolved again on those samples (labels or FP32's predictions)."""
+        b = max(1, self.spec.inputs[0].shape[0])
+        n_batches = max(1, min(len(self.batches), -(-samples // b)))
+        n = n_batches * b
+        sub = copy.copy(self)
+        sub.batches = self.batches[:n_batches]
+        sub.labels = None if self.labels is None else self.labels[:n]
+        sub.reference = [r[:n] for r in self.reference]
+        ds = self.validation
+        sub.validation = dataclasses.replace(ds, inputs={k: v[:n] for k, v in ds.inputs.items()},
+                                             labels=None if ds.labels is None else ds.labels[:n],
+                                             files=None if ds.files is None else ds.files[:n])
+        sub.isa = None
+        if self.task is not None:
+            budget = self.task_settings.max_metric_drop
+            if self.task.task == "classify":  # accuracy on n samples moves in steps of 100/n points: one step allowed
+                budget = max(budget, 100.0 / n)
+            settings = dataclasses.replace(self.task_settings, task=self.task.task, max_metric_drop=budget)
+            sub.task_settings = settings
+            sub.task, _ = resolve_task(self.spec, sub.validation, settings, sub.reference)
+        return sub
 
     def task_metric(self, dataset: Dataset) -> Callable[[list[np.ndarray]], float] | None:
         """The task metric (points) of a model's outputs over `dataset` (its labels, or the FP32 model's predictions
@@ -238,4 +266,4 @@ class Verifier:
              + (f", accuracy {v.accuracy:.1%} (FP32 {v.reference_accuracy:.1%})" if v.accuracy is not None else "")
              + (f"; worst slice {describe_slice(v.worst_slice)}" if v.worst_slice else "")
              + ("" if v.passed else f" -> REJECTED: {'; '.join(v.failures)}"))
-        return v
+        return self.isa.check(self, a, v) if self.isa is not None else v

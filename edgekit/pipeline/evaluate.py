@@ -25,6 +25,7 @@ from edgekit.errors import BadInput, EdgekitError
 from edgekit.ingest import ModelSpec, parse_input_shapes
 from edgekit.pipeline.assemble import assemble_manifest, layer_rows, record_compression, task_record
 from edgekit.pipeline.candidates import CandidateContext, CandidateResult, Verifier, evaluate_candidate, public_error
+from edgekit.pipeline.isa_check import EMULATE_MODES, IsaCheck
 from edgekit.pipeline.options import RECOVER_MODES, BuildOptions
 from edgekit.pipeline.stages import CachedStages, compress_model
 from edgekit.planning.select import check_ops, default_plan, load_plan, resolve_backends, resolve_precisions
@@ -77,6 +78,9 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
     recover = opts.recover != "none" and sel.given_plan is None
     if opts.recover not in RECOVER_MODES:
         raise BadInput(f"--recover {opts.recover}: use {' or '.join(RECOVER_MODES)}")
+    if opts.emulate not in EMULATE_MODES or opts.emulate_samples < 1:
+        raise BadInput(f"--emulate {opts.emulate} --emulate-samples {opts.emulate_samples}: use "
+                       f"{', '.join(EMULATE_MODES)} and at least 1 sample")
     stages = stages or CachedStages(opts)
     note(f"ingest {opts.model}")
     spec = stages.ingest(opts.model, work, parse_input_shapes(opts.input_shapes), opts.weights)
@@ -107,6 +111,7 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
                              (root, shown_root))
     verifier = Verifier(spec, references[REFERENCE_BACKEND], data, opts.thresholds, threads, stages,
                         opts.task_settings)
+    verifier.isa = IsaCheck.for_target(target, sel.chosen, opts.emulate, opts.emulate_samples)
     original_fp32, compression_task = None, None
     if original is not None:
         original_fp32 = stages.export(original, ArtifactPlan(REFERENCE_BACKEND, "fp32"), data, work / "original-fp32")
@@ -266,7 +271,8 @@ def _latencies(timed: dict[str, Artifact], spec: ModelSpec, target: Target, feed
     latencies = stages.timing({k: a for k, a in timed.items() if k not in estimated}, feeds, opts.profile, threads)
     for k in estimated:
         a = timed[k]
-        latencies[k] = estimate_latency(spec, target, a.precision, backend=a.backend)
+        latencies[k] = estimate_latency(spec, target, a.precision, backend=a.backend,
+                                        arithmetic=backends.get(a.backend).arithmetic_precision(a.precision, a.details))
         if not k.startswith(("reference:", "original:")):
             a.notes.append(f"latency is a cost-model estimate for {target.name} "
                            f"({backends.get(a.backend).measure_here()}); measure it on the device with "

@@ -52,6 +52,10 @@ class BuildOptions:
     task_settings: TaskSettings = field(default_factory=TaskSettings)  # --task, --decoder, --max-metric-drop ...
     recover_budget: float = 900.0  # seconds the recovery ladder may spend per artifact
     qat_epochs: int = 3  # the ladder's quantization-aware training rung
+    # ARM targets: verify again in the target's runtime under qemu with its CPU model (pipeline/isa_check.py):
+    # auto = where the emulator runs here (else a warning), require = reject what cannot be checked, off.
+    emulate: str = "auto"
+    emulate_samples: int = 16  # validation samples the emulated run computes (qemu: 0.1-1.3 s per inference)
 
 
 @dataclass

@@ -78,7 +78,8 @@ class CachedStages:
         """The artifact's outputs on the validation batches (what verification compares)."""
         from edgekit.cache import digest, files_digest
 
-        key = digest("outputs", art.backend, art.precision, files_digest(Path(art.root), art.files), batches)
+        key = digest("outputs", art.backend, art.precision, files_digest(Path(art.root), art.files), batches,
+                     art.details.get("runtime_options"))
         cached = self.cache.get_arrays("outputs", key, f"outputs {art.key}")
         if cached is not None:
             return cached

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit import backends
 from edgekit.backends.base import Artifact
 from edgekit.console import note
 from edgekit.data import DataSplit
@@ -379,7 +380,9 @@ def _candidates(r: _Round, target: Target, model: CostModel, budgets: Budgets,
                 for la in r.manifest["layers"]]
     for a in r.manifest["artifacts"]:
         lat = a.get("latency_ms") or {}
-        est = model.estimate_ms(features, a["precision"], a["backend"])
+        arithmetic = (backends.get(a["backend"]).arithmetic_precision(a["precision"], a.get("details") or {})
+                      if a["backend"] in backends.names() else None)
+        est = model.estimate_ms(features, a["precision"], a["backend"], arithmetic=arithmetic)
         where = str(lat.get("where", "estimate"))
         # A measurement counts for the target only when taken on it: this host for host-cpu, or the device.
         on_target = where.startswith("ssh://") or (target.is_host and where.startswith("local:"))

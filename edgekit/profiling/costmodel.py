@@ -181,12 +181,16 @@ class CostModel:
                 else (2 * la.macs, (la.params + 2 * la.out_elems) * bpe, True) for la in layers]
 
     def layer_ms(self, layers: list[LayerFeatures], precision: str, backend: str | None,
-                 efficiency: float | None = None, overhead_ms: float | None = None) -> list[float]:
-        """Per-layer estimate (ms), the kernel overhead charged to the layers that become kernels."""
+                 efficiency: float | None = None, overhead_ms: float | None = None,
+                 arithmetic: str | None = None) -> list[float]:
+        """Per-layer estimate (ms), the kernel overhead charged to the layers that become kernels. `arithmetic`:
+        the precision the kernels compute in where it is not the storage precision (ncnn FP16 without fp16
+        arithmetic computes at the FP32 peak, moving FP16 bytes)."""
         p = CostPriors.for_target(self.target, backend)
-        eff = efficiency if efficiency is not None else self.efficiency(precision, backend)
+        computes = arithmetic or precision
+        eff = efficiency if efficiency is not None else self.efficiency(computes, backend)
         kernel_ms = overhead_ms if overhead_ms is not None else self.kernel_overhead(backend)
-        peak = self._peak(precision, backend) * 1e12
+        peak = self._peak(computes, backend) * 1e12
         if self.target.is_host:
             bw = self.host_bandwidth(backend) * 1e9
             return [max(flops / (peak * eff), moved / bw) * 1e3 + (kernel_ms if kernel else 0.0)
@@ -202,11 +206,13 @@ class CostModel:
         return out
 
     def estimate_ms(self, layers: list[LayerFeatures], precision: str, backend: str | None,
-                    efficiency: float | None = None, overhead_ms: float | None = None) -> float:
-        return sum(self.layer_ms(layers, precision, backend, efficiency, overhead_ms))
+                    efficiency: float | None = None, overhead_ms: float | None = None,
+                    arithmetic: str | None = None) -> float:
+        return sum(self.layer_ms(layers, precision, backend, efficiency, overhead_ms, arithmetic))
 
-    def estimate(self, spec: ModelSpec, precision: str, backend: str | None = None) -> Latency:
-        ms = round(self.estimate_ms(LayerFeatures.of_spec(spec), precision, backend), 4)
+    def estimate(self, spec: ModelSpec, precision: str, backend: str | None = None,
+                 arithmetic: str | None = None) -> Latency:
+        ms = round(self.estimate_ms(LayerFeatures.of_spec(spec), precision, backend, arithmetic=arithmetic), 4)
         return Latency(p50=ms, p90=ms, p99=ms, mean=ms, min=ms, runs=0, threads=0, where="estimate")
 
     def _point_ms(self, point: CalibrationPoint, efficiency: float, overhead_ms: float | None = None) -> float:
@@ -303,13 +309,14 @@ class CostModel:
 
 
 def estimate_latency(spec: ModelSpec, target: Target, precision: str, priors: CostPriors | None = None,
-                     backend: str | None = None) -> Latency:
+                     backend: str | None = None, arithmetic: str | None = None) -> Latency:
     """The target's fitted cost model's estimate (priors override the fit: tests, what-ifs)."""
     model = CostModel.for_target(target)
     if priors is not None:
-        ms = round(model.estimate_ms(LayerFeatures.of_spec(spec), precision, backend, priors.compute_efficiency), 4)
+        ms = round(model.estimate_ms(LayerFeatures.of_spec(spec), precision, backend, priors.compute_efficiency,
+                                     arithmetic=arithmetic), 4)
         return Latency(p50=ms, p90=ms, p99=ms, mean=ms, min=ms, runs=0, threads=0, where="estimate")
-    return model.estimate(spec, precision, backend)
+    return model.estimate(spec, precision, backend, arithmetic)
 
 
 _LOG_EFF = (math.log(EFFICIENCY_RANGE[0]), math.log(EFFICIENCY_RANGE[1]))

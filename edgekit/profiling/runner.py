@@ -19,6 +19,7 @@ TensorRT engines are kept in a per-device cache, $EDGEKIT_ENGINE_CACHE or ~/.cac
 reuses one there when its model.engine.json matches the package and the device, else builds and stores it.
 
   python3 runner.py --probe                      facts about the device, as one JSON line
+  python3 runner.py --compute REQUEST.json       outputs of given inputs (numerics), as an .npz
   python3 runner.py --package DIR [--artifact KEY ...] [--seconds S] [--min-runs N] [--threads T]
                     [--block B] [--block-skip K] measurements, as one JSON line on stdout
 
@@ -387,7 +388,13 @@ def load_onnxruntime(package, art, inputs, threads):
     by_name = dict(feeds)
     feed = dict((n, by_name[n] if n in by_name else feeds[i][1]) for i, n in enumerate(names))
     outputs = [o.name for o in session.get_outputs()]
-    return lambda: session.run(outputs, feed)
+
+    def run(given=None):
+        """The timed call (random feeds made once); with `given` (arrays in the manifest's input order),
+        the outputs of those inputs (--compute)."""
+        return session.run(outputs, feed if given is None else dict(zip(names, given)))
+
+    return run
 
 
 def load_ncnn(package, art, inputs, threads):
@@ -420,18 +427,45 @@ def load_ncnn(package, art, inputs, threads):
     # No batch axis. clone(): a Mat wrapped around a numpy array packs its channels back to back, where ncnn
     # aligns each to 16 bytes and layers such as Crop read it so (shifted, and past the end of the buffer).
     # Made once, outside the timed call.
-    mats = [ncnn.Mat(np.ascontiguousarray(x[0], dtype=np.float32)).clone() for _, x in random_feeds(inputs)]
+    def mats_of(arrays):
+        return [ncnn.Mat(np.ascontiguousarray(x[0], dtype=np.float32)).clone() for x in arrays]
 
-    def run():
+    mats = mats_of([x for _, x in random_feeds(inputs)])
+    shapes = details.get("output_shapes") or [None] * len(out_blobs)
+
+    def run(given=None):
+        """The timed call (random feeds made once, outside it); with `given` (arrays in the manifest's input
+        order, batch axis first), the outputs of those inputs, shaped as the model's (--compute)."""
         ex = net.create_extractor()
-        for blob, mat in zip(in_blobs, mats):
+        for blob, mat in zip(in_blobs, mats if given is None else mats_of(given)):
             ex.input(blob, mat)
-        for blob in out_blobs:
+        got = []
+        for blob, shape in zip(out_blobs, shapes):
             ret, mat = ex.extract(blob)
             if ret != 0:
                 raise RunnerError(f"ncnn could not compute blob {blob} (error {ret})")
-            np.array(mat)
+            y = np.array(mat)
+            got.append(y.reshape(shape) if shape else y)
+        return got
 
+    def intermediates(given):
+        """Every layer's output blob (Input and Split left out), in layer order, as ncnn holds it."""
+        ex = net.create_extractor()
+        for blob, mat in zip(in_blobs, mats_of(given)):
+            ex.input(blob, mat)
+        names = [b.name for b in net.blobs()]
+        got = []
+        for layer in net.layers():
+            if layer.type in ("Input", "Split"):
+                continue
+            for t in layer.tops:
+                ret, mat = ex.extract(names[t])
+                if ret != 0:
+                    raise RunnerError(f"ncnn could not compute blob {names[t]} (error {ret})")
+                got.append((names[t], np.array(mat).astype(np.float32)))
+        return got
+
+    run.intermediates = intermediates
     return run
 
 
@@ -447,7 +481,13 @@ def load_openvino(package, art, inputs, threads):
     compiled = core.compile_model(core.read_model(os.path.join(package, art["entry"])), "CPU", config)
     request = compiled.create_infer_request()
     feed = dict(random_feeds(inputs))
-    return lambda: request.infer(feed)
+    names = [t["name"] for t in inputs]
+
+    def run(given=None):
+        result = request.infer(feed if given is None else dict(zip(names, given)))
+        return [result[o] for o in compiled.outputs]
+
+    return run
 
 
 # Every backend edgekit has (tests/test_architecture.py checks the registry against it): how its artifacts
@@ -637,6 +677,74 @@ def measure(args):
     return result
 
 
+# AT_HWCAP / AT_HWCAP2 bits of aarch64 Linux (arch/arm64/include/uapi/asm/hwcap.h): what the kernel (or qemu-user,
+# which emulates /proc/self/auxv for its guest) says this CPU computes, the flags ncnn picks its kernels by.
+ARM_HWCAP = {"fp": 0, "asimd": 1, "aes": 3, "fphp": 9, "asimdhp": 10, "asimddp": 20, "sve": 22}
+ARM_HWCAP2 = {"i8mm": 13, "bf16": 14}
+
+
+def arm_hwcaps():
+    """The aarch64 feature flags of this process's CPU from /proc/self/auxv, or None off aarch64."""
+    if platform.machine() not in ("aarch64", "arm64"):
+        return None
+    try:
+        with open("/proc/self/auxv", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    words = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw) - 15, 16)]
+    values = [int.from_bytes(raw[i + 8:i + 16], "little") for i in range(0, len(raw) - 15, 16)]
+    aux = dict(zip(words, values))
+    hwcap, hwcap2 = aux.get(16, 0), aux.get(26, 0)
+    return sorted([k for k, b in ARM_HWCAP.items() if hwcap >> b & 1] + [k for k, b in ARM_HWCAP2.items()
+                                                                          if hwcap2 >> b & 1])
+
+
+def compute(request_path):
+    """--compute REQUEST.json: each artifact's outputs on given inputs (numerics, not timing: edgekit's ARM
+    verification runs this under qemu-user). The request names the artifacts (backend, precision, root, entry,
+    details), the model inputs, an .npz of feeds ("SAMPLE|INPUT" arrays, batch axis first) and where to write
+    the outputs ("KEY|SAMPLE|OUTPUT"), and whether to keep every layer's output of sample 0 ("KEY|blob|I")."""
+    import numpy as np
+
+    with open(request_path) as f:
+        req = json.load(f)
+    feeds = np.load(req["feeds"], allow_pickle=False)
+    inputs, samples = req["inputs"], int(req["samples"])
+    threads = int(req.get("threads") or 1)
+    result = {"runner": RUNNER_VERSION, "python": platform.python_version(), "machine": platform.machine(),
+              "hwcaps": arm_hwcaps(), "runtimes": {}, "errors": {}, "seconds": {}, "blobs": {}}
+    out = {}
+    for art in req["artifacts"]:
+        key = art["key"]
+        t0 = time.perf_counter()
+        try:
+            loader = LOADERS.get(art["backend"])
+            if loader is None:
+                raise RunnerError("the runner cannot compute " + art["backend"] + " artifacts")
+            for m in BACKEND_NEEDS.get(art["backend"], ()):
+                result["runtimes"][m] = runtime_info(m)["version"]
+            run = loader(art["root"], art, inputs, threads)
+            for s in range(samples):
+                given = [feeds[f"{s}|{j}"] for j in range(len(inputs))]
+                for j, y in enumerate(run(given)):
+                    out[f"{key}|{s}|{j}"] = np.asarray(y, dtype=np.float32)
+            if req.get("intermediates"):
+                if not hasattr(run, "intermediates"):
+                    raise RunnerError(art["backend"] + " exposes no intermediate blobs here")
+                given = [feeds[f"0|{j}"] for j in range(len(inputs))]
+                names = []
+                for i, (name, y) in enumerate(run.intermediates(given)):
+                    out[f"{key}|blob|{i}"] = y
+                    names.append(name)
+                result["blobs"][key] = names
+        except Exception as e:
+            result["errors"][key] = _failure(e)
+        result["seconds"][key] = round(time.perf_counter() - t0, 3)
+    np.savez(req["out"], **out)
+    return result
+
+
 def _on_alarm(signum, frame):
     raise DeadlineReached()
 
@@ -654,6 +762,7 @@ def main(argv=None):
     p.add_argument("--block-skip", type=int, default=BLOCK_SKIP, help="runs discarded at the start of each block")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--deadline", type=float, default=0, help="give up after this many seconds")
+    p.add_argument("--compute", metavar="REQUEST.json", help="outputs of given inputs, not timings (see compute)")
     args = p.parse_args(argv)
     if args.probe:
         sys.stdout.write(json.dumps(probe()) + "\n")
@@ -672,7 +781,7 @@ def main(argv=None):
         if args.deadline and hasattr(signal, "SIGALRM"):
             signal.signal(signal.SIGALRM, _on_alarm)
             signal.alarm(max(1, int(args.deadline)))
-        result = measure(args)
+        result = compute(args.compute) if args.compute else measure(args)
     except DeadlineReached:
         result = {"runner": RUNNER_VERSION, "error": "timeout", "timeout_s": args.deadline}
         status = 124

@@ -245,6 +245,8 @@ def _row(tensor: str, producer: dict[str, onnx.NodeProto], backend_tensor: str, 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):  # an overflowed tensor (inf/NaN) agrees with nothing
+        return -1.0
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 and nb == 0:
         return 1.0
@@ -274,7 +276,7 @@ def _describe(row: LayerAgreement, model: onnx.ModelProto, producer: dict[str, o
 def run_debug(model: str, target: str, backend: str, precision: str, package: str | None, calib: str | None,
               val: str | None, preprocess: str | None, input_shapes: list[str], weights: str | None,
               samples: int, threshold: float, out: str | None,
-              snr_threshold: float | None = None) -> tuple[Localisation, Path]:
+              snr_threshold: float | None = None, emulate: bool = False) -> tuple[Localisation, Path]:
     """`edgekit debug`: localise on a package's artifact, or on one built here for the purpose. The
     artifact may be healthy: a divergence is named only where a tensor crosses a threshold (cosine,
     and SNR when snr_threshold is given); the layer adding the most error is reported either way."""
@@ -314,6 +316,8 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
             folder.mkdir()
             artifact = chosen.export(spec, ap, data.calibration, folder)
         session = backends.get(backend).load(artifact, 1)
+        if emulate:
+            session = _emulated_session(t, chosen, artifact, spec, session, from_package=bool(package))
         reference = reference_session(spec)
         feeds_list = data.validation.batches(spec)[:samples]
         criteria: float | Thresholds = threshold if snr_threshold is None else Thresholds(
@@ -329,6 +333,33 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
     write_json(out_dir / "layers.json", loc.to_dict())
     (out_dir / "report.md").write_text(_markdown(loc))
     return loc, out_dir
+
+
+def _emulated_session(target: Any, backend: Any, artifact: Artifact, spec: ModelSpec, host: Session,
+                      from_package: bool) -> Session:
+    """The artifact run on the target's CPU under qemu (debug --emulate). One built here for the purpose runs in
+    the backend's fastest mode there (ncnn FP16: fp16 arithmetic); a package's as it ships."""
+    from edgekit.console import note
+    from edgekit.emulate import ensure_emulator, qemu_cpu
+    from edgekit.emulate.session import EmulatedSession
+    from edgekit.errors import BadInput
+
+    cpu = target.emulated_cpu
+    if cpu is None:
+        raise BadInput(f"--emulate: target {target.name} computes as this host does (no isa.cpu of another "
+                       "architecture in its target file): debug without --emulate")
+    if not backend.verifies_under_emulation:
+        raise BadInput(f"--emulate: {backend.name} artifacts do not run under qemu here; debug without --emulate")
+    model, stand_in = qemu_cpu(cpu)
+    emulator = ensure_emulator(list(backend.runtime_distributions), backend.emulation_fallbacks)
+    if not from_package:
+        label, options = backend.emulation_variants(artifact, list(target.cpu.get("isa", [])))[0]
+        artifact.details["runtime_options"] = {**(artifact.details.get("runtime_options") or {}), **options}
+        note(f"debug on qemu-aarch64 {model}: {label}")
+    if stand_in:
+        note(stand_in)
+    inputs = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in spec.inputs]
+    return EmulatedSession(emulator, model, artifact, inputs, list(backend.runtime_distributions), host)
 
 
 def _markdown(loc: Localisation) -> str:

@@ -104,6 +104,11 @@ class Verification:
     tensor_passed: bool | None = None
     # Misses no task metric overrides: NaN/inf outputs, a reference that is the same for every sample.
     integrity_failures: list[str] = field(default_factory=list)
+    # What computed these figures ("host x86_64 ..."), and the same check on the target's own arithmetic (an ARM
+    # board's runtime under qemu: {where, cpu, samples, cosine_min, snr_db_min, task, passed, ...}; None: the host
+    # computes as the target does). The artifact passes only if both pass.
+    where: str | None = None
+    isa: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -77,7 +77,8 @@ def test_a_budget_of_zero_tries_one_attempt_and_says_so(hostile, tmp_path: Path)
     """--recover-budget 0: the first attempt (7-bit weights, or entropy calibration where 7-bit was planned) runs,
     nothing after it; the record says what was not tried, and the rejected package carries the table."""
     model, calib = hostile
-    code, log, m = _build(model, calib, tmp_path / "pkg", "--recover-budget", "0", *HOSTILE_BAR)
+    # --no-cache: the attempt really runs (an earlier test's cached export and outputs would take 0.00 s)
+    code, log, m = _build(model, calib, tmp_path / "pkg", "--recover-budget", "0", "--no-cache", *HOSTILE_BAR)
     assert code == 1, log
     (a,) = m["artifacts"]
     rows = a["quantization"]["recovery"]

@@ -155,3 +155,21 @@ def test_a_builds_fp32_references_fit_each_backend_on_the_host(bundled_spec) -> 
     model.add_points(points)
     assert model.estimate(bundled_spec, "fp32", "openvino").p50 == pytest.approx(slow, rel=0.05)
     assert model.estimate(bundled_spec, "fp32", "onnxruntime").p50 == before["onnxruntime"]  # keeps its own fit
+
+
+def test_ncnn_fp16_without_fp16_arithmetic_is_estimated_at_the_fp32_peak(bundled_spec) -> None:
+    """Issue 15: an ARMv8.2 board computes ncnn FP16 in fp16 only with use_fp16_arithmetic (kept where the emulated
+    board verified it); storage-only FP16 computes at the FP32 peak, moving fp16 bytes: between the two."""
+    from edgekit import backends
+
+    model = CostModel.for_target(load_target("rpi5"))
+    layers = LayerFeatures.of_spec(bundled_spec)
+    ncnn = backends.get("ncnn")
+    arithmetic = ncnn.arithmetic_precision("fp16", {"runtime_options": {"use_fp16_arithmetic": True}})
+    storage = ncnn.arithmetic_precision("fp16", {"runtime_options": {"use_fp16_arithmetic": False}})
+    assert (arithmetic, storage, ncnn.arithmetic_precision("fp16", {})) == ("fp16", "fp32", "fp32")
+    fast = model.estimate_ms(layers, "fp16", "ncnn", arithmetic=arithmetic)
+    slow = model.estimate_ms(layers, "fp16", "ncnn", arithmetic=storage)
+    fp32 = model.estimate_ms(layers, "fp32", "ncnn")
+    assert fast < slow <= fp32, (fast, slow, fp32)
+    assert backends.get("onnxruntime").arithmetic_precision("fp16", {}) == "fp16"

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 FEATMASK = 31
 NO_FP16 = 0b11
 
+FP16_ARITHMETIC = "fp16 storage and fp16 arithmetic"
+FP16_STORAGE = "fp16 storage, fp32 arithmetic"
+
 # ONNX ops that pnnx converts to ncnn layers (pnnx's onnx frontend + pass_ncnn). Shape arithmetic
 # (Shape, Gather on shapes, Constant...) is folded by pnnx and needs no ncnn layer.
 NCNN_ONNX_OPS = frozenset({
@@ -67,12 +70,15 @@ def _opt(net: Any, precision: str, threads: int) -> None:
 
 class NcnnSession:
     def __init__(self, param: Path, bin_: Path, precision: str, threads: int, inputs: list[str],
-                 outputs: list[str], output_shapes: list[list[int]]) -> None:
+                 outputs: list[str], output_shapes: list[list[int]],
+                 runtime_options: dict[str, Any] | None = None) -> None:
         import ncnn
 
         self.threads = threads
         self.net = ncnn.Net()
         _opt(self.net, precision, threads)
+        for option, value in (runtime_options or {}).items():  # as the device runner and the loaders apply them
+            setattr(self.net.opt, option, value)
         if self.net.load_param(str(param)) != 0 or self.net.load_model(str(bin_)) != 0:
             raise EdgekitError(f"ncnn could not load {param}")
         self.inputs, self.outputs, self.output_shapes = inputs, outputs, output_shapes
@@ -97,6 +103,11 @@ class NcnnSession:
         blob_names = [b.name for b in self.net.blobs()]
         got = [([blob_names[t]], self._extract(ex, blob_names[t]).astype(np.float32))
                for layer in self.net.layers() if layer.type not in ("Input", "Split") for t in layer.tops]
+        return self.as_floats(got)
+
+    def as_floats(self, got: list[tuple[list[str], np.ndarray]]) -> list[tuple[list[str], np.ndarray]]:
+        """Blobs as ncnn holds them (int8 codes where it requantized) as the floats the next layer consumes; also
+        for blobs another process extracted (the device runner under emulation)."""
         scales = requantized_scales(*self._files) if self._precision == "int8" else {}
         return [(names, arr / scales[names[0]] if names[0] in scales else arr) for names, arr in got]
 
@@ -149,6 +160,7 @@ class NcnnBackend(Backend):
     runtime_distributions = ("ncnn",)
     report_color = "#E69F00"
     device_modules = ("ncnn", "numpy")
+    verifies_under_emulation = True
 
     def versions(self) -> dict[str, str]:
         return {d: metadata.version(d) for d in ("ncnn", "pnnx")}
@@ -185,6 +197,20 @@ class NcnnBackend(Backend):
         files = [p.name for p in sorted(root.iterdir()) if p.is_file()]
         return Artifact(self.name, plan.precision, str(root), files, param.name, details, notes)
 
+    def emulation_variants(self, artifact: Artifact, cpu_features: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        """FP16 on an ARMv8.2 CPU (asimdhp): ncnn's fp16 arithmetic (its fastest mode there, and its default) when
+        it verifies, else fp16 storage with fp32 arithmetic. x86 has no fp16 arithmetic: only the board can say."""
+        if artifact.precision == "fp16" and {"asimdhp", "fphp"} & set(cpu_features):
+            return [(FP16_ARITHMETIC, {"use_fp16_arithmetic": True}), (FP16_STORAGE, {"use_fp16_arithmetic": False})]
+        return [("as built", {})]
+
+    def arithmetic_precision(self, precision: str, details: dict[str, Any]) -> str:
+        """FP16 computes in fp16 only with use_fp16_arithmetic (chosen where the emulated board verified it);
+        otherwise ncnn converts to FP32 for the arithmetic, at the FP32 peak."""
+        if precision == "fp16" and not (details.get("runtime_options") or {}).get("use_fp16_arithmetic"):
+            return "fp32"
+        return precision
+
     def int8_retries(self, q: QuantizationSettings) -> list[tuple[str, QuantizationSettings]]:
         """What the build tries when INT8 is rejected. ncnn has no 7-bit weights (reduce_range would
         rebuild the same artifact); the other calibration method can help: KL clips rare outliers that
@@ -197,7 +223,7 @@ class NcnnBackend(Backend):
         d = artifact.details
         root = Path(artifact.root)
         return NcnnSession(root / artifact.entry, root / artifact.entry.replace(".param", ".bin"), artifact.precision,
-                           threads, d["input_blobs"], d["output_blobs"], d["output_shapes"])
+                           threads, d["input_blobs"], d["output_blobs"], d["output_shapes"], d.get("runtime_options"))
 
     # ------------------------------------------------------------ conversion
 

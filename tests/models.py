@@ -592,3 +592,37 @@ def export_fp16_sum_overflow(path: Path, samples: int) -> tuple[Path, Path]:
     data = path.with_suffix(".npz")
     np.savez(data, x=np.random.default_rng(0).uniform(20, 40, (samples, 32, 8, 8)).astype(np.float32))
     return path, data
+
+
+class OutlierChannel(nn.Module):
+    """One channel of c1's output is 2000x the others (its weights scaled up, c2's reading of it scaled down): FP32
+    computes the same function, but one INT8 scale per activation tensor (the RKNN NPU's w8a8) spends all its levels
+    on that channel and rounds the other 15 to zero. Keeping c1 and c2 in float recovers it; six near-identity convs
+    after them carry the input-dependent signal to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()) for _ in range(6)])
+        with torch.no_grad():
+            self.c1.weight[0] *= 2000
+            self.c1.bias[0] *= 2000
+            self.c2.weight[:, 0] /= 2000
+            for block in self.body:
+                nn.init.dirac_(block[0].weight)
+                block[0].weight.add_(0.05 * torch.randn_like(block[0].weight))
+                block[0].bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+def export_outlier_channel(path: Path, samples: int) -> tuple[Path, Path]:
+    """OutlierChannel as ONNX (input x [1, 3, 32, 32], output features) and `samples` seeded inputs beside it."""
+    torch.onnx.export(OutlierChannel().eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["features"])
+    data = path.with_suffix(".npz")
+    np.savez(data, x=np.random.default_rng(0).standard_normal((samples, 3, 32, 32)).astype(np.float32))
+    return path, data

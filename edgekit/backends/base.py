@@ -97,6 +97,12 @@ class Backend(ABC):
     # recovery ladder tries no other (NNCF has one way to calibrate: an "entropy" build is the minmax file).
     calibration_methods: ClassVar[tuple[str, ...]] = ("minmax", "entropy", "percentile")
     takes_qdq_onnx: ClassVar[bool] = False
+    # The precision of the backend's own reference build (the speedup base): fp32, or fp16 where the device has
+    # no fp32 (an NPU).
+    reference_precision: ClassVar[str] = "fp32"
+    # export() takes the validation Dataset too and runs it in the process that built the artifact (a simulator
+    # that runs only models built in its own session: RKNN); its Session then has run_batches.
+    simulates_at_export: ClassVar[bool] = False
     # Runs on a GPU/NPU target's accelerator (the cost model's accelerator figures); else on its CPU.
     runs_on_accelerator: ClassVar[bool] = False
     # pip distributions of the runtime, whose installed versions a detected (host) target reports.

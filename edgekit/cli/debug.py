@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from rich.table import Table
 
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if loc.verdict_line():
         out.print(loc.verdict_line(), markup=False)
+    if loc.toolkit_table is not None:
+        return _toolkit_table(loc, out_dir)
     table = Table(title=f"{loc.backend} {loc.precision} vs FP32, layer by layer ({loc.compared} matched tensors)")
     for col in ("node", "op", "matched by", "cosine", "SNR dB", "max |err|"):
         table.add_column(col, justify="right" if col in ("cosine", "SNR dB", "max |err|") else "left")
@@ -49,6 +52,25 @@ def run(args: argparse.Namespace) -> int:
         style = "bold red" if la.tensor == first else ("red" if la.cosine < loc.threshold else "")
         table.add_row(la.node, la.op_type, la.matched_by, f"{la.cosine:.5f}", f"{la.snr_db:.1f}",
                       f"{la.max_abs_error:.4g}", style=style)
+    out.print(table)
+    out.print(loc.summary(), markup=False)
+    out.print(f"per-layer table: {out_dir / 'layers.json'}")
+    code = 1 if loc.first_divergence else 0
+    emit({"ok": code == 0, "exit_code": code, "out": str(out_dir), **loc.to_dict()})
+    return code
+
+
+def _toolkit_table(loc: Any, out_dir: Any) -> int:
+    """The runtime's own per-layer comparison (rknn-toolkit2's accuracy_analysis: simulator vs float)."""
+    table = Table(title=f"{loc.backend} {loc.precision}: the toolkit's per-layer accuracy analysis (simulator vs "
+                        "float)")
+    for col in ("layer", "op", "cosine through the model", "cosine alone", "euclidean alone"):
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    first = loc.first_divergence["node"] if loc.first_divergence else None
+    for r in loc.toolkit_table:
+        style = "bold red" if r["layer"] == first else ""
+        table.add_row(r["layer"], r["op"], *(("–" if r[k] is None else f"{r[k]:.5f}")
+                                             for k in ("entire_cos", "single_cos", "single_euc")), style=style)
     out.print(table)
     out.print(loc.summary(), markup=False)
     out.print(f"per-layer table: {out_dir / 'layers.json'}")

@@ -152,6 +152,10 @@ class VerificationRecord(_Record):
     tensor_failures: list[str] = field(default_factory=list)
     tensor_passed: bool | None = None
     integrity_failures: list[str] = field(default_factory=list)
+    where: str | None = None  # what computed the figures: "host x86_64 ...", "rknn-simulator"
+    # The same check on the target's own arithmetic (an ARM board's runtime under qemu): {where, cpu, samples,
+    # cosine_min, snr_db_min, task, passed, variants, ...}; None where the host computes as the target does.
+    isa: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

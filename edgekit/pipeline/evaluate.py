@@ -207,13 +207,15 @@ def _backend_requests(opts: BuildOptions, backend: Backend) -> dict[str, Any]:
 def _references(spec: ModelSpec, target: Target, data: DataSplit, plan: Plan, sel: _Selection,
                 stages: CachedStages, work: Path, several: bool, best_effort: bool, failed: list[dict[str, Any]],
                 roots: tuple[Path, Path]) -> dict[str, Artifact]:
-    """FP32 on ONNX Runtime (the verification yardstick) and on each chosen backend (its speedup base). A
+    """FP32 on ONNX Runtime (the verification yardstick) and on each chosen backend (its speedup base; FP16 on an NPU
+    without FP32: Backend.reference_precision). A
     backend that cannot convert the model loses its artifacts (recorded in `failed`), not the build."""
     references: dict[str, Artifact] = {}
     for name in [REFERENCE_BACKEND, *[c.name for c in sel.chosen if c.name != REFERENCE_BACKEND]]:
         try:
-            references[name] = stages.export(spec, ArtifactPlan(name, "fp32",
-                                                                options=backends.get(name).plan_options(target)),
+            backend = backends.get(name)
+            references[name] = stages.export(spec, ArtifactPlan(name, backend.reference_precision,
+                                                                options=backend.plan_options(target)),
                                              data, work / f"ref-{name}")
         except EdgekitError as e:
             if name == REFERENCE_BACKEND or not several or (isinstance(e, BadInput) and not best_effort):

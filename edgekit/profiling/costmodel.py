@@ -95,6 +95,8 @@ class CostPriors:
     def for_target(cls, target: Target, backend: str | None = None) -> CostPriors:
         if target.kind == "gpu" and (backend is None or runs_on_accelerator(backend)):
             return cls(0.30, 0.6, 0.012)  # small-batch CNN inference reaches about a third of a GPU's peak
+        if target.npu and backend is not None and runs_on_accelerator(backend):
+            return cls(0.30, 0.6, 0.012)  # an NPU likewise, until a board's measurement fits it
         if target.is_host:
             return cls(HOST_FP32_EFFICIENCY.get(host_isa_class(target.cpu.get("isa", [])), 0.45), 0.6, 0.004)
         return cls(0.45, 0.6, 0.004)
@@ -145,11 +147,16 @@ class CostModel:
     def _peak(self, precision: str, backend: str | None) -> float:
         if self._on_cpu(backend):
             return cpu_peak_tops(self.target, precision)
+        if self.target.npu and backend is not None and runs_on_accelerator(backend):  # a CPU board's NPU (RKNN)
+            npu = self.target.npu["peak_tops"]
+            return npu.get(precision) or npu.get("fp16") or max(npu.values())
         peaks = self.target.peak_tops
         return peaks.get(precision) or peaks.get("fp16") or peaks["fp32"]
 
     def efficiency(self, precision: str, backend: str | None) -> float:
-        for key in ((backend or "*", precision), ("*", precision)):
+        # A CPU board's NPU takes only its own fits: the board's CPU benchmarks ("*") say nothing about it.
+        npu = bool(self.target.npu) and backend is not None and runs_on_accelerator(backend)
+        for key in ((backend or "*", precision),) if npu else ((backend or "*", precision), ("*", precision)):
             if key in self.fitted:
                 return self.fitted[key]
         if self.target.is_host and precision != "fp32":

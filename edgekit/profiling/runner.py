@@ -43,11 +43,12 @@ import sys
 import time
 
 RUNNER_VERSION = 1
-RUNTIMES = ("numpy", "onnxruntime", "openvino", "ncnn", "tensorrt")
+RUNTIMES = ("numpy", "onnxruntime", "openvino", "ncnn", "tensorrt", "rknnlite")
 # Python modules each backend's artifacts need here (edgekit.profiling.devices.missing_runtime asks the same).
 # TensorRT needs none: trtexec builds and times the engine, build_engine.py is standard library.
 BACKEND_NEEDS = {"onnxruntime": ("onnxruntime", "numpy"), "ort-mobile": ("onnxruntime", "numpy"),
-                 "ncnn": ("ncnn", "numpy"), "openvino": ("openvino", "numpy"), "tensorrt": ()}
+                 "ncnn": ("ncnn", "numpy"), "openvino": ("openvino", "numpy"), "tensorrt": (),
+                 "rknn": ("rknnlite", "numpy")}
 ENGINE_REFUSED = 4  # build_engine.sh: this device's TensorRT cannot build the package's engine
 TRTEXEC_DIRS = ("/usr/src/tensorrt/bin", "/usr/local/tensorrt/bin", "/opt/tensorrt/bin")
 # CPU flags that decide which kernels run (x86 SIMD, ARM fp16 arithmetic and dot product).
@@ -490,10 +491,30 @@ def load_openvino(package, art, inputs, threads):
     return run
 
 
+def load_rknn(package, art, inputs, threads):
+    """A .rknn on a Rockchip board's NPU through rknn-toolkit-lite2 (RKNNLite), all NPU cores (threads: unused)."""
+    import numpy as np
+    from rknnlite.api import RKNNLite
+
+    lite = RKNNLite()
+    if lite.load_rknn(os.path.join(package, art["entry"])) != 0:
+        raise RunnerError("RKNNLite could not load " + art["entry"])
+    core = getattr(RKNNLite, "NPU_CORE_AUTO", None)
+    if (lite.init_runtime(core_mask=core) if core is not None else lite.init_runtime()) != 0:
+        raise RunnerError("RKNNLite could not start the NPU runtime (is this a Rockchip board with its NPU driver?)")
+    feeds = [np.ascontiguousarray(x, dtype=np.float32) for _, x in random_feeds(inputs)]
+
+    def run(given=None):
+        return lite.inference(inputs=feeds if given is None else [np.asarray(x, np.float32) for x in given],
+                              data_format=["nchw"] * len(feeds))
+
+    return run
+
+
 # Every backend edgekit has (tests/test_architecture.py checks the registry against it): how its artifacts
 # load here into a call to time, or None: trtexec builds and times them (time_tensorrt).
 LOADERS = {"onnxruntime": load_onnxruntime, "ort-mobile": load_onnxruntime, "ncnn": load_ncnn,
-           "openvino": load_openvino, "tensorrt": None}
+           "openvino": load_openvino, "tensorrt": None, "rknn": load_rknn}
 
 
 def time_tensorrt(package, art, args, deadline_at):

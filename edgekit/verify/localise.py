@@ -54,6 +54,9 @@ class Localisation:
     worst: dict[str, Any] | None = None  # the layer adding the most error, whether or not it crosses
     # --package: the verdict the build gave this artifact (passed, failures, the task metric it missed or met)
     package_verdict: dict[str, Any] | None = None
+    # A runtime whose tensors edgekit cannot read compares them itself (rknn-toolkit2's accuracy_analysis): its rows
+    # {op, layer, entire_cos, entire_euc, single_cos, single_euc}, simulator vs float, in execution order.
+    toolkit_table: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +84,13 @@ class Localisation:
 
     def summary(self) -> str:
         d = self.first_divergence
+        if self.toolkit_table is not None:
+            if d is None:
+                return (f"{self.backend} {self.precision}: every layer of the toolkit's table keeps cosine >= "
+                        f"{self.threshold} on its own ({len(self.toolkit_table)} layers)")
+            return (f"{self.backend} {self.precision}: first layer losing agreement on its own {d['node']} "
+                    f"({d['op_type']}): cosine {d['single_cos']:.4f} with float inputs, {d['entire_cos']:.4f} through "
+                    "the whole model (rknn-toolkit2 accuracy_analysis)")
         if d is None:
             return f"{self.backend} {self.precision}: all {self.compared} matched tensors agree ({self._criteria()})"
         seen = f" (observed at {d['observed_at']}, fused with it)" if d.get("observed_at") else ""
@@ -316,6 +326,13 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
             folder.mkdir()
             artifact = chosen.export(spec, ap, data.calibration, folder)
         session = backends.get(backend).load(artifact, 1)
+        if callable(getattr(session, "layer_report", None)):  # the runtime compares its own layers
+            loc = _toolkit_localisation(session, artifact, data.validation.batches(spec)[0], threshold)
+            loc.package_verdict = verdict
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(out_dir / "layers.json", loc.to_dict())
+            (out_dir / "report.md").write_text(_markdown(loc))
+            return loc, out_dir
         if emulate:
             session = _emulated_session(t, chosen, artifact, spec, session, from_package=bool(package))
         reference = reference_session(spec)
@@ -333,6 +350,17 @@ def run_debug(model: str, target: str, backend: str, precision: str, package: st
     write_json(out_dir / "layers.json", loc.to_dict())
     (out_dir / "report.md").write_text(_markdown(loc))
     return loc, out_dir
+
+
+def _toolkit_localisation(session: Any, artifact: Artifact, feeds: dict[str, np.ndarray],
+                          threshold: float) -> Localisation:
+    """The runtime's own per-layer table (entire: through the quantized model so far; single: this layer alone on
+    float inputs); the first layer whose single cosine falls below the threshold is the one to keep in float."""
+    rows = session.layer_report(feeds)
+    first = next((r for r in rows if r.get("single_cos") is not None and r["single_cos"] < threshold), None)
+    described = None if first is None else {"node": first["layer"], "op_type": first["op"], "criterion": "toolkit",
+                                            "single_cos": first["single_cos"], "entire_cos": first["entire_cos"]}
+    return Localisation(artifact.backend, artifact.precision, threshold, len(rows), described, toolkit_table=rows)
 
 
 def _emulated_session(target: Any, backend: Any, artifact: Artifact, spec: ModelSpec, host: Session,
@@ -370,7 +398,16 @@ def _markdown(loc: Localisation) -> str:
     if w is not None and loc.first_divergence is not w:
         lines += [f"Layer adding the most error: {w['node']} ({w['op_type']}), SNR {w['snr_db']:.1f} dB from "
                   f"{w['input_snr_db']:.1f} dB at its inputs.", ""]
+    if loc.toolkit_table is not None:
+        lines += ["| layer | op | cosine through the model | cosine alone | euclidean alone |", "|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['op']} | {_num(r['entire_cos'])} | {_num(r['single_cos'])} | "
+                  f"{_num(r['single_euc'])} |" for r in loc.toolkit_table]
+        return "\n".join(lines) + "\n"
     lines += ["| node | op | matched by | cosine | SNR dB | max abs err |", "|---|---|---|---|---|---|"]
     lines += [f"| {la.node} | {la.op_type} | {la.matched_by} | {la.cosine:.5f} | {la.snr_db:.1f} | "
               f"{la.max_abs_error:.4g} |" for la in loc.layers]
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.5f}"

@@ -115,8 +115,10 @@ class Verification:
 
 
 def run_all(session: Session, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Outputs over all batches, concatenated along the sample axis, one array per model output."""
-    per_batch = [session.run(feeds) for feeds in batches]
+    """Outputs over all batches, concatenated along the sample axis, one array per model output. A session that runs
+    a sample set in one call (run_batches: a simulator in another process) gets them all at once."""
+    run_batches = getattr(session, "run_batches", None)
+    per_batch = run_batches(batches) if callable(run_batches) else [session.run(feeds) for feeds in batches]
     return [np.concatenate([np.asarray(b[i], np.float64) for b in per_batch]) for i in range(len(per_batch[0]))]
 
 

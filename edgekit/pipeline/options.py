@@ -56,6 +56,9 @@ class BuildOptions:
     # auto = where the emulator runs here (else a warning), require = reject what cannot be checked, off.
     emulate: str = "auto"
     emulate_samples: int = 16  # validation samples the emulated run computes (qemu: 0.1-1.3 s per inference)
+    # Candidates evaluated as tasks on a Ray cluster at this address ("local": a Ray of this process's own); None:
+    # here, one after another. Timing stays on one measurer either way.
+    cluster: str | None = None
 
 
 @dataclass

@@ -37,6 +37,10 @@ class CachedStages:
         self.remeasure = opts.remeasure
         self._digests: dict[int, tuple[Any, str | None]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to a cluster worker: digests keyed by id() mean nothing in another process (ids would collide).
+        return {**self.__dict__, "_digests": {}}
+
     def data(self, dataset: Any) -> str | None:
         from edgekit.cache import dataset_digest
 

@@ -183,10 +183,20 @@ def plan_model(opts: BuildOptions, budgets: Budgets, out: str | Path, prune: Pru
                                     + (" (on the host: each backend's FP32 build calibrates the model, so the "
                                        "error is over the FP16 and INT8 candidates)" if target.is_host else ""),
                             "fit": model.fit_report()},
-                sensitivity=owner.sensitivity, compress=owner.compress)
+                sensitivity=owner.sensitivity, compress=owner.compress, run=_run_record(rounds))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(out)
     return plan, candidates
+
+
+def _run_record(rounds: list[_Round]) -> dict[str, Any] | None:
+    """Where each round's candidates ran and what was retried (a cluster run); None when all ran here."""
+    runs = [r.manifest["run"] for r in rounds if r.manifest.get("run")]
+    if not runs:
+        return None
+    last = runs[-1]
+    return {"cluster": last["cluster"], "nodes": last["nodes"], "measured_by": last["measured_by"],
+            "rounds": [{"tasks": run["tasks"], "retried": run["retried"]} for run in runs]}
 
 
 def choose(ok: list[Candidate], target: Target, objective: str) -> tuple[Candidate, str]:

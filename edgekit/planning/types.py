@@ -64,6 +64,9 @@ class Plan:
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     # Pruning/distillation before quantization (CompressOptions as a dict), when the plan prunes.
     compress: dict[str, Any] | None = None
+    # A plan made on a cluster (--cluster): {cluster, nodes, rounds: [{tasks: [{key, node, host, pid, seconds}],
+    # retried: [{key, attempt, error}]}], measured_by}; None when planned here.
+    run: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

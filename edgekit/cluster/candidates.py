@@ -1,0 +1,173 @@
+"""A round's candidates as Ray tasks: the model, data and verifier go into the object store once per round; each
+task evaluates one ArtifactPlan exactly as the local path does (pipeline.candidates.evaluate_candidate) in a
+node-local folder and returns the same CandidateResult with the artifact's files as bytes, which the driver
+unpacks into the package. Tasks are not retried by Ray (max_retries=0): the executor resubmits a task whose worker
+or node died, up to MAX_ATTEMPTS, and records every attempt, so the run's record says what was retried and where."""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edgekit.console import note
+from edgekit.errors import BadInput, EdgekitError
+from edgekit.pipeline.candidates import CandidateContext, CandidateResult, evaluate_candidate
+from edgekit.planning.types import ArtifactPlan
+
+MAX_ATTEMPTS = 3
+WAIT_S = 5.0
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise BadInput("--cluster needs Ray: pip install 'edgekit[ray]'") from None
+    return ray
+
+
+def _system_errors(ray: Any) -> tuple[type[BaseException], ...]:
+    """Failures of the cluster, not of the candidate: the task is resubmitted."""
+    names = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "ObjectLostError", "OwnerDiedError",
+             "RaySystemError", "TaskUnschedulableError", "ActorDiedError", "ActorUnavailableError")
+    return tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
+
+
+@dataclass
+class RemoteCandidate:
+    """What one task sends back: the result (artifact root relative), the artifact's files, and where it ran."""
+
+    result: CandidateResult
+    files: bytes
+    sensitivity: dict[str, dict[str, float]]
+    reused: list[str]
+    node: str
+    host: str
+    pid: int
+    started: float
+    finished: float
+
+
+@dataclass
+class _Payload:
+    """A round's shared inputs: the candidate context (its paths are the driver's) and the model's bytes."""
+
+    ctx: CandidateContext
+    onnx: bytes
+    onnx_name: str
+
+
+def _pack(root: Path, key: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for rel in (key, f"debug/{key}.json"):
+            if (root / rel).exists():
+                tar.add(root / rel, arcname=rel)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, root: Path) -> None:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        tar.extractall(root, filter="data")  # edgekit's own bytes, still checked: no links out, no absolute paths
+
+
+def _evaluate(payload: _Payload, ap: ArtifactPlan) -> RemoteCandidate:
+    """On a worker: the candidate in a node-local folder, the model written there from the object store."""
+    import ray
+
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="edgekit-task-"))
+    try:
+        ctx = payload.ctx
+        onnx_path = work / payload.onnx_name
+        onnx_path.write_bytes(payload.onnx)
+        spec = replace(ctx.spec, onnx_path=str(onnx_path))
+        ctx.verifier.spec = spec
+        (work / "pkg").mkdir()
+        (work / "work").mkdir()
+        ctx = replace(ctx, spec=spec, root=work / "pkg", work=work / "work")
+        result = evaluate_candidate(ctx, ap)
+        if result.artifact is not None:
+            result.artifact.root = result.artifact.key  # relative: the driver puts it under its package folder
+        return RemoteCandidate(result, _pack(work / "pkg", result.key), dict(ctx.plan.sensitivity if ctx.plan else {}),
+                               list(ctx.verifier.stages.cache.reused), ray.get_runtime_context().get_node_id(),
+                               platform.node(), os.getpid(), started, time.time())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class RayExecutor:
+    """Candidates on a Ray cluster; `record()` is the run's record (nodes, tasks, retries)."""
+
+    address: str
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    retried: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def connect(cls, address: str) -> RayExecutor:
+        ray = _ray()
+        if not ray.is_initialized():
+            try:
+                # "local": a Ray of this process's own; else the cluster at ADDRESS (RAY_ADDRESS is not consulted).
+                ray.init(address="local" if address == "local" else address, namespace="edgekit",
+                         log_to_driver=True, include_dashboard=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise BadInput(f"--cluster {address}: cannot connect to a Ray cluster there ({e}); start one with "
+                               "`ray start --head` or pass --cluster local") from None
+        return cls(address)
+
+    def map(self, ctx: CandidateContext, plans: list[ArtifactPlan]) -> list[CandidateResult]:
+        ray = _ray()
+        spec = ctx.spec
+        payload = ray.put(_Payload(ctx, Path(spec.onnx_path).read_bytes(), Path(spec.onnx_path).name))
+        remote = ray.remote(num_cpus=1, max_retries=0)(_evaluate)
+        pending = {remote.remote(payload, ap): (i, ap, 1) for i, ap in enumerate(plans)}
+        done: dict[int, RemoteCandidate] = {}
+        system = _system_errors(ray)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
+            for ref in ready:
+                i, ap, attempt = pending.pop(ref)
+                try:
+                    done[i] = ray.get(ref)
+                except system as e:
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    self.retried.append({"key": f"{ap.backend}-{ap.precision}", "attempt": attempt, "error": why})
+                    if attempt >= MAX_ATTEMPTS:
+                        raise EdgekitError(f"{ap.backend} {ap.precision}: the cluster lost it {attempt} times ({why})"
+                                           ) from None
+                    note(f"{ap.backend} {ap.precision}: its worker was lost ({why}); retrying (attempt {attempt + 1})")
+                    pending[remote.remote(payload, ap)] = (i, ap, attempt + 1)
+                except ray.exceptions.RayTaskError as e:
+                    raise e.as_instanceof_cause() from None  # edgekit's own error, as the local path raises it
+        results = []
+        for i in range(len(plans)):
+            rc = done[i]
+            _unpack(rc.files, ctx.root)
+            if rc.result.artifact is not None:
+                rc.result.artifact.root = str(ctx.root / rc.result.artifact.key)
+            if ctx.plan is not None:
+                for backend, table in rc.sensitivity.items():
+                    ctx.plan.sensitivity.setdefault(backend, {}).update(table)
+            ctx.verifier.stages.cache.reused += [r for r in rc.reused if r not in ctx.verifier.stages.cache.reused]
+            self.tasks.append({"key": rc.result.key, "node": rc.node, "host": rc.host, "pid": rc.pid,
+                               "seconds": round(rc.finished - rc.started, 2)})
+            results.append(rc.result)
+        return results
+
+    def record(self) -> dict[str, Any] | None:
+        ray = _ray()
+        nodes = [{"node": n["NodeID"], "address": n.get("NodeManagerAddress"), "alive": n.get("Alive"),
+                  "cpus": n.get("Resources", {}).get("CPU")} for n in ray.nodes()]
+        return {"cluster": self.address, "nodes": nodes, "tasks": self.tasks, "retried": self.retried,
+                "measured_by": f"this host ({platform.node()}): compared candidates are timed side by side on one "
+                               "measurer, never across nodes"}

@@ -76,7 +76,12 @@ def _pack(root: Path, key: str) -> bytes:
 
 def _unpack(data: bytes, root: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-        tar.extractall(root, filter="data")  # edgekit's own bytes, still checked: no links out, no absolute paths
+        members = tar.getmembers()
+        for m in members:  # edgekit's own bytes, still checked: plain files and folders under root only
+            if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
+                raise EdgekitError(f"a cluster task sent back an unsafe path: {m.name}")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # the stdlib check where it has one
+        tar.extractall(root, members=members, **safe)
 
 
 def _evaluate(payload: _Payload, ap: ArtifactPlan) -> RemoteCandidate:
@@ -94,10 +99,13 @@ def _evaluate(payload: _Payload, ap: ArtifactPlan) -> RemoteCandidate:
         (work / "pkg").mkdir()
         (work / "work").mkdir()
         ctx = replace(ctx, spec=spec, root=work / "pkg", work=work / "work")
+        before = {b: dict(t) for b, t in (ctx.plan.sensitivity if ctx.plan else {}).items()}
         result = evaluate_candidate(ctx, ap)
         if result.artifact is not None:
             result.artifact.root = result.artifact.key  # relative: the driver puts it under its package folder
-        return RemoteCandidate(result, _pack(work / "pkg", result.key), dict(ctx.plan.sensitivity if ctx.plan else {}),
+        after = dict(ctx.plan.sensitivity) if ctx.plan else {}
+        changed = {b: t for b, t in after.items() if before.get(b) != t}
+        return RemoteCandidate(result, _pack(work / "pkg", result.key), changed,
                                list(ctx.verifier.stages.cache.reused), ray.get_runtime_context().get_node_id(),
                                platform.node(), os.getpid(), started, time.time())
     finally:
@@ -133,6 +141,15 @@ class RayExecutor:
         pending = {remote.remote(payload, ap): (i, ap, 1) for i, ap in enumerate(plans)}
         done: dict[int, RemoteCandidate] = {}
         system = _system_errors(ray)
+        try:
+            self._collect(ray, remote, payload, pending, done, system)
+        finally:
+            for ref in pending:  # the driver stopped (an error, ^C): nothing of this round keeps running
+                ray.cancel(ref, force=True)
+        return self._unpacked(ctx, plans, done)
+
+    def _collect(self, ray: Any, remote: Any, payload: Any, pending: dict[Any, tuple[int, ArtifactPlan, int]],
+                 done: dict[int, RemoteCandidate], system: tuple[type[BaseException], ...]) -> None:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
             for ref in ready:
@@ -149,6 +166,12 @@ class RayExecutor:
                     pending[remote.remote(payload, ap)] = (i, ap, attempt + 1)
                 except ray.exceptions.RayTaskError as e:
                     raise e.as_instanceof_cause() from None  # edgekit's own error, as the local path raises it
+                except ray.exceptions.RayError as e:  # out of memory, object store full, runtime env...: one line
+                    raise EdgekitError(f"{ap.backend} {ap.precision} on the cluster: {type(e).__name__}: "
+                                       f"{(str(e).splitlines() or [''])[0]}") from None
+
+    def _unpacked(self, ctx: CandidateContext, plans: list[ArtifactPlan], done: dict[int, RemoteCandidate]
+                  ) -> list[CandidateResult]:
         results = []
         for i in range(len(plans)):
             rc = done[i]
@@ -156,8 +179,7 @@ class RayExecutor:
             if rc.result.artifact is not None:
                 rc.result.artifact.root = str(ctx.root / rc.result.artifact.key)
             if ctx.plan is not None:
-                for backend, table in rc.sensitivity.items():
-                    ctx.plan.sensitivity.setdefault(backend, {}).update(table)
+                ctx.plan.sensitivity.update(rc.sensitivity)  # as the local ladder does: a backend's table replaced
             ctx.verifier.stages.cache.reused += [r for r in rc.reused if r not in ctx.verifier.stages.cache.reused]
             self.tasks.append({"key": rc.result.key, "node": rc.node, "host": rc.host, "pid": rc.pid,
                                "seconds": round(rc.finished - rc.started, 2)})

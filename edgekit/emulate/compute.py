@@ -44,7 +44,7 @@ def compute_outputs(emulator: Emulator, cpu: str, artifacts: list[dict[str, Any]
                                             for d in missing))
     with tempfile.TemporaryDirectory(prefix="edgekit-emulate-") as tmp:
         work = Path(tmp)
-        feeds = {f"{s}|{j}": np.ascontiguousarray(feed[t["name"]], np.float32)
+        feeds = {f"{s}|{j}": np.ascontiguousarray(feed[t["name"]], np.dtype(t.get("dtype") or "float32"))
                  for s, feed in enumerate(batches) for j, t in enumerate(inputs)}
         np.savez(work / "feeds.npz", **feeds)
         request = {"artifacts": artifacts, "inputs": inputs, "feeds": str(work / "feeds.npz"),

@@ -184,9 +184,12 @@ def _make_rootfs(home: Path) -> None:
     shutil.rmtree(home / "rootfs", ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=home, prefix=".rootfs-") as tmp:
         staged = Path(tmp) / "rootfs"
-        r = subprocess.run(["mmdebstrap", "--variant=extract", f"--architectures={ARCH.replace('aarch64', 'arm64')}",
-                            f"--include={','.join(USERLAND)}", SUITE, str(staged)],
-                           capture_output=True, text=True, timeout=1800)
+        try:
+            r = subprocess.run(["mmdebstrap", "--variant=extract", "--architectures=arm64",
+                                f"--include={','.join(USERLAND)}", SUITE, str(staged)],
+                               capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired:
+            raise EmulatorUnavailable("mmdebstrap took over 30 minutes to unpack the arm64 userland") from None
         if r.returncode != 0 or not (staged / PYTHON).exists():
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
             raise EmulatorUnavailable(f"mmdebstrap could not unpack the arm64 userland ({tail[0]}): it needs "
@@ -197,11 +200,12 @@ def _make_rootfs(home: Path) -> None:
 
 def _install(emu: Emulator, dist: str, host: str, fallbacks: tuple[str, ...]) -> dict[str, Any]:
     """The host's version of `dist` as an aarch64 wheel, kept if it imports under qemu; else a fallback."""
-    tried = []
+    tried, imported = [], False
     for version in (host, *[v for v in fallbacks if _older(v, host)]):
         note(f"emulator: {dist} {version} for {ARCH}")
         why = _unpack_wheel(emu, dist, version)
         if why is None:
+            imported = True
             why = _imports(emu, dist, version)
         if why is None:
             entry: dict[str, Any] = {"version": version}
@@ -210,6 +214,9 @@ def _install(emu: Emulator, dist: str, host: str, fallbacks: tuple[str, ...]) ->
             return entry
         tried.append(f"{version}: {why}")
         shutil.rmtree(emu.site(dist, version), ignore_errors=True)
+    if not imported:  # nothing could even be downloaded (no network?): not recorded, tried again next time
+        raise EmulatorUnavailable(f"the aarch64 {dist} wheel could not be fetched ({'; '.join(tried)}): the first "
+                                  "ARM build needs PyPI")
     return {"version": None, "why": f"no {dist} release runs under qemu-{ARCH} here ({'; '.join(tried)})"}
 
 
@@ -225,17 +232,23 @@ def _unpack_wheel(emu: Emulator, dist: str, version: str) -> str | None:
         return None
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dist}-") as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                            "--only-binary=:all:", "--platform", WHEEL_PLATFORM, "--python-version", "3.11",
-                            "--implementation", "cp", "--no-deps", f"{dist}=={version}", "-d", tmp],
-                           capture_output=True, text=True, timeout=900)
+        try:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                                "--only-binary=:all:", "--platform", WHEEL_PLATFORM, "--python-version", "3.11",
+                                "--implementation", "cp", "--no-deps", f"{dist}=={version}", "-d", tmp],
+                               capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            return "pip download took over 900 s"
         wheels = list(Path(tmp).glob("*.whl"))
         if r.returncode != 0 or not wheels:
             lines = [x for x in (r.stderr or r.stdout).strip().splitlines() if not x.startswith("WARNING")]
             return f"no {WHEEL_PLATFORM} wheel could be downloaded ({(lines[-1:] or ['no output'])[0]})"
         staged = Path(tmp) / "site"
-        with zipfile.ZipFile(wheels[0]) as z:
-            z.extractall(staged)
+        try:
+            with zipfile.ZipFile(wheels[0]) as z:
+                z.extractall(staged)
+        except zipfile.BadZipFile:
+            return f"the downloaded {wheels[0].name} is not a valid wheel"
         staged.rename(dest)
     return None
 

@@ -6,6 +6,7 @@ emulated run decides whether the artifact ships with it (Backend.emulation_varia
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from dataclasses import dataclass
@@ -101,11 +102,13 @@ class IsaCheck:
         if self.unavailable or self.emulator is None:
             return self._not_checked(host, self.unavailable or "the emulator is not set up")
         dists = list(backend.runtime_distributions)
-        broken = [self.emulator.broken[d] for d in dists if d in self.emulator.broken]
+        broken = [self.emulator.broken[d] for d in ["numpy", *dists] if d in self.emulator.broken]
         if broken:
             return self._not_checked(host, "; ".join(broken))
         variants = backend.emulation_variants(art, list(self.target.cpu.get("isa", [])))
         sub = verifier.subset(self.samples)
+        if host.tensor_passed:  # what the host met, the board must meet: its tensor figures bind there too
+            sub.task_settings = dataclasses.replace(sub.task_settings, strict_tensors=True)
         base = dict(art.details.get("runtime_options") or {})
         runs = [{"key": f"{art.key}#{i}", "backend": art.backend, "precision": art.precision, "root": art.root,
                  "entry": art.entry, "files": art.files,
@@ -114,13 +117,18 @@ class IsaCheck:
         start = time.monotonic()
         outputs, errors, meta = self._run(verifier, runs, sub.batches, dists)
         records, chosen = [], None
+        last = runs[-1]["key"]  # the most conservative mode (the artifact as built, or fp16 storage only)
         for (label, opts), run in zip(variants, runs):
             if run["key"] in errors:
                 records.append({"variant": label, "passed": False, "error": errors[run["key"]]})
                 continue
             v = sub.judge(outputs[run["key"]], art.precision)
-            records.append({"variant": label, "runtime_options": opts, **_figures(v)})
-            if chosen is None and v.passed:
+            record = {"variant": label, "runtime_options": opts, **_figures(v)}
+            unexercised = self._unexercised(run["key"], last, outputs, meta, opts)
+            if unexercised:  # a faster mode that computed exactly what the fallback did was never run: not chosen
+                record.update(passed=False, error=unexercised)
+            records.append(record)
+            if chosen is None and record["passed"]:
                 chosen = len(records) - 1
         kept = records[chosen if chosen is not None else -1]
         isa: dict[str, Any] = {"where": self.where, "cpu": self.cpu, "samples": len(sub.reference[0]),
@@ -148,6 +156,20 @@ class IsaCheck:
                                   f"REJECTED ({r.get('error') or '; '.join(r.get('failures') or [])})")
             for r in records))
         return host
+
+    @staticmethod
+    def _unexercised(key: str, fallback: str, outputs: dict[str, list[np.ndarray]], meta: dict[str, Any],
+                     opts: dict[str, Any]) -> str | None:
+        """Why a variant's mode cannot have run: fp16 arithmetic on a CPU that did not report asimdhp, or outputs
+        bit-identical to the fallback mode's (the runtime quietly fell back)."""
+        if key == fallback:
+            return None
+        if opts.get("use_fp16_arithmetic") and "asimdhp" not in (meta.get("hwcaps") or []):
+            return "the emulated CPU reported no fp16 arithmetic (asimdhp): the mode was never exercised"
+        if fallback in outputs and key in outputs and all(
+                np.array_equal(a, b) for a, b in zip(outputs[key], outputs[fallback])):
+            return "its outputs are bit-identical to the fallback mode's: the runtime did not use it"
+        return None
 
     def _keep_variant(self, verifier: Verifier, art: Artifact, host: Verification, variants: list[Any],
                       chosen: int, records: list[dict[str, Any]], base: dict[str, Any]) -> None:
@@ -185,7 +207,9 @@ class IsaCheck:
         assert self.emulator is not None
         cache = verifier.stages.cache
         inputs = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in verifier.spec.inputs]
-        keys = {r["key"]: digest("emulated", self.qemu_cpu, self.emulator.runtimes, r["backend"], r["precision"],
+        versions = {d: self.emulator.runtimes.get(d) for d in ["numpy", *dists]}
+        qemu = self.emulator.to_dict()["qemu_version"]  # qemu's own fp16/int emulation is part of the result
+        keys = {r["key"]: digest("emulated", self.qemu_cpu, qemu, versions, r["backend"], r["precision"],
                                  files_digest(Path(r["root"]), r["files"]),
                                  r["details"]["runtime_options"], batches) for r in runs}
         outputs: dict[str, list[np.ndarray]] = {}

@@ -140,6 +140,11 @@ def verify_outputs(
 
     Detector outputs are judged where a detector's output is used (`foreground_masks`): box-like values
     only at the positions some score in the reference reaches SCORE_THRESHOLD, scores everywhere."""
+    if len(outputs) != len(reference):  # zip would compare a prefix and pass on what it never saw
+        from edgekit.errors import EdgekitError
+
+        raise EdgekitError(f"the artifact gives {len(outputs)} output(s), the model has {len(reference)} "
+                           f"({', '.join(names)}): it cannot be verified")
     masks, mask_notes = foreground_masks(reference)
     agreements = [agreement(n, r, o, m) for n, r, o, m in zip(names, reference, outputs, masks)]
     cls = next((i for i, r in enumerate(reference) if is_classifier_output(r.shape)), None)

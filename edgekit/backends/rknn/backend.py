@@ -15,8 +15,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +59,18 @@ def _stacked(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([np.asarray(b[name], np.float32) for b in batches]) for name in batches[0]}
 
 
-def simulated_store(rknn_sha256: str, batches_digest: str) -> Path:
-    return cache_dir("rknn-simulated") / rknn_sha256[:40] / f"{batches_digest[:40]}.npz"
+def simulated_store(rknn_sha256: str, batches_digest: str, rebuilt: bool = False) -> Path:
+    """Where the simulator's outputs of these inputs are kept: the shipped file's own (computed in the process that
+    built it), or a rebuild's with the same settings (`.rebuilt`), never mistaken for each other."""
+    return cache_dir("rknn-simulated") / rknn_sha256[:40] / f"{batches_digest[:40]}{'.rebuilt' if rebuilt else ''}.npz"
+
+
+def _store(src: Path, dest: Path) -> None:
+    """src moved into the cache atomically, across file systems too (the work folder may be on a tmpfs)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
 
 
 def run_worker(request: dict[str, Any], work: Path, timeout_s: float = 3600) -> dict[str, Any]:
@@ -98,9 +111,14 @@ class RknnSession:
     def run_batches(self, batches: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
         """Outputs per batch: the export's own simulator run where it ran these samples, else a rebuild's."""
         d = self.artifact.details
-        store = simulated_store(d["rknn_sha256"], _digest(batches))
+        digest = _digest(batches)
+        store = simulated_store(d["rknn_sha256"], digest)
         if not store.exists():
-            self._rebuild(batches, store)
+            store = simulated_store(d["rknn_sha256"], digest, rebuilt=True)
+            if not store.exists():
+                self._rebuild(batches, store)
+            if REBUILT_NOTE not in self.artifact.notes:  # every time such outputs are used, not only when made
+                self.artifact.notes.append(REBUILT_NOTE)
         with np.load(store, allow_pickle=False) as z:
             stacked = [z[name] for name in self.outputs]
         return [[s[i:i + 1] for s in stacked] for i in range(len(batches))]
@@ -128,10 +146,7 @@ class RknnSession:
                        "validation": str(work / "validation.npz")}
             np.savez(work / "validation.npz", **_stacked(batches))
             run_worker(request, work)
-            store.parent.mkdir(parents=True, exist_ok=True)
-            (work / "outputs.npz").replace(store)
-        if REBUILT_NOTE not in self.artifact.notes:
-            self.artifact.notes.append(REBUILT_NOTE)
+            _store(work / "outputs.npz", store)
 
 
 @register
@@ -220,9 +235,7 @@ class RknnBackend(Backend):
                                 "validation": str(work / "validation.npz") if batches else None}, work)
             sha = hashlib.sha256((root / "model.rknn").read_bytes()).hexdigest()
             if batches:
-                store = simulated_store(sha, _digest(batches))
-                store.parent.mkdir(parents=True, exist_ok=True)
-                (work / "outputs.npz").replace(store)
+                _store(work / "outputs.npz", simulated_store(sha, _digest(batches)))
         return self._artifact(plan, root, request, reply, sha)
 
     def _artifact(self, plan: ArtifactPlan, root: Path, request: dict[str, Any], reply: dict[str, Any],
@@ -258,8 +271,5 @@ def _keep(path: Path) -> Path:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     dest = cache_dir("rknn-simulated") / "calibration" / f"{digest[:40]}.npz"
     if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_bytes(path.read_bytes())
-        tmp.replace(dest)
+        _store(path, dest)
     return dest

@@ -52,12 +52,7 @@ def run(args: argparse.Namespace) -> int:
         style = "bold red" if la.tensor == first else ("red" if la.cosine < loc.threshold else "")
         table.add_row(la.node, la.op_type, la.matched_by, f"{la.cosine:.5f}", f"{la.snr_db:.1f}",
                       f"{la.max_abs_error:.4g}", style=style)
-    out.print(table)
-    out.print(loc.summary(), markup=False)
-    out.print(f"per-layer table: {out_dir / 'layers.json'}")
-    code = 1 if loc.first_divergence else 0
-    emit({"ok": code == 0, "exit_code": code, "out": str(out_dir), **loc.to_dict()})
-    return code
+    return _finish(loc, out_dir, table)
 
 
 def _toolkit_table(loc: Any, out_dir: Any) -> int:
@@ -71,6 +66,11 @@ def _toolkit_table(loc: Any, out_dir: Any) -> int:
         style = "bold red" if r["layer"] == first else ""
         table.add_row(r["layer"], r["op"], *(("–" if r[k] is None else f"{r[k]:.5f}")
                                              for k in ("entire_cos", "single_cos", "single_euc")), style=style)
+    return _finish(loc, out_dir, table)
+
+
+def _finish(loc: Any, out_dir: Any, table: Table) -> int:
+    """The table, the verdict line and the JSON result; exit 1 when a layer diverges."""
     out.print(table)
     out.print(loc.summary(), markup=False)
     out.print(f"per-layer table: {out_dir / 'layers.json'}")

@@ -82,6 +82,20 @@ def profile(package: str | Path, device: str, *, seconds: float = 3.0, min_runs:
     return Manifest.load(package)
 
 
+def profile_pool(packages: list[str | Path], devices: list[str] | None = None, *, target_devices: str | None = None,
+                 once: bool = False, cluster: str | None = None, seconds: float = 3.0, min_runs: int = 50,
+                 threads: int | None = None, artifacts: list[str] | None = None) -> Any:
+    """`edgekit profile PKG... --devices A,B | --target-devices T [--once] [--cluster ADDRESS|local]`: returns the
+    run (edgekit.profiling.pool.PoolRun: every job's outcome, lost devices, retries); manifests updated."""
+    from edgekit.cli.profile_pool import profile_on_pool
+    from edgekit.profiling.device import RemoteSettings
+
+    run, _ = profile_on_pool([Path(p) for p in packages], RemoteSettings(seconds=seconds, min_runs=min_runs,
+                                                                         threads=threads),
+                             ",".join(devices) if devices else None, target_devices, once, cluster, artifacts)
+    return run
+
+
 def inspect(model: str | Path, input_shapes: list[str] | None = None, weights: str | None = None) -> Any:
     """`edgekit inspect`: the canonical model's ModelSpec (inputs, outputs, per-layer MACs)."""
     import tempfile

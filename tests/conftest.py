@@ -24,7 +24,7 @@ BUNDLED_ONNX = REPO / "examples" / "defects" / "defectnet.onnx"
 BUNDLED_PREPROCESS = REPO / "examples" / "defects" / "preprocess.yaml"
 # tests/ mirrors edgekit/; the shared model builders (models.py, conftest) and the helpers other tests reuse
 # (backends' small models and fake tools, quantize's hostile model) import by name from anywhere.
-for _folder in ("", "backends", "quantize"):
+for _folder in ("", "backends", "quantize", "profiling"):
     sys.path.insert(0, str(Path(__file__).parent / _folder))
 
 def require_tools(*paths: str, install: str) -> None:

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r = act.add_parser("remove", help="forget a device")
     r.add_argument("name")
     act.add_parser("list", help="the devices, as a table")
+    act.add_parser("resources", help="the devices as Ray resources, for the node that reaches them: "
+                   "ray start --address HEAD --resources \"$(edgekit devices resources)\"")
     c = act.add_parser("check", help="reachable? can files be copied there? which runtimes, CPU, GPU and "
                        "measuring conditions")
     c.add_argument("name")
@@ -51,6 +53,16 @@ def run(args: argparse.Namespace) -> int:
         dev = devices.remove_device(args.name)
         out.print(f"removed {dev.name} ({dev.url}) from {devices.devices_file()}", markup=False)
         emit({"ok": True, "removed": _device_dict(dev), "file": str(devices.devices_file())})
+        return 0
+    if args.action == "resources":
+        import json
+
+        from edgekit.cluster.connection import device_resources
+        from edgekit.console import is_json
+
+        # One line of JSON on stdout, nothing else: what `ray start --resources` reads (edgekit/cluster/devices.py).
+        resources = device_resources(list(devices.load_devices()))
+        emit(resources) if is_json() else print(json.dumps(resources))
         return 0
     if args.action == "list":
         found = devices.load_devices()

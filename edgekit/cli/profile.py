@@ -4,6 +4,7 @@ what `edgekit build --device` uses to measure the package it just wrote."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,19 @@ ORDER = 60
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="measure a package's artifacts on a device over SSH")
-    p.add_argument("package", metavar="PACKAGE", help="a package folder (edgekit build --out)")
-    p.add_argument("--device", required=True, help="a name from `edgekit devices list`")
+    p = sub.add_parser("profile", help="measure packages' artifacts on devices over SSH (one, or a pool)")
+    p.add_argument("package", metavar="PACKAGE", nargs="+", help="package folders (edgekit build --out)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--device", help="a name from `edgekit devices list`")
+    where.add_argument("--devices", metavar="A,B,...", help="a pool of devices: every package on every one (per-device "
+                       "figures and the spread across boards of one target), one measurement per device at a time")
+    where.add_argument("--target-devices", metavar="TARGET", help="the pool is every device of this target")
+    p.add_argument("--once", action="store_true", help="with a pool: each package once, on whichever device is "
+                   "free first (a lost device's jobs go to the others)")
+    p.add_argument("--cluster", default=os.environ.get("EDGEKIT_CLUSTER") or None, metavar="ADDRESS|local",
+                   help="reach the devices through a Ray cluster: each device is the resource edgekit-device:NAME "
+                   "of the node that reaches it (`ray start --resources \"$(edgekit devices resources)\"`); "
+                   "local: this machine's devices (default $EDGEKIT_CLUSTER)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per artifact, at least (default 3)")
     p.add_argument("--min-runs", type=int, default=50)
     p.add_argument("--max-runs", type=int, default=2000, help="stop timing an artifact after this many runs")
@@ -36,13 +47,17 @@ def run(args: argparse.Namespace) -> int:
     from edgekit.profiling.device import RemoteSettings, profile_package
     from edgekit.profiling.devices import get_device
 
-    dev = get_device(args.device)
     settings = RemoteSettings(seconds=args.seconds, min_runs=args.min_runs, max_runs=args.max_runs,
                               warmup_runs=args.warmup, threads=args.threads, timeout=args.timeout)
-    latencies = profile_package(args.package, dev, settings, args.artifact)
-    print_device_table(Path(args.package), dev, latencies)
-    emit({"ok": True, "device": dev.name, "where": dev.where, "latencies": latencies})
-    return 0
+    if args.device and len(args.package) == 1 and not args.cluster:
+        dev = get_device(args.device)
+        latencies = profile_package(args.package[0], dev, settings, args.artifact)
+        print_device_table(Path(args.package[0]), dev, latencies)
+        emit({"ok": True, "device": dev.name, "where": dev.where, "latencies": latencies})
+        return 0
+    from edgekit.cli.profile_pool import run_device_pool
+
+    return run_device_pool(args, settings)
 
 
 def resolve_device(args: argparse.Namespace) -> Any:

@@ -17,28 +17,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgekit.cluster.connection import connect, ray_module, system_errors
 from edgekit.console import note
-from edgekit.errors import BadInput, EdgekitError
+from edgekit.errors import EdgekitError
 from edgekit.pipeline.candidates import CandidateContext, CandidateResult, evaluate_candidate
 from edgekit.planning.types import ArtifactPlan
 
 MAX_ATTEMPTS = 3
 WAIT_S = 5.0
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise BadInput("--cluster needs Ray: pip install 'edgekit[ray]'") from None
-    return ray
-
-
-def _system_errors(ray: Any) -> tuple[type[BaseException], ...]:
-    """Failures of the cluster, not of the candidate: the task is resubmitted."""
-    names = ("WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "ObjectLostError", "OwnerDiedError",
-             "RaySystemError", "TaskUnschedulableError", "ActorDiedError", "ActorUnavailableError")
-    return tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
 
 
 @dataclass
@@ -63,6 +49,7 @@ class _Payload:
     ctx: CandidateContext
     onnx: bytes
     onnx_name: str
+    train: bytes | None = None  # --train (a file or a folder) as a tar: a remote node cannot see the driver's path
 
 
 def _pack(root: Path, key: str) -> bytes:
@@ -71,6 +58,17 @@ def _pack(root: Path, key: str) -> bytes:
         for rel in (key, f"debug/{key}.json"):
             if (root / rel).exists():
                 tar.add(root / rel, arcname=rel)
+    return buf.getvalue()
+
+
+def _pack_path(path: Path) -> bytes:
+    """A file or a folder (its plain files, links left out) as a tar whose top entry is the path's name."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        for f in files:
+            tar.add(f, arcname=str(Path(path.name) / f.relative_to(path)) if f != path else path.name,
+                    recursive=False)
     return buf.getvalue()
 
 
@@ -96,9 +94,16 @@ def _evaluate(payload: _Payload, ap: ArtifactPlan) -> RemoteCandidate:
         onnx_path.write_bytes(payload.onnx)
         spec = replace(ctx.spec, onnx_path=str(onnx_path))
         ctx.verifier.spec = spec
+        if ctx.verifier.isa is not None:
+            ctx.verifier.isa.on_this_machine()
         (work / "pkg").mkdir()
         (work / "work").mkdir()
-        ctx = replace(ctx, spec=spec, root=work / "pkg", work=work / "work")
+        train = ctx.train
+        if payload.train is not None and ctx.train:
+            (work / "train").mkdir()
+            _unpack(payload.train, work / "train")
+            train = str(work / "train" / Path(ctx.train).name)
+        ctx = replace(ctx, spec=spec, root=work / "pkg", work=work / "work", train=train)
         before = {b: dict(t) for b, t in (ctx.plan.sensitivity if ctx.plan else {}).items()}
         result = evaluate_candidate(ctx, ap)
         if result.artifact is not None:
@@ -122,25 +127,18 @@ class RayExecutor:
 
     @classmethod
     def connect(cls, address: str) -> RayExecutor:
-        ray = _ray()
-        if not ray.is_initialized():
-            try:
-                # "local": a Ray of this process's own; else the cluster at ADDRESS (RAY_ADDRESS is not consulted).
-                ray.init(address="local" if address == "local" else address, namespace="edgekit",
-                         log_to_driver=True, include_dashboard=False, configure_logging=False)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise BadInput(f"--cluster {address}: cannot connect to a Ray cluster there ({e}); start one with "
-                               "`ray start --head` or pass --cluster local") from None
+        connect(address)
         return cls(address)
 
     def map(self, ctx: CandidateContext, plans: list[ArtifactPlan]) -> list[CandidateResult]:
-        ray = _ray()
+        ray = ray_module()
         spec = ctx.spec
-        payload = ray.put(_Payload(ctx, Path(spec.onnx_path).read_bytes(), Path(spec.onnx_path).name))
+        payload = ray.put(_Payload(ctx, Path(spec.onnx_path).read_bytes(), Path(spec.onnx_path).name,
+                                   _pack_path(Path(ctx.train)) if ctx.train else None))
         remote = ray.remote(num_cpus=1, max_retries=0)(_evaluate)
         pending = {remote.remote(payload, ap): (i, ap, 1) for i, ap in enumerate(plans)}
         done: dict[int, RemoteCandidate] = {}
-        system = _system_errors(ray)
+        system = system_errors(ray)
         try:
             self._collect(ray, remote, payload, pending, done, system)
         finally:
@@ -152,6 +150,12 @@ class RayExecutor:
                  done: dict[int, RemoteCandidate], system: tuple[type[BaseException], ...]) -> None:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
+            if not ready and not any(n.get("Alive") and (n.get("Resources") or {}).get("CPU", 0) >= 1
+                                     for n in ray.nodes()):
+                # A task no live node can run waits forever in Ray: said, not waited for.
+                raise EdgekitError(f"no live node of cluster {self.address} has a CPU for the candidates (the "
+                                   "nodes left, or were started with --num-cpus=0); add a worker with "
+                                   "`ray start --address HEAD` or run without --cluster")
             for ref in ready:
                 i, ap, attempt = pending.pop(ref)
                 try:
@@ -187,7 +191,7 @@ class RayExecutor:
         return results
 
     def record(self) -> dict[str, Any] | None:
-        ray = _ray()
+        ray = ray_module()
         nodes = [{"node": n["NodeID"], "address": n.get("NodeManagerAddress"), "alive": n.get("Alive"),
                   "cpus": n.get("Resources", {}).get("CPU")} for n in ray.nodes()]
         return {"cluster": self.address, "nodes": nodes, "tasks": self.tasks, "retried": self.retried,

@@ -181,12 +181,17 @@ class ArtifactRecord(_Record):
     host_latency_ms: LatencyRecord | None = None  # this host's (or the estimate), once a device measured it
     device_latency_ms: LatencyRecord | None = None
     quantization: dict[str, Any] | None = None  # INT8: settings kept and the recovery ladder's record
+    # Every device that measured it, by name ({device: latency with `target` and `measured`}), and across the
+    # devices of the package's target the spread of their p50s (one SoC varies up to 2x between boards).
+    device_latencies_ms: dict[str, Any] | None = None
+    device_spread: dict[str, Any] | None = None
 
     _nested: ClassVar[dict[str, tuple[type[_Record], bool]]] = {
         "files": (FileRecord, True), "verification": (VerificationRecord, False),
         **{k: (LatencyRecord, False) for k in ("latency_ms", "reference_latency_ms", "host_latency_ms",
                                                "device_latency_ms")}}
-    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"host_latency_ms", "device_latency_ms", "quantization"})
+    _omit_if_none: ClassVar[frozenset[str]] = frozenset({"host_latency_ms", "device_latency_ms", "quantization",
+                                                          "device_latencies_ms", "device_spread"})
 
     @property
     def passed(self) -> bool:
@@ -197,15 +202,44 @@ class ArtifactRecord(_Record):
         """The artifact's own folder in the package (what a device copy sends)."""
         return str(Path(self.entry).parent)
 
-    def with_device_latency(self, measured: LatencyRecord | dict[str, Any]) -> ArtifactRecord:
+    def with_device_latency(self, measured: LatencyRecord | dict[str, Any], device: str | None = None,
+                            target: str | None = None, measured_at: str | None = None) -> ArtifactRecord:
         """This record once measured on a device (`edgekit profile --device`, the planner's --device):
         `latency_ms` becomes the device's (where: ssh://...), the host's or the estimate moves to
-        `host_latency_ms`, `device_latency_ms` holds it too. Speedups stay the host's interleaved ratios."""
+        `host_latency_ms`, `device_latency_ms` holds it too. Speedups stay the host's interleaved ratios.
+        With the device's name, the measurement is also kept in `device_latencies_ms` beside the other devices'."""
         lat = measured if isinstance(measured, LatencyRecord) else LatencyRecord.from_dict(measured)
         previous = self.latency_ms
         host = previous if previous is not None and previous.to_dict() \
             and not str(previous.where or "").startswith("ssh://") else self.host_latency_ms
-        return dataclasses.replace(self, host_latency_ms=host, latency_ms=lat, device_latency_ms=lat)
+        new = dataclasses.replace(self, host_latency_ms=host, latency_ms=lat, device_latency_ms=lat)
+        if device is None:
+            return new
+        by_device = {**(self.device_latencies_ms or {}),
+                     device: {**lat.to_dict(), "target": target, "measured": measured_at}}
+        return dataclasses.replace(new, device_latencies_ms=by_device)
+
+    def with_slowest_device(self, devices: list[str]) -> ArtifactRecord:
+        """`latency_ms`/`device_latency_ms` become the slowest of these devices' measurements (a pool run: the
+        figure a fleet of these boards can promise); unchanged where none of them measured it."""
+        rows = {d: r for d, r in (self.device_latencies_ms or {}).items() if d in devices and r.get("p50")}
+        if not rows:
+            return self
+        slowest = rows[max(rows, key=lambda d: rows[d]["p50"])]
+        lat = LatencyRecord.from_dict({k: v for k, v in slowest.items() if k not in ("target", "measured")})
+        return dataclasses.replace(self, latency_ms=lat, device_latency_ms=lat)
+
+    def with_device_spread(self, target: str) -> ArtifactRecord:
+        """`device_spread` over the devices of `target` in device_latencies_ms: None below two devices (a
+        spread of one board is not a spread)."""
+        p50 = {d: r["p50"] for d, r in (self.device_latencies_ms or {}).items()
+               if r.get("target") == target and isinstance(r.get("p50"), int | float) and r["p50"] > 0}
+        if len(p50) < 2:
+            return dataclasses.replace(self, device_spread=None)
+        fastest, slowest = min(p50, key=p50.__getitem__), max(p50, key=p50.__getitem__)
+        return dataclasses.replace(self, device_spread={
+            "target": target, "devices": len(p50), "fastest": fastest, "slowest": slowest,
+            "p50_min": p50[fastest], "p50_max": p50[slowest], "ratio": round(p50[slowest] / p50[fastest], 4)})
 
     def to_artifact(self, root: str | Path, check_sha256: bool = True) -> Artifact:
         """The Artifact a backend loads (root: the package folder; the Artifact's root is the artifact's
@@ -283,10 +317,16 @@ class Package:
                 return r
         raise BadInput(f"no artifact {key} in {self.path}; it has {', '.join(self.keys) or 'none'}")
 
-    def with_device_latencies(self, latencies: dict[str, LatencyRecord | dict[str, Any]]) -> Package:
-        """The package with these artifacts' device measurements recorded (ArtifactRecord.with_device_latency)."""
-        return self.with_records([r.with_device_latency(latencies[r.key]) if r.key in latencies else r
-                                  for r in self.records])
+    def with_device_latencies(self, latencies: dict[str, LatencyRecord | dict[str, Any]], device: str | None = None,
+                              target: str | None = None, measured_at: str | None = None) -> Package:
+        """The package with these artifacts' device measurements recorded (ArtifactRecord.with_device_latency);
+        with the device's name, also kept by device, and the spread over the package target's devices updated."""
+        own = str(self.header.get("target") or "")
+        records = [r.with_device_latency(latencies[r.key], device, target, measured_at) if r.key in latencies else r
+                   for r in self.records]
+        if device is not None:
+            records = [r.with_device_spread(own) if r.key in latencies else r for r in records]
+        return self.with_records(records)
 
     def with_records(self, records: list[ArtifactRecord]) -> Package:
         """The same package with these artifact records (e.g. device latencies added), to write back."""

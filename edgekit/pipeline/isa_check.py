@@ -20,6 +20,7 @@ from edgekit.backends.base import Artifact, Backend
 from edgekit.console import note, progress
 from edgekit.emulate import EmulatorUnavailable, compute_outputs, ensure_emulator, qemu_cpu
 from edgekit.emulate.environment import Emulator
+from edgekit.errors import EdgekitError
 from edgekit.targets import Target, detect_host
 from edgekit.verify.verifier import Verification
 
@@ -61,6 +62,7 @@ class IsaCheck:
     emulator: Emulator | None = None
     unavailable: str | None = None  # why the emulator cannot run here
     stand_in: str | None = None
+    setup: tuple[list[str], dict[str, tuple[str, ...]]] | None = None  # ensure_emulator's arguments
 
     @property
     def where(self) -> str:
@@ -79,13 +81,26 @@ class IsaCheck:
         check = cls(target, cpu, cpu, max(1, samples), mode == "require")
         try:
             check.qemu_cpu, check.stand_in = qemu_cpu(cpu)
-            check.emulator = ensure_emulator(sorted({d for b in emulated for d in b.runtime_distributions}),
-                                             emulation_fallbacks(emulated))
+            check.setup = (sorted({d for b in emulated for d in b.runtime_distributions}),
+                           emulation_fallbacks(emulated))
+            check.emulator = ensure_emulator(*check.setup)
         except EmulatorUnavailable as e:
             check.unavailable = str(e)
             note(f"[yellow]warning[/yellow]: {target.name} artifacts are verified on this host only, not on "
                  f"{cpu} arithmetic: {e}" + ("" if check.require else " (--emulate require makes that a rejection)"))
         return check
+
+    def on_this_machine(self) -> None:
+        """A cluster task on another machine: the emulator the driver verified with, set up here too (a cluster
+        plan must verify as the local one does); EdgekitError where this node cannot run it."""
+        if self.emulator is None or self.setup is None or self.emulator.root.is_dir():
+            return
+        try:
+            self.emulator = ensure_emulator(*self.setup)
+        except EmulatorUnavailable as e:
+            raise EdgekitError(f"cluster node {platform.node()} cannot run the {self.cpu} emulator the driver "
+                               f"verifies {self.target.name} artifacts on ({e}): install qemu-user and mmdebstrap on "
+                               "every node (scripts/system-deps.sh), or pass --emulate off") from None
 
     def check(self, verifier: Verifier, art: Artifact, host: Verification) -> Verification:
         """The host verdict `host`, joined with the emulated one (verification.isa); art.details["runtime_options"]

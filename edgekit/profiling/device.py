@@ -32,6 +32,7 @@ from edgekit.console import err, note
 from edgekit.errors import BackendUnavailable, BadInput, EdgekitError
 from edgekit.packaging.manifest import render_report, validate_manifest, write_json
 from edgekit.profiling import store
+from edgekit.profiling.device_lock import device_lock
 from edgekit.profiling.devices import (
     CONNECT_TIMEOUT_S,
     LEGACY_SCP,
@@ -126,6 +127,43 @@ def select_artifacts(manifest: dict[str, Any], keys: list[str] | None) -> list[d
     return [by_key[k] for k in dict.fromkeys(wanted)]
 
 
+@dataclass
+class DeviceMeasurement:
+    """One package's artifacts measured on one device: what the runner reported, before anything is written.
+    `started`/`finished` are the runner's own wall clock around the measurement (the device's clock)."""
+
+    device: Device
+    keys: list[str]
+    latencies: dict[str, dict[str, Any]]
+    out: dict[str, Any]  # the runner's JSON
+    facts: dict[str, Any]  # the probe's
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return dict(self.out.get("errors") or {})
+
+
+def measure_on_device(package_dir: str | Path, device: Device, settings: RemoteSettings | None = None,
+                      keys: list[str] | None = None) -> DeviceMeasurement:
+    """Measure the package's artifacts (all, or `keys`) on the device; writes nothing here (record() does).
+    Runs wherever the device is reachable from: this process, or a cluster node (edgekit.cluster.devices)."""
+    settings = settings or RemoteSettings()
+    package = Path(package_dir).resolve()
+    manifest = load_package(package)
+    arts = select_artifacts(manifest, keys)
+    with device_lock(device.name, f"measuring {package.name}"):
+        facts = probe(device, connect_timeout=settings.connect_timeout)
+        for backend in dict.fromkeys(a["backend"] for a in arts):
+            missing = missing_runtime(device, facts, backend)
+            if missing:
+                raise BackendUnavailable(missing)
+        out = run_remote(package, device, arts, settings, engines_to_build(arts, facts))
+    return DeviceMeasurement(device, [a["key"] for a in arts], _latencies(device, out, arts), out, facts,
+                             out.get("started"), out.get("finished"))
+
+
 def profile_package(package_dir: str | Path, device: Device, settings: RemoteSettings | None = None,
                     keys: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Measure the package's artifacts (all, or `keys`) on the device; write profiles/ records and the
@@ -133,23 +171,20 @@ def profile_package(package_dir: str | Path, device: Device, settings: RemoteSet
     settings = settings or RemoteSettings()
     package = Path(package_dir).resolve()
     manifest = load_package(package)
-    arts = select_artifacts(manifest, keys)
-    facts = probe(device, connect_timeout=settings.connect_timeout)
-    for backend in dict.fromkeys(a["backend"] for a in arts):
-        missing = missing_runtime(device, facts, backend)
-        if missing:
-            raise BackendUnavailable(missing)
     if manifest["target"] != device.target:
         note(f"package built for {manifest['target']}, device {device.name} is a {device.target}")
-    out = run_remote(package, device, arts, settings, engines_to_build(arts, facts))
-    latencies = _latencies(device, out, arts)
-    record(package, manifest, device, arts, latencies, out, facts, settings)
-    failed = out.get("errors") or {}
+    m = measure_on_device(package, device, settings, keys)
+    record(package, manifest, device, select_artifacts(manifest, m.keys), m.latencies, m.out, m.facts, settings)
+    raise_failures(m)
+    return m.latencies
+
+
+def raise_failures(m: DeviceMeasurement) -> None:
+    failed = m.errors
     if failed:
         k, why = next(iter(failed.items()))
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-        raise EdgekitError(f"could not measure {k} on device {device.name}: {why}{more}")
-    return latencies
+        raise EdgekitError(f"could not measure {k} on device {m.device.name}: {why}{more}")
 
 
 def engines_to_build(arts: list[dict[str, Any]], facts: dict[str, Any]) -> int:
@@ -361,18 +396,25 @@ def record(package: Path, manifest: dict[str, Any], device: Device, arts: list[d
         })
         written.append(path)
     if latencies:
-        update_manifest(package, latencies)
+        update_manifest(package, latencies, device, now)
     return written
 
 
-def update_manifest(package: Path, latencies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def update_manifest(package: Path, latencies: dict[str, dict[str, Any]], device: Device | None = None,
+                    measured_at: str | None = None) -> dict[str, Any]:
     """Record the device measurements: `latency_ms` becomes the device's (where: ssh://...), the host's
     or the estimate moves to `host_latency_ms`, and `device_latency_ms` holds it too. Speedup fields stay
     the host's interleaved ratios. Re-validated, then replaced atomically."""
     from edgekit.packaging.model import load_package as load
 
+    manifest = load(package, complete=True).with_device_latencies(
+        latencies, device.name if device else None, device.target if device else None, measured_at).to_dict()
+    return replace_manifest(package, manifest)
+
+
+def replace_manifest(package: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """manifest.json (and report.md, where there is one) replaced by these figures, once they validate."""
     path = package / "manifest.json"
-    manifest = load(package, complete=True).with_device_latencies(latencies).to_dict()
     try:
         validate_manifest(manifest)
     except Exception as e:
@@ -398,6 +440,15 @@ def device_report(manifest: dict[str, Any]) -> str:
         d = a["device_latency_ms"]
         lines.append(f"| {a['key']} | {d['where']} | {d['p50']:.3f} | {d['p90']:.3f} | {d['p99']:.3f} | {d['runs']} | "
                      f"{d['threads']} | {fmt_conditions(d.get('conditions') or {})} |")
+    spread = [a for a in measured if a.get("device_spread")]
+    if spread:
+        lines += ["", "### Across the boards of one target", "",
+                  "| artifact | target | boards | fastest | p50 ms | slowest | p50 ms | spread |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for a in spread:
+            s = a["device_spread"]
+            lines.append(f"| {a['key']} | {s['target']} | {s['devices']} | {s['fastest']} | {s['p50_min']:.3f} | "
+                         f"{s['slowest']} | {s['p50_max']:.3f} | {s['ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

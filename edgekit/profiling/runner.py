@@ -629,7 +629,10 @@ def lock_problem(manifest, backend):
 
 
 def measure(args):
-    deadline_at = time.time() + args.deadline if args.deadline else None
+    # Wall-clock times of this device's clock around the whole measurement (loading, warm-up, timing): what a
+    # device pool checks to prove two measurements never shared the device.
+    started = time.time()
+    deadline_at = started + args.deadline if args.deadline else None
     args.package = os.path.abspath(args.package)
     with open(os.path.join(args.package, "manifest.json")) as f:
         manifest = json.load(f)
@@ -695,6 +698,8 @@ def measure(args):
     result["results"] = dict((k, results[k]) for k in keys if k in results)
     result["errors"] = dict((k, errors[k]) for k in keys if k in errors)
     result["conditions"]["temperature_c_after"] = temperatures()
+    result["started"], result["finished"] = round(started, 6), round(time.time(), 6)
+    result["pid"] = os.getpid()
     return result
 
 

@@ -56,9 +56,10 @@ class RayCluster:
         self.nodes.append(p)
         return p
 
-    def start_head(self) -> None:
+    def start_head(self, resources: dict[str, int] | None = None) -> None:
+        extra = [f"--resources={json.dumps(resources)}"] if resources else []
         self._start(["--head", f"--port={self.port}", "--include-dashboard=false",
-                     f"--temp-dir={self.root / 'ray'}"], "head")
+                     f"--temp-dir={self.root / 'ray'}", *extra], "head")
 
     def add_worker(self, resources: dict[str, int] | None = None) -> subprocess.Popen:
         extra = [f"--resources={json.dumps(resources)}"] if resources else []
@@ -111,8 +112,10 @@ class RayCluster:
                 d.kill()
 
 
-def running_cluster() -> Iterator[RayCluster]:
-    """Head (1 CPU) and one worker (1 CPU) joined to it, stopped afterwards (a module fixture's body)."""
+def running_cluster(head: dict[str, int] | None = None, worker: dict[str, int] | None = None
+                    ) -> Iterator[RayCluster]:
+    """Head (1 CPU) and one worker (1 CPU) joined to it, with these custom resources, stopped afterwards (a module
+    fixture's body). The nodes take this process's environment (EDGEKIT_HOME: their devices.yaml) as it is now."""
     if not RAY.exists():
         if os.environ.get("EDGEKIT_REQUIRE_SYSTEM_DEPS"):
             pytest.fail("ray is not installed (pip install 'edgekit[ray]'; scripts/setup.sh installs it)")
@@ -120,8 +123,8 @@ def running_cluster() -> Iterator[RayCluster]:
     root = Path(tempfile.mkdtemp(prefix="ekr", dir="/tmp"))  # short: Ray's socket paths are capped at 107 bytes
     cluster = RayCluster(root)
     try:
-        cluster.start_head()
-        cluster.add_worker()
+        cluster.start_head(head)
+        cluster.add_worker(worker)
         cluster.wait_for(2)
         yield cluster
     finally:

@@ -102,3 +102,28 @@ def test_killing_a_worker_mid_plan_still_completes_the_plan_with_the_same_choice
     # Every candidate in the record ran to the end, the retried ones on a node that survived.
     lost = {r["key"] for r in retried}
     assert lost <= {t["key"] for rnd in run["rounds"] for t in rnd["tasks"]}
+
+
+def test_a_second_build_on_the_cluster_reuses_the_build_cache(ray_cluster, tmp_path: Path) -> None:
+    """The cache is keyed by content, and on one machine (or with EDGEKIT_HOME on a path every node mounts) the
+    nodes share it: the second build's exports come from it, whichever node evaluates them."""
+    import numpy as np
+    from test_backend_onnxruntime import _conv_model
+
+    model = _conv_model(tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    manifests = []
+    for i in range(2):
+        out = tmp_path / f"pkg{i}"
+        cmd = [sys.executable, "-m", "edgekit", "build", str(model), "--target", "host-cpu", "--backend",
+               "onnxruntime,openvino", "--precision", "fp32,int8", "--calib", str(tmp_path / "calib.npz"), "--out",
+               str(out), "--cluster", ray_cluster.address, "--profile-seconds", "0.1", "--min-runs", "10",
+               "--no-memory"]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                           env={**ray_cluster.env, "EDGEKIT_HOME": str(tmp_path / "home")})
+        assert r.returncode == 0, r.stderr[-3000:]
+        manifests.append(json.loads((out / "manifest.json").read_text()))
+    first, second = (m["cache"]["reused"] for m in manifests)
+    exports = [k for k in second if k.startswith("export")]
+    assert len(exports) == 4 and not any(k.startswith("export") for k in first), (first, second)
+    assert [a["files"] for a in manifests[0]["artifacts"]] == [a["files"] for a in manifests[1]["artifacts"]]
